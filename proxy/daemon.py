@@ -1,0 +1,149 @@
+"""The daemon: wires a source, the store, one data plane, DNS and health on one loop.
+
+Structured concurrency: every long-lived task belongs to one TaskGroup; SIGTERM/SIGINT
+end it in order (stop accepting, stop watching) and leave the node's rules in place, as
+kube-proxy does, so a restart or upgrade does not interrupt Service traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+from typing import Any
+
+from proxy.config import Config, UsageError, describe
+from proxy.dataplane import DataPlane, NoDataPlane
+from proxy.endpoints.store import Snapshot, Store
+from proxy.health import HealthServer, HealthState, ServiceHealthServers
+from proxy.sync import SyncRunner
+
+log = logging.getLogger("proxy")
+
+
+def make_dataplane(cfg: Config) -> DataPlane:
+    if cfg.proxy_mode == "iptables":
+        from proxy.iptables.dataplane import IptablesDataPlane
+
+        return IptablesDataPlane(cfg)
+    if cfg.proxy_mode == "userspace":
+        from proxy.userspace.dataplane import UserspaceDataPlane
+
+        return UserspaceDataPlane(cfg)
+    return NoDataPlane()
+
+
+def make_source(cfg: Config, store: Store) -> Any:
+    if cfg.manifests:
+        from proxy.endpoints.manifests import ManifestsSource
+
+        return ManifestsSource(cfg.manifests, store)
+    from proxy.endpoints.kube import KubeSource
+
+    return KubeSource(cfg, store)
+
+
+def nodeport_hosts(cfg: Config) -> tuple[str, ...]:
+    """Addresses the health check nodePorts listen on (all, or those in the CIDRs)."""
+    if not cfg.nodeport_addresses:
+        return ("0.0.0.0",)
+    nets = [ipaddress.ip_network(c) for c in cfg.nodeport_addresses]
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            ips = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr()]
+    except Exception as e:  # netlink unavailable: fall back to all addresses
+        log.warning("cannot list local addresses (%s); health check nodePorts on 0.0.0.0", e)
+        return ("0.0.0.0",)
+    out = tuple(ip for ip in ips if ip and any(ipaddress.ip_address(ip) in n for n in nets))
+    return out or ("127.0.0.1",)
+
+
+async def cleanup(cfg: Config) -> int:
+    """--cleanup: remove what any mode of this proxy made; exit 0."""
+    ok = True
+    for mode in ("iptables", "userspace"):
+        try:
+            dp = make_dataplane(Config(**{**cfg.__dict__, "proxy_mode": mode}))
+            await dp.cleanup()
+        except UsageError as e:
+            # e.g. no iptables binary: there can be nothing of ours to remove there
+            log.info("cleanup of %s mode skipped: %s", mode, e)
+        except Exception as e:
+            ok = False
+            log.error("cleanup of %s mode failed: %s", mode, e)
+    log.info("cleanup %s", "done" if ok else "incomplete")
+    return 0 if ok else 1
+
+
+async def run(cfg: Config) -> int:
+    if cfg.cleanup:
+        return await cleanup(cfg)
+    log.info("starting kube-proxy-py: %s", describe(cfg))
+    store = Store()
+    dataplane = make_dataplane(cfg)
+    await dataplane.start()  # fails fast on missing binaries / privileges
+    source = make_source(cfg, store)
+    if hasattr(source, "check"):
+        source.check()  # unreadable kubeconfig etc. → UsageError before anything runs
+
+    health = HealthState(timeout=2 * cfg.sync_period)
+    health_server = HealthServer(health)
+    await health_server.start(cfg.healthz_bind, cfg.metrics_bind)
+
+    listeners = []
+    dns = None
+    if cfg.dns_bind is not None:
+        from proxy.dns import DnsServer
+
+        dns = DnsServer(cfg)
+        model_for_dns = getattr(dataplane, "model_for_dns", None)
+        if model_for_dns is not None:  # laptop mode: DNS points at the loopback addresses
+            listeners.append(lambda m: dns.update(model_for_dns(m)))
+        else:
+            listeners.append(dns.update)
+        await dns.start()
+
+    svc_health = ServiceHealthServers(cfg.hostname, health, nodeport_hosts(cfg))
+
+    async def after_sync(snap: Snapshot) -> None:
+        if cfg.proxy_mode != "none":
+            await svc_health.update(snap.model)
+
+    runner = SyncRunner(
+        store,
+        dataplane,
+        period=cfg.sync_period,
+        min_period=cfg.min_sync_period,
+        health=health,
+        listeners=listeners,
+        after_sync=after_sync,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    source.start()
+    log.info("kube-proxy-py running in %s mode, node %s", dataplane.name, cfg.hostname)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            sync_task = tg.create_task(runner.run(), name="sync")
+            stop_task = tg.create_task(stop.wait(), name="signals")
+            await asyncio.wait({sync_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            sync_task.cancel()
+            stop_task.cancel()
+    finally:
+        log.info("shutting down (rules are left in place)")
+        source.stop()
+        with contextlib.suppress(Exception):
+            await svc_health.stop()
+        if dns is not None:
+            with contextlib.suppress(Exception):
+                await dns.stop()
+        await dataplane.stop()
+        await health_server.stop()
+    return 0

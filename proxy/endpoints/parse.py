@@ -1,0 +1,392 @@
+"""API objects (raw JSON/YAML dicts, camelCase as on the wire) → model records.
+
+Pure and defensive: any field may be missing or of the wrong type. A problem that makes
+the whole object unusable raises `BadObject`; a problem with one part (a port, an
+endpoint) drops that part and is reported in the returned `problems` list, so the rest
+of the object is still programmed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any
+
+from proxy.model import (
+    PROTOCOLS,
+    SERVICE_TYPES,
+    Endpoint,
+    EndpointAddress,
+    PortKey,
+    PortSpec,
+    Service,
+    ServiceEndpoints,
+    ServiceKey,
+    normalize_ip,
+)
+
+PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
+
+# RFC 1123 label / DNS-1035 label: what Kubernetes allows for names and namespaces.
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_PORT_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class BadObject(ValueError):
+    """The object cannot be programmed at all; the message says why."""
+
+
+def _obj_ref(obj: Any) -> str:
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    if not isinstance(meta, dict):
+        return "<no metadata>"
+    return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+
+
+def object_ref(obj: Any) -> str:
+    """namespace/name of a raw object, for log lines, even when the object is malformed."""
+    return _obj_ref(obj)
+
+
+def _meta(obj: Any) -> tuple[str, str, dict, dict]:
+    if not isinstance(obj, dict):
+        raise BadObject("not an object")
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict):
+        raise BadObject("no metadata")
+    ns, name = meta.get("namespace") or "default", meta.get("name")
+    if not isinstance(name, str) or not isinstance(ns, str):
+        raise BadObject("metadata.name/namespace missing")
+    if len(ns) > 63 or not _NAME_RE.match(ns):
+        raise BadObject(f"invalid namespace {ns[:80]!r}")
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
+    if not isinstance(labels, dict):
+        labels = {}
+    if not isinstance(annotations, dict):
+        annotations = {}
+    return ns, name, labels, annotations
+
+
+def _list(v: Any) -> list:
+    return v if isinstance(v, list) else []
+
+
+def _ip(v: Any, what: str) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"{what} is not a string")
+    try:
+        return normalize_ip(v)
+    except ValueError:
+        raise ValueError(f"{what} {v[:60]!r} is not an IP address") from None
+
+
+def _port_number(v: Any, what: str, *, allow_zero: bool = False) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{what} {v!r} is not an integer")
+    if not (0 if allow_zero else 1) <= v <= 65535:
+        raise ValueError(f"{what} {v} out of range")
+    return v
+
+
+def _protocol(v: Any) -> str:
+    p = "TCP" if v is None else v
+    if p not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {str(p)[:20]!r}")
+    return p
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedService:
+    service: Service
+    problems: tuple[str, ...] = ()
+
+
+def parse_service(obj: Any) -> ParsedService:
+    """A Service object → Service record (raises BadObject when unusable)."""
+    ns, name, labels, _ = _meta(obj)
+    if len(name) > 63 or not _NAME_RE.match(name):
+        raise BadObject(f"invalid Service name {name[:80]!r}")
+    spec = obj.get("spec")
+    if not isinstance(spec, dict):
+        raise BadObject("no spec")
+    status = obj.get("status") if isinstance(obj.get("status"), dict) else {}
+    problems: list[str] = []
+
+    svc_type = spec.get("type") or "ClusterIP"
+    if svc_type not in SERVICE_TYPES:
+        raise BadObject(f"unknown Service type {str(svc_type)[:30]!r}")
+
+    external_name = ""
+    if svc_type == "ExternalName":
+        external_name = spec.get("externalName")
+        if not isinstance(external_name, str) or not external_name:
+            raise BadObject("ExternalName Service without spec.externalName")
+        external_name = external_name.rstrip(".").lower()
+
+    # clusterIPs (dual stack) supersedes clusterIP; "None" means headless.
+    raw_ips = _list(spec.get("clusterIPs")) or (
+        [spec["clusterIP"]] if isinstance(spec.get("clusterIP"), str) else []
+    )
+    headless = any(ip == "None" for ip in raw_ips)
+    cluster_ips: list[str] = []
+    if svc_type != "ExternalName" and not headless:
+        for raw in raw_ips:
+            if raw == "":
+                continue
+            try:
+                cluster_ips.append(_ip(raw, "clusterIP"))
+            except ValueError as e:
+                raise BadObject(str(e)) from None
+        if len({ipaddress.ip_address(i).version for i in cluster_ips}) != len(cluster_ips):
+            raise BadObject("clusterIPs has two addresses of one family")
+
+    ports: list[PortSpec] = []
+    seen: set[tuple[int, str]] = set()
+    seen_names: set[str] = set()
+    for i, p in enumerate(_list(spec.get("ports"))):
+        try:
+            if not isinstance(p, dict):
+                raise ValueError("not an object")
+            pname = p.get("name") or ""
+            if not isinstance(pname, str) or (pname and not _PORT_NAME_RE.match(pname)):
+                raise ValueError(f"invalid port name {str(pname)[:40]!r}")
+            proto = _protocol(p.get("protocol"))
+            port = _port_number(p.get("port"), "port")
+            node_port = _port_number(p.get("nodePort", 0) or 0, "nodePort", allow_zero=True)
+            target = p.get("targetPort", port)
+            if not isinstance(target, int | str) or isinstance(target, bool):
+                target = port
+            if (port, proto) in seen:
+                raise ValueError(f"duplicate port {port}/{proto}")
+            if pname in seen_names:
+                raise ValueError(f"duplicate port name {pname!r}")
+            seen.add((port, proto))
+            seen_names.add(pname)
+            ports.append(PortSpec(pname, proto, port, node_port, target))
+        except ValueError as e:
+            problems.append(f"spec.ports[{i}] skipped: {e}")
+
+    def ip_list(values: Any, what: str) -> tuple[str, ...]:
+        out: list[str] = []
+        for v in _list(values):
+            try:
+                out.append(_ip(v, what))
+            except ValueError as e:
+                problems.append(f"{e}, skipped")
+        return tuple(dict.fromkeys(out))
+
+    external_ips = ip_list(spec.get("externalIPs"), "externalIP")
+    lb_ips = ()
+    if svc_type == "LoadBalancer":
+        lb = status.get("loadBalancer") if isinstance(status.get("loadBalancer"), dict) else {}
+        ingress = [
+            i.get("ip") for i in _list(lb.get("ingress")) if isinstance(i, dict) and i.get("ip")
+        ]
+        lb_ips = ip_list(ingress, "loadBalancer ingress IP")
+    ranges: list[str] = []
+    for r in _list(spec.get("loadBalancerSourceRanges")):
+        try:
+            ranges.append(str(ipaddress.ip_network(str(r).strip(), strict=False)))
+        except ValueError:
+            problems.append(f"loadBalancerSourceRange {str(r)[:60]!r} is not a CIDR, skipped")
+
+    affinity_timeout = 0
+    if spec.get("sessionAffinity") == "ClientIP":
+        cfg = spec.get("sessionAffinityConfig")
+        timeout = 10800
+        if isinstance(cfg, dict) and isinstance(cfg.get("clientIP"), dict):
+            t = cfg["clientIP"].get("timeoutSeconds", 10800)
+            if isinstance(t, int) and not isinstance(t, bool) and 0 < t <= 86400:
+                timeout = t
+            else:
+                problems.append(f"sessionAffinity timeoutSeconds {t!r} invalid, using 10800")
+        affinity_timeout = timeout
+
+    hc_port = 0
+    etp_local = spec.get("externalTrafficPolicy") == "Local" and svc_type in (
+        "NodePort",
+        "LoadBalancer",
+    )
+    if etp_local and svc_type == "LoadBalancer":
+        try:
+            hc_port = _port_number(
+                spec.get("healthCheckNodePort", 0) or 0, "healthCheckNodePort", allow_zero=True
+            )
+        except ValueError as e:
+            problems.append(str(e))
+
+    svc = Service(
+        namespace=ns,
+        name=name,
+        type=svc_type,
+        cluster_ips=tuple(cluster_ips),
+        headless=headless,
+        ports=tuple(ports),
+        external_ips=external_ips,
+        load_balancer_ips=lb_ips,
+        load_balancer_source_ranges=tuple(ranges),
+        session_affinity_timeout=affinity_timeout,
+        external_traffic_local=etp_local,
+        internal_traffic_local=spec.get("internalTrafficPolicy") == "Local",
+        health_check_node_port=hc_port,
+        external_name=external_name,
+        publish_not_ready_addresses=bool(spec.get("publishNotReadyAddresses")),
+        proxy_name=str(labels.get(PROXY_NAME_LABEL) or ""),
+    )
+    return ParsedService(svc, tuple(problems))
+
+
+@dataclass(frozen=True, slots=True)
+class SliceEndpoint:
+    ip: str
+    ready: bool
+    serving: bool
+    terminating: bool
+    node_name: str
+    zone: str
+    hostname: str
+    target_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Slice:
+    """One EndpointSlice, validated; merged per Service by `merge_slices`."""
+
+    namespace: str
+    name: str
+    service: ServiceKey
+    ports: tuple[tuple[str, str, int], ...]  # (name, protocol, port)
+    endpoints: tuple[SliceEndpoint, ...]
+    trigger_time: float  # epoch seconds, 0 when absent
+    problems: tuple[str, ...] = ()
+
+
+def _parse_time(v: Any) -> float:
+    if not isinstance(v, str) or not v:
+        return 0.0
+    try:
+        return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def parse_slice(obj: Any) -> Slice:
+    """An EndpointSlice (discovery.k8s.io/v1) → Slice (raises BadObject when unusable)."""
+    ns, name, labels, annotations = _meta(obj)
+    svc_name = labels.get(SERVICE_NAME_LABEL)
+    if not isinstance(svc_name, str) or not svc_name:
+        raise BadObject(f"no {SERVICE_NAME_LABEL} label")
+    addr_type = obj.get("addressType", "IPv4")
+    if addr_type not in ("IPv4", "IPv6"):  # FQDN slices are not proxied (as in kube-proxy)
+        raise BadObject(f"addressType {str(addr_type)[:20]!r} is not proxied")
+    want_version = 4 if addr_type == "IPv4" else 6
+    problems: list[str] = []
+
+    ports: list[tuple[str, str, int]] = []
+    for i, p in enumerate(_list(obj.get("ports"))):
+        try:
+            if not isinstance(p, dict):
+                raise ValueError("not an object")
+            pname = p.get("name") or ""
+            if not isinstance(pname, str):
+                raise ValueError("port name is not a string")
+            ports.append((pname, _protocol(p.get("protocol")), _port_number(p.get("port"), "port")))
+        except ValueError as e:
+            problems.append(f"ports[{i}] skipped: {e}")
+
+    eps: list[SliceEndpoint] = []
+    for i, ep in enumerate(_list(obj.get("endpoints"))):
+        if not isinstance(ep, dict):
+            problems.append(f"endpoints[{i}] skipped: not an object")
+            continue
+        addrs = _list(ep.get("addresses"))
+        if not addrs:
+            problems.append(f"endpoints[{i}] skipped: no addresses")
+            continue
+        try:
+            ip = _ip(addrs[0], "address")  # kube-proxy uses the first address only
+        except ValueError as e:
+            problems.append(f"endpoints[{i}] skipped: {e}")
+            continue
+        if ipaddress.ip_address(ip).version != want_version:
+            problems.append(f"endpoints[{i}] skipped: {ip} is not {addr_type}")
+            continue
+        cond = ep.get("conditions") if isinstance(ep.get("conditions"), dict) else {}
+        # API semantics: nil ready means ready; nil serving means "same as ready".
+        ready = cond.get("ready") is not False
+        serving = cond.get("serving")
+        serving = ready if serving is None else bool(serving)
+        terminating = bool(cond.get("terminating"))
+        ref = ep.get("targetRef") if isinstance(ep.get("targetRef"), dict) else {}
+        hostname = ep.get("hostname") if isinstance(ep.get("hostname"), str) else ""
+        eps.append(
+            SliceEndpoint(
+                ip=ip,
+                ready=ready,
+                serving=serving,
+                terminating=terminating,
+                node_name=ep.get("nodeName") if isinstance(ep.get("nodeName"), str) else "",
+                zone=ep.get("zone") if isinstance(ep.get("zone"), str) else "",
+                hostname=hostname.lower(),
+                target_name=str(ref.get("name") or ""),
+            )
+        )
+    return Slice(
+        namespace=ns,
+        name=name,
+        service=(ns, svc_name),
+        ports=tuple(ports),
+        endpoints=tuple(eps),
+        trigger_time=_parse_time(annotations.get(TRIGGER_TIME_ANNOTATION)),
+        problems=tuple(problems),
+    )
+
+
+def _better(a: SliceEndpoint, b: SliceEndpoint) -> SliceEndpoint:
+    """Of two copies of one endpoint (in two slices), keep the more useful one."""
+    rank = lambda e: (e.ready, e.serving, not e.terminating)  # noqa: E731
+    return b if rank(b) > rank(a) else a
+
+
+def _ip_sort_key(ip: str) -> tuple[int, int]:
+    a = ipaddress.ip_address(ip)
+    return (a.version, int(a))
+
+
+def merge_slices(slices: list[Slice] | tuple[Slice, ...]) -> ServiceEndpoints:
+    """All slices of one Service → ServiceEndpoints, de-duplicated (pure).
+
+    Slices are visited in name order so the result does not depend on arrival order.
+    """
+    by_ip: dict[str, SliceEndpoint] = {}
+    by_port: dict[PortKey, dict[tuple[str, int], SliceEndpoint]] = {}
+    for s in sorted(slices, key=lambda s: s.name):
+        for e in s.endpoints:
+            by_ip[e.ip] = _better(by_ip[e.ip], e) if e.ip in by_ip else e
+        for pname, proto, port in s.ports:
+            bucket = by_port.setdefault((pname, proto), {})
+            for e in s.endpoints:
+                k = (e.ip, port)
+                bucket[k] = _better(bucket[k], e) if k in bucket else e
+    # Deterministic order (by address) so rules and answers do not churn on re-lists.
+    addresses = tuple(
+        EndpointAddress(
+            e.ip, e.ready, e.serving, e.terminating, e.node_name, e.zone, e.hostname, e.target_name
+        )
+        for e in sorted(by_ip.values(), key=lambda e: _ip_sort_key(e.ip))
+    )
+    ports: dict[PortKey, tuple[Endpoint, ...]] = {}
+    for pk, bucket in by_port.items():
+        ports[pk] = tuple(
+            Endpoint(ip, port, e.ready, e.serving, e.terminating, e.node_name, e.zone)
+            for (ip, port), e in sorted(
+                bucket.items(), key=lambda kv: (_ip_sort_key(kv[0][0]), kv[0][1])
+            )
+        )
+    return ServiceEndpoints(addresses, MappingProxyType(ports))

@@ -1,0 +1,233 @@
+"""The watch cache and change tracker: raw objects in, Model snapshots out.
+
+Sources (the Kubernetes informer, the manifests reader) run in worker threads and call
+`upsert` / `delete` / `replace`; the sync runner on the event loop calls `snapshot`,
+which returns a consistent Model plus exactly which Services changed since the previous
+snapshot (kube-proxy's ServiceChangeTracker/EndpointsChangeTracker, in one place).
+
+Bad objects are skipped here, once, with one log line naming the object and the reason,
+and counted; an invalid update to an object that was fine keeps the previous version
+(as the API server would have refused the edit).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy import metrics
+from proxy.endpoints.parse import (
+    BadObject,
+    Slice,
+    merge_slices,
+    object_ref,
+    parse_service,
+    parse_slice,
+)
+from proxy.model import EMPTY_ENDPOINTS, Model, Service, ServiceEndpoints, ServiceKey, make_model
+
+log = logging.getLogger("proxy.store")
+
+SERVICE = "Service"
+ENDPOINT_SLICE = "EndpointSlice"
+KINDS = (SERVICE, ENDPOINT_SLICE)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    model: Model
+    changed: frozenset[ServiceKey]  # Services whose record or endpoints changed
+    # Earliest last-change-trigger-time (epoch s) per changed Service, for the
+    # network-programming latency metric.
+    trigger_times: dict[ServiceKey, float] = field(default_factory=dict)
+
+
+def _uid(obj: Any) -> tuple[str, str]:
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    return (str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
+
+
+class Store:
+    """Thread-safe cache of Services and EndpointSlices with change tracking."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._services: dict[ServiceKey, Service] = {}
+        self._slices: dict[tuple[str, str], Slice] = {}  # (ns, slice name) → Slice
+        self._slices_by_svc: dict[ServiceKey, dict[str, Slice]] = {}
+        self._endpoints: dict[ServiceKey, ServiceEndpoints] = {}
+        self._changed: set[ServiceKey] = set()
+        self._triggers: dict[ServiceKey, float] = {}
+        self._synced: set[str] = set()
+        self._generation = 0
+        self._listeners: list[Callable[[], None]] = []
+        self._orphans_logged: set[tuple[str, str]] = set()
+
+    # -- wiring ---------------------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """`callback()` is called (from any thread) after every change."""
+        self._listeners.append(callback)
+
+    def _notify(self) -> None:
+        for cb in self._listeners:
+            cb()
+
+    def mark_synced(self, kind: str) -> None:
+        """The source has delivered its initial list of `kind`."""
+        with self._lock:
+            self._synced.add(kind)
+        self._notify()
+
+    @property
+    def has_synced(self) -> bool:
+        return all(k in self._synced for k in KINDS)
+
+    # -- events from sources ----------------------------------------------------------------
+
+    def upsert(self, kind: str, obj: Any) -> None:
+        with self._lock:
+            changed = self._upsert(kind, obj)
+        if changed:
+            self._notify()
+
+    def delete(self, kind: str, obj: Any) -> None:
+        with self._lock:
+            changed = self._delete(kind, _uid(obj))
+        if changed:
+            self._notify()
+
+    def replace(self, kind: str, objs: Iterable[Any]) -> None:
+        """A full list of `kind` (initial list or relist): upsert all, delete the rest."""
+        with self._lock:
+            seen: set[tuple[str, str]] = set()
+            changed = False
+            for obj in objs:
+                seen.add(_uid(obj))
+                changed |= self._upsert(kind, obj)
+            current = self._services.keys() if kind == SERVICE else self._slices.keys()
+            for uid in [u for u in current if u not in seen]:
+                changed |= self._delete(kind, uid)
+            self._synced.add(kind)
+        self._notify()
+        del changed
+
+    # -- internals (lock held) ---------------------------------------------------------------
+
+    def _upsert(self, kind: str, obj: Any) -> bool:
+        if kind == SERVICE:
+            return self._upsert_service(obj)
+        return self._upsert_slice(obj)
+
+    def _skip(self, kind: str, obj: Any, reason: str, *, keeping: bool) -> None:
+        tail = "; keeping the previous version" if keeping else ""
+        log.warning("skipping %s %s: %s%s", kind, object_ref(obj), reason, tail)
+        metrics.SKIPPED_OBJECTS.labels(kind=kind).inc()
+
+    def _upsert_service(self, obj: Any) -> bool:
+        key = _uid(obj)
+        try:
+            parsed = parse_service(obj)
+        except BadObject as e:
+            self._skip(SERVICE, obj, str(e), keeping=key in self._services)
+            return False
+        for p in parsed.problems:
+            log.warning("Service %s/%s: %s", key[0], key[1], p)
+            metrics.SKIPPED_OBJECTS.labels(kind="ServicePort").inc()
+        svc = parsed.service
+        if self._services.get(key) == svc:
+            return False
+        self._services[key] = svc
+        self._mark(key)
+        return True
+
+    def _upsert_slice(self, obj: Any) -> bool:
+        uid = _uid(obj)
+        try:
+            sl = parse_slice(obj)
+        except BadObject as e:
+            self._skip(ENDPOINT_SLICE, obj, str(e), keeping=uid in self._slices)
+            return False
+        for p in sl.problems:
+            log.warning("EndpointSlice %s/%s: %s", uid[0], uid[1], p)
+            metrics.SKIPPED_OBJECTS.labels(kind="Endpoint").inc()
+        old = self._slices.get(uid)
+        if old == sl:
+            return False
+        self._slices[uid] = sl
+        if old is not None and old.service != sl.service:  # relabelled to another Service
+            self._slices_by_svc.get(old.service, {}).pop(sl.name, None)
+            self._remerge(old.service, 0.0)
+        self._slices_by_svc.setdefault(sl.service, {})[sl.name] = sl
+        return self._remerge(sl.service, sl.trigger_time)
+
+    def _delete(self, kind: str, uid: tuple[str, str]) -> bool:
+        if kind == SERVICE:
+            if self._services.pop(uid, None) is None:
+                return False
+            self._mark(uid)
+            return True
+        sl = self._slices.pop(uid, None)
+        if sl is None:
+            return False
+        self._orphans_logged.discard(uid)
+        self._slices_by_svc.get(sl.service, {}).pop(sl.name, None)
+        return self._remerge(sl.service, 0.0)
+
+    def _remerge(self, key: ServiceKey, trigger_time: float) -> bool:
+        slices = self._slices_by_svc.get(key) or {}
+        if not slices:
+            self._slices_by_svc.pop(key, None)
+        merged = merge_slices(list(slices.values())) if slices else EMPTY_ENDPOINTS
+        if self._endpoints.get(key, EMPTY_ENDPOINTS) == merged:
+            return False
+        if merged is EMPTY_ENDPOINTS:
+            self._endpoints.pop(key, None)
+        else:
+            self._endpoints[key] = merged
+        self._mark(key)
+        if trigger_time:
+            prev = self._triggers.get(key)
+            self._triggers[key] = trigger_time if prev is None else min(prev, trigger_time)
+        return True
+
+    def _mark(self, key: ServiceKey) -> None:
+        self._changed.add(key)
+
+    # -- for the sync runner ---------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """A consistent Model and the Services changed since the previous snapshot."""
+        with self._lock:
+            changed = frozenset(self._changed)
+            triggers = self._triggers
+            self._changed = set()
+            self._triggers = {}
+            if changed:
+                self._generation += 1
+            model = make_model(self._services, self._endpoints, self._generation)
+            orphans = [
+                (uid, sl)
+                for uid, sl in self._slices.items()
+                if sl.service not in self._services and uid not in self._orphans_logged
+            ]
+            for uid, _ in orphans:
+                self._orphans_logged.add(uid)
+        for uid, sl in orphans:
+            log.warning(
+                "EndpointSlice %s/%s: Service %s/%s is unknown; not programmed until it exists",
+                uid[0],
+                uid[1],
+                sl.service[0],
+                sl.service[1],
+            )
+            metrics.SKIPPED_OBJECTS.labels(kind="OrphanEndpointSlice").inc()
+        return Snapshot(model, changed, triggers)
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            return len(self._services), len(self._slices)

@@ -1,0 +1,189 @@
+"""The model: plain immutable records built from Service and EndpointSlice objects.
+
+Every data plane (iptables, userspace, DNS) reads only these records, never API objects.
+A `Model` is a snapshot: its mappings are never mutated after construction, and records
+for Services that did not change are shared between consecutive snapshots, so a snapshot
+of 10k Services costs a dict copy, not a rebuild.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+ServiceKey = tuple[str, str]
+"""(namespace, name) of a Service."""
+
+PROTOCOLS = ("TCP", "UDP", "SCTP")
+SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
+
+
+def ip_family(ip: str) -> int:
+    """4 or 6 for an IP literal (already validated by the parser)."""
+    return 6 if ":" in ip else 4
+
+
+def normalize_ip(ip: str) -> str:
+    """Canonical text form of an IP (raises ValueError when it is not one)."""
+    return str(ipaddress.ip_address(ip.strip()))
+
+
+@dataclass(frozen=True, slots=True)
+class PortSpec:
+    """One entry of a Service's spec.ports."""
+
+    name: str  # "" when the Service has a single unnamed port
+    protocol: str  # TCP | UDP | SCTP
+    port: int
+    node_port: int = 0  # 0: none allocated
+    target_port: int | str = 0  # informational; endpoints carry the real port
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    namespace: str
+    name: str
+    type: str = "ClusterIP"  # one of SERVICE_TYPES
+    cluster_ips: tuple[str, ...] = ()  # empty when headless or ExternalName
+    headless: bool = False  # clusterIP: None
+    ports: tuple[PortSpec, ...] = ()
+    external_ips: tuple[str, ...] = ()
+    load_balancer_ips: tuple[str, ...] = ()  # status.loadBalancer.ingress[].ip
+    load_balancer_source_ranges: tuple[str, ...] = ()  # CIDRs, normalized
+    session_affinity_timeout: int = 0  # seconds; 0 means sessionAffinity None
+    external_traffic_local: bool = False  # externalTrafficPolicy: Local
+    internal_traffic_local: bool = False  # internalTrafficPolicy: Local
+    health_check_node_port: int = 0
+    external_name: str = ""  # for type ExternalName
+    publish_not_ready_addresses: bool = False
+    # service.kubernetes.io/service-proxy-name: another proxy programs it; data planes skip
+    # it, DNS still answers for it.
+    proxy_name: str = ""
+
+    @property
+    def key(self) -> ServiceKey:
+        return (self.namespace, self.name)
+
+    @property
+    def has_external(self) -> bool:
+        """True when traffic can arrive from outside the cluster (NodePort, LB, external IPs)."""
+        return self.type in ("NodePort", "LoadBalancer") or bool(
+            self.external_ips or self.load_balancer_ips
+        )
+
+    def port_name_string(self, port: PortSpec) -> str:
+        """kube-proxy's ServicePortName.String(): ns/name or ns/name:port."""
+        base = f"{self.namespace}/{self.name}"
+        return f"{base}:{port.name}" if port.name else base
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointAddress:
+    """One backend (pod) of a Service, merged over all of its EndpointSlices."""
+
+    ip: str
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str = ""
+    zone: str = ""
+    hostname: str = ""  # endpoints[].hostname, for DNS
+    target_name: str = ""  # endpoints[].targetRef.name (pod name), for DNS fallbacks
+
+    @property
+    def family(self) -> int:
+        return ip_family(self.ip)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """An address on one Service port: what traffic is actually sent to."""
+
+    ip: str
+    port: int
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str = ""
+    zone: str = ""
+
+    @property
+    def family(self) -> int:
+        return ip_family(self.ip)
+
+    def __str__(self) -> str:  # kube-proxy's endpoint string, used in chain hashes
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+
+PortKey = tuple[str, str]
+"""(port name, protocol): how EndpointSlice ports are matched to Service ports."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEndpoints:
+    """All endpoints of one Service, merged from its slices and de-duplicated."""
+
+    addresses: tuple[EndpointAddress, ...] = ()
+    ports: Mapping[PortKey, tuple[Endpoint, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+
+    def for_port(self, port: PortSpec) -> tuple[Endpoint, ...]:
+        return self.ports.get((port.name, port.protocol), ())
+
+    def port_numbers(self) -> Mapping[PortKey, int]:
+        """(name, protocol) → the endpoint port, for headless SRV records."""
+        return {k: eps[0].port for k, eps in self.ports.items() if eps}
+
+
+EMPTY_ENDPOINTS = ServiceEndpoints()
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    """A consistent snapshot of every Service this node serves and its endpoints."""
+
+    services: Mapping[ServiceKey, Service] = field(default_factory=lambda: MappingProxyType({}))
+    endpoints: Mapping[ServiceKey, ServiceEndpoints] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    # Monotonic counter; bumps on every snapshot that carries a change.
+    generation: int = 0
+
+    def endpoints_of(self, key: ServiceKey) -> ServiceEndpoints:
+        return self.endpoints.get(key, EMPTY_ENDPOINTS)
+
+    def endpoints_for(self, svc: Service, port: PortSpec) -> tuple[Endpoint, ...]:
+        return self.endpoints.get(svc.key, EMPTY_ENDPOINTS).for_port(port)
+
+
+def usable_endpoints(
+    svc: Service,
+    endpoints: tuple[Endpoint, ...],
+    node_name: str,
+    *,
+    local_only: bool,
+) -> tuple[Endpoint, ...]:
+    """The endpoints traffic may go to, with kube-proxy's terminating fallback.
+
+    Ready endpoints are used; when none is ready, endpoints that are serving and
+    terminating are used instead (KEP-1669), so a rolling update does not black-hole.
+    With `local_only` (a Local traffic policy) only endpoints on this node count.
+    Pure: every data plane uses it so they agree on who gets traffic.
+    """
+    cands = [e for e in endpoints if e.node_name == node_name] if local_only else list(endpoints)
+    ready = tuple(e for e in cands if e.ready)
+    if ready:
+        return ready
+    return tuple(e for e in cands if e.serving and e.terminating)
+
+
+def make_model(
+    services: Mapping[ServiceKey, Service],
+    endpoints: Mapping[ServiceKey, ServiceEndpoints],
+    generation: int = 0,
+) -> Model:
+    """Freeze two dicts into a Model (copies them; records are shared)."""
+    return Model(MappingProxyType(dict(services)), MappingProxyType(dict(endpoints)), generation)
