@@ -1,0 +1,925 @@
+"""A small Kubernetes API server for tests, with real list/watch semantics.
+
+Serves Services (core/v1) and EndpointSlices (discovery.k8s.io/v1) over plain HTTP the
+way the real API server does it, so an informer's recovery paths are exercised rather
+than assumed:
+
+- one global, monotonically increasing resourceVersion (as etcd's revision);
+- list returns items plus `metadata.resourceVersion`; `resourceVersion` "" / "0" / N on a
+  list all return the current state (which is "not older than" any of them);
+- `?watch=1&resourceVersion=N` streams newline-delimited JSON events after N (replayed
+  from the retained history), then live; "" / "0" first sends the current state as ADDED;
+- an N older than the retained history gets an ERROR event with a 410 "Expired" Status,
+  as the real server does (HTTP 200, then the error in the stream);
+- BOOKMARK events (only with `allowWatchBookmarks=true`) carry the global RV, sent only
+  once a stream has caught up, so a client may resume from them without losing events;
+- `timeoutSeconds` ends the stream cleanly; `labelSelector` supports `k=v`, `k==v`,
+  `k!=v`, `k`, `!k`, `k in (a,b)`, `k notin (a,b)`; a MODIFIED object that stops (starts)
+  matching is sent as DELETED (ADDED), as the watch cache does.
+
+Test controls (methods, and the same over HTTP under /admin for a server in another
+process or network namespace): create/update/apply/delete objects, `compact(keep_last)`,
+`drop_watches()`, `stall_watches(s)` / `release_watches()`, `send_bookmarks()`,
+`inject_event()` (a raw line), and counts of list and watch requests.
+
+In a test:   with ApiServer().start() as api: api.apply(svc); ... api.url
+As a process: python -m tests.apiserver --listen 127.0.0.1:8080 --load objs.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import copy
+import json
+import logging
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import yaml
+
+log = logging.getLogger("tests.apiserver")
+
+
+@dataclass(frozen=True)
+class Resource:
+    name: str  # plural, as in the URL
+    kind: str
+    group_version: str  # "v1" or "discovery.k8s.io/v1"
+    prefix: str  # URL prefix of the group version
+
+    @property
+    def list_kind(self) -> str:
+        return self.kind + "List"
+
+
+RESOURCES = {
+    "services": Resource("services", "Service", "v1", "/api/v1"),
+    "endpointslices": Resource(
+        "endpointslices", "EndpointSlice", "discovery.k8s.io/v1", "/apis/discovery.k8s.io/v1"
+    ),
+}
+BY_KIND = {r.kind: r for r in RESOURCES.values()}
+
+_PATH_RE = re.compile(
+    r"^(?P<prefix>/api/v1|/apis/discovery\.k8s\.io/v1)"
+    r"(?:/namespaces/(?P<ns>[^/]+))?/(?P<res>services|endpointslices)(?:/(?P<name>[^/]+))?/?$"
+)
+
+
+def resource_of(kind_or_resource: str) -> Resource:
+    """'Service' / 'services' / 'EndpointSlice' / 'endpointslices' → Resource."""
+    r = BY_KIND.get(kind_or_resource) or RESOURCES.get(kind_or_resource.lower())
+    if r is None:
+        raise ValueError(f"unsupported kind or resource {kind_or_resource!r}")
+    return r
+
+
+# -- label selectors -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Requirement:
+    key: str
+    op: str  # "=", "!=", "in", "notin", "exists", "!"
+    values: frozenset[str] = frozenset()
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        has = self.key in labels
+        v = labels.get(self.key)
+        if self.op == "exists":
+            return has
+        if self.op == "!":
+            return not has
+        if self.op == "=":
+            return has and v in self.values
+        if self.op == "in":
+            return has and v in self.values
+        return not has or v not in self.values  # "!=" and "notin" match absent keys
+
+
+_KEY = r"[A-Za-z0-9][-A-Za-z0-9_./]*"
+_VAL = r"[-A-Za-z0-9_.]*"
+_SET_RE = re.compile(rf"^({_KEY})\s+(in|notin)\s+\(\s*([^)]*)\)$")
+_CMP_RE = re.compile(rf"^({_KEY})\s*(==|!=|=)\s*({_VAL})$")
+_EXISTS_RE = re.compile(rf"^(!?)\s*({_KEY})$")
+
+
+def parse_selector(text: str) -> list[Requirement]:
+    """A label selector string → requirements (all must match). ValueError when invalid."""
+    terms, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        if ch == "," and depth == 0:
+            terms.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    terms.append("".join(cur))
+    reqs = []
+    for raw in terms:
+        t = raw.strip()
+        if not t:
+            if text.strip():
+                raise ValueError(f"empty term in selector {text!r}")
+            continue
+        if m := _SET_RE.match(t):
+            vals = [v.strip() for v in m.group(3).split(",")]
+            if any(not re.fullmatch(_VAL, v) for v in vals):
+                raise ValueError(f"invalid value in {t!r}")
+            reqs.append(Requirement(m.group(1), m.group(2), frozenset(vals)))
+        elif m := _CMP_RE.match(t):
+            op = "!=" if m.group(2) == "!=" else "="
+            reqs.append(Requirement(m.group(1), op, frozenset([m.group(3)])))
+        elif m := _EXISTS_RE.match(t):
+            reqs.append(Requirement(m.group(2), "!" if m.group(1) else "exists"))
+        else:
+            raise ValueError(f"unable to parse requirement {t!r}")
+    return reqs
+
+
+def selector_matches(reqs: list[Requirement], obj: dict[str, Any]) -> bool:
+    if not reqs:
+        return True
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    if not isinstance(labels, dict):
+        labels = {}
+    return all(r.matches(labels) for r in reqs)
+
+
+# -- state ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Stored:
+    obj: dict[str, Any]
+    raw: bytes  # JSON encoding, made once
+
+
+@dataclass
+class _Event:
+    rv: int
+    resource: str
+    type: str  # ADDED / MODIFIED / DELETED, or "RAW" for an injected line
+    namespace: str
+    new: _Stored | None
+    old: _Stored | None = None  # the previous version, for MODIFIED and DELETED
+    raw_line: bytes = b""
+
+
+@dataclass
+class _Watch:
+    resource: str
+    conn: socket.socket
+    bookmarks: bool
+    bookmark_gen: int = 0
+    dropped: bool = False
+
+
+def _status(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _key(obj: dict[str, Any]) -> tuple[str, str]:
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+        raise ValueError("object has no metadata.name")
+    ns = meta.get("namespace") or "default"
+    if not isinstance(ns, str):
+        raise ValueError("metadata.namespace is not a string")
+    return ns, meta["name"]
+
+
+class ApiServer:
+    """The server's state and test controls; `start()` serves it over HTTP."""
+
+    def __init__(self, *, history_limit: int = 100_000) -> None:
+        self._cond = threading.Condition()
+        self._rv = 1  # last assigned resourceVersion
+        self._objects: dict[str, dict[tuple[str, str], _Stored]] = {r: {} for r in RESOURCES}
+        self._history: list[_Event] = []  # ascending rv
+        self._history_rvs: list[int] = []
+        self._min_valid_rv = 1  # a watch from rv < this gets 410 Expired
+        self._history_limit = history_limit
+        self._watches: set[_Watch] = set()
+        self._bookmark_gen = 0
+        self._stall_until = 0.0
+        self.list_requests: Counter[str] = Counter()
+        self.watch_requests: Counter[str] = Counter()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+
+    # -- objects ---------------------------------------------------------------------------
+
+    @property
+    def resource_version(self) -> int:
+        with self._cond:
+            return self._rv
+
+    def create(self, obj: dict[str, Any], resource: str | None = None) -> dict[str, Any]:
+        return self._write(obj, resource, must_exist=False, must_not_exist=True)
+
+    def update(self, obj: dict[str, Any], resource: str | None = None) -> dict[str, Any]:
+        """Replace an existing object (no optimistic-concurrency check: tests force)."""
+        return self._write(obj, resource, must_exist=True, must_not_exist=False)
+
+    def apply(self, obj: dict[str, Any], resource: str | None = None) -> dict[str, Any]:
+        """Create or replace."""
+        return self._write(obj, resource, must_exist=False, must_not_exist=False)
+
+    def delete(self, kind_or_resource: str, namespace: str, name: str) -> dict[str, Any]:
+        res = resource_of(kind_or_resource)
+        with self._cond:
+            old = self._objects[res.name].pop((namespace, name), None)
+            if old is None:
+                raise KeyError(f"{res.name} {namespace}/{name} not found")
+            self._rv += 1
+            gone = copy.deepcopy(old.obj)
+            gone["metadata"]["resourceVersion"] = str(self._rv)
+            stored = _Stored(gone, json.dumps(gone, separators=(",", ":")).encode())
+            self._record(_Event(self._rv, res.name, "DELETED", namespace, stored, old))
+            return copy.deepcopy(gone)
+
+    def get(self, kind_or_resource: str, namespace: str, name: str) -> dict[str, Any] | None:
+        res = resource_of(kind_or_resource)
+        with self._cond:
+            s = self._objects[res.name].get((namespace, name))
+            return copy.deepcopy(s.obj) if s else None
+
+    def objects(self, kind_or_resource: str) -> list[dict[str, Any]]:
+        res = resource_of(kind_or_resource)
+        with self._cond:
+            return [copy.deepcopy(s.obj) for s in self._objects[res.name].values()]
+
+    def _write(
+        self, obj: dict[str, Any], resource: str | None, *, must_exist: bool, must_not_exist: bool
+    ) -> dict[str, Any]:
+        if not isinstance(obj, dict):
+            raise ValueError("object is not a mapping")
+        res = resource_of(resource or str(obj.get("kind") or ""))
+        obj = copy.deepcopy(obj)
+        ns, name = _key(obj)
+        obj.setdefault("kind", res.kind)
+        obj.setdefault("apiVersion", res.group_version)
+        meta = obj["metadata"]
+        meta["namespace"] = ns
+        with self._cond:
+            old = self._objects[res.name].get((ns, name))
+            if old is None and must_exist:
+                raise KeyError(f"{res.name} {ns}/{name} not found")
+            if old is not None and must_not_exist:
+                raise FileExistsError(f"{res.name} {ns}/{name} already exists")
+            self._rv += 1
+            if old is None:
+                meta["uid"] = meta.get("uid") or str(uuid.uuid4())
+                meta["creationTimestamp"] = meta.get("creationTimestamp") or _now()
+                meta["generation"] = 1
+            else:
+                ometa = old.obj["metadata"]
+                meta["uid"] = ometa["uid"]
+                meta["creationTimestamp"] = ometa["creationTimestamp"]
+                meta["generation"] = int(ometa.get("generation") or 1) + 1
+            meta["resourceVersion"] = str(self._rv)
+            stored = _Stored(obj, json.dumps(obj, separators=(",", ":")).encode())
+            self._objects[res.name][(ns, name)] = stored
+            typ = "ADDED" if old is None else "MODIFIED"
+            self._record(_Event(self._rv, res.name, typ, ns, stored, old))
+            return copy.deepcopy(obj)
+
+    def inject_event(self, kind_or_resource: str, line: bytes) -> int:
+        """Put a raw line (e.g. not JSON) into the watch streams of a resource; returns its RV."""
+        res = resource_of(kind_or_resource)
+        with self._cond:
+            self._rv += 1
+            self._record(_Event(self._rv, res.name, "RAW", "", None, raw_line=line.rstrip(b"\n")))
+            return self._rv
+
+    def _record(self, ev: _Event) -> None:  # lock held
+        self._history.append(ev)
+        self._history_rvs.append(ev.rv)
+        if len(self._history) > self._history_limit:
+            self._compact_locked(self._history_limit)
+        self._cond.notify_all()
+
+    # -- faults ----------------------------------------------------------------------------
+
+    def compact(self, keep_last: int = 0) -> int:
+        """Forget all but the last `keep_last` events; older RVs then get 410. Returns the
+        oldest RV a watch may still start from."""
+        with self._cond:
+            self._compact_locked(keep_last)
+            self._cond.notify_all()
+            return self._min_valid_rv
+
+    def _compact_locked(self, keep_last: int) -> None:
+        cut = max(0, len(self._history) - keep_last)
+        del self._history[:cut]
+        del self._history_rvs[:cut]
+        self._min_valid_rv = self._history_rvs[0] - 1 if self._history else self._rv
+
+    def drop_watches(self) -> int:
+        """Close every open watch stream abruptly (no final chunk), as a crashing server or
+        a broken connection would. Returns how many were dropped."""
+        with self._cond:
+            victims = list(self._watches)
+            for w in victims:
+                w.dropped = True
+            self._cond.notify_all()
+        for w in victims:
+            _shutdown(w.conn)
+        return len(victims)
+
+    def stall_watches(self, seconds: float) -> None:
+        """Hold back events (and bookmarks) from every watch stream for `seconds`."""
+        with self._cond:
+            self._stall_until = time.monotonic() + seconds
+            self._cond.notify_all()
+
+    def release_watches(self) -> None:
+        self.stall_watches(0)
+
+    def send_bookmarks(self) -> None:
+        """Every watch that asked for bookmarks gets one as soon as it has caught up."""
+        with self._cond:
+            self._bookmark_gen += 1
+            self._cond.notify_all()
+
+    def open_watches(self, kind_or_resource: str | None = None) -> int:
+        with self._cond:
+            if kind_or_resource is None:
+                return len(self._watches)
+            res = resource_of(kind_or_resource).name
+            return sum(1 for w in self._watches if w.resource == res)
+
+    def list_count(self, kind_or_resource: str) -> int:
+        with self._cond:
+            return self.list_requests[resource_of(kind_or_resource).name]
+
+    def watch_count(self, kind_or_resource: str) -> int:
+        with self._cond:
+            return self.watch_requests[resource_of(kind_or_resource).name]
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            return {
+                "resourceVersion": self._rv,
+                "minValidResourceVersion": self._min_valid_rv,
+                "lists": dict(self.list_requests),
+                "watches": dict(self.watch_requests),
+                "openWatches": dict(Counter(w.resource for w in self._watches)),
+                "objects": {r: len(o) for r, o in self._objects.items()},
+            }
+
+    # -- list / watch (called by the HTTP handler) -----------------------------------------
+
+    def list_body(self, res: Resource, ns: str | None, reqs: list[Requirement]) -> bytes:
+        with self._cond:
+            self.list_requests[res.name] += 1
+            rv = self._rv
+            items = [
+                s.raw
+                for (ons, _), s in self._objects[res.name].items()
+                if (ns is None or ons == ns) and selector_matches(reqs, s.obj)
+            ]
+        head = json.dumps(
+            {"kind": res.list_kind, "apiVersion": res.group_version,
+             "metadata": {"resourceVersion": str(rv)}}  # fmt: skip
+        ).encode()
+        return head[:-1] + b',"items":[' + b",".join(items) + b"]}"
+
+    def _events_after(self, cursor: int) -> list[_Event]:  # lock held
+        i = bisect.bisect_right(self._history_rvs, cursor)
+        return self._history[i:]
+
+    def serve_watch(
+        self,
+        h: _Handler,
+        res: Resource,
+        ns: str | None,
+        reqs: list[Requirement],
+        rv_param: str,
+        timeout: float,
+        bookmarks: bool,
+    ) -> None:
+        w = _Watch(res.name, h.connection, bookmarks)
+        deadline = time.monotonic() + timeout
+        initial: list[bytes] = []
+        with self._cond:
+            self.watch_requests[res.name] += 1
+            w.bookmark_gen = self._bookmark_gen
+            expired = False
+            if rv_param in ("", "0"):  # "get state and start at most recent"
+                cursor = self._rv
+                for (ons, _), s in self._objects[res.name].items():
+                    if (ns is None or ons == ns) and selector_matches(reqs, s.obj):
+                        initial.append(_event_line("ADDED", s.raw))
+            else:
+                cursor = int(rv_param)
+                expired = cursor < self._min_valid_rv
+            min_valid = self._min_valid_rv
+            self._watches.add(w)
+        try:
+            h.start_chunked()
+            if expired:
+                msg = f"too old resource version: {cursor} ({min_valid})"
+                h.write_chunk(_event_line("ERROR", _json(_status(410, "Expired", msg))))
+                h.end_chunked()
+                return
+            if initial:
+                h.write_chunk(b"".join(initial))
+            while True:
+                out, end, cursor = self._next_batch(w, res, ns, reqs, cursor, deadline)
+                if out:
+                    h.write_chunk(b"".join(out))
+                if end == "dropped":
+                    h.close_connection = True
+                    return
+                if end:
+                    h.end_chunked()
+                    return
+        except OSError:  # the client went away (or the stream was dropped)
+            h.close_connection = True
+        finally:
+            with self._cond:
+                self._watches.discard(w)
+
+    def _next_batch(
+        self,
+        w: _Watch,
+        res: Resource,
+        ns: str | None,
+        reqs: list[Requirement],
+        cursor: int,
+        deadline: float,
+    ) -> tuple[list[bytes], str, int]:
+        """Wait for something to send on one watch: (lines, end reason or "", new cursor)."""
+        with self._cond:
+            while True:
+                if w.dropped:
+                    return [], "dropped", cursor
+                now = time.monotonic()
+                if now >= deadline:
+                    return [], "timeout", cursor
+                if now < self._stall_until:
+                    self._cond.wait(min(self._stall_until, deadline) - now)
+                    continue
+                if cursor < self._min_valid_rv:  # compacted while this watch lagged behind
+                    msg = f"too old resource version: {cursor} ({self._min_valid_rv})"
+                    line = _event_line("ERROR", _json(_status(410, "Expired", msg)))
+                    return [line], "expired", cursor
+                events = self._events_after(cursor)
+                if events:
+                    out = [line for ev in events if (line := _filter(ev, res, ns, reqs))]
+                    cursor = events[-1].rv
+                    if out:
+                        return out, "", cursor
+                    continue
+                if w.bookmarks and w.bookmark_gen < self._bookmark_gen:
+                    w.bookmark_gen = self._bookmark_gen
+                    return [_bookmark_line(res, cursor)], "", cursor
+                self._cond.wait(deadline - now)
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    def start(
+        self, sock: socket.socket | None = None, host: str = "127.0.0.1", port: int = 0
+    ) -> ApiServer:
+        """Serve on `sock` (bound, e.g. inside a network namespace; listening or not) or
+        on host:port (port 0: any free port)."""
+        if self._httpd is not None:
+            raise RuntimeError("already serving")
+        if sock is None:
+            fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(fam, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            sock.listen(128)
+        httpd = _Server(sock, self)
+        self._httpd = httpd
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True,
+            name="test-apiserver",
+        )  # fmt: skip
+        self._thread.start()
+        return self
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._httpd is None:
+            raise RuntimeError("not serving")
+        host, port = self._httpd.socket.getsockname()[:2]
+        return host, port
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def stop(self) -> None:
+        """Stop serving (close the listener, every connection and every watch); the
+        state is kept, so `start()` again on the same port is an API server restart."""
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        httpd.shutdown()
+        httpd.server_close()
+        self.drop_watches()
+        with self._conns_lock:
+            conns = list(self._conns)
+        for c in conns:
+            _shutdown(c)
+        if self._thread:
+            self._thread.join(5)
+
+    def __enter__(self) -> ApiServer:
+        if self._httpd is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def kubeconfig(self, path: str | Path) -> Path:
+        return write_kubeconfig(path, self.url)
+
+    def track(self, conn: socket.socket, add: bool) -> None:
+        with self._conns_lock:
+            (self._conns.add if add else self._conns.discard)(conn)
+
+
+def _shutdown(conn: socket.socket) -> None:
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _event_line(typ: str, raw_obj: bytes) -> bytes:
+    return b'{"type":"' + typ.encode() + b'","object":' + raw_obj + b"}\n"
+
+
+def _bookmark_line(res: Resource, rv: int) -> bytes:
+    obj = {"kind": res.kind, "apiVersion": res.group_version,
+           "metadata": {"resourceVersion": str(rv)}}  # fmt: skip
+    return _event_line("BOOKMARK", _json(obj))
+
+
+def _filter(ev: _Event, res: Resource, ns: str | None, reqs: list[Requirement]) -> bytes:
+    """The line one watch sees for one event ("" when none), applying selector transitions."""
+    if ev.resource != res.name:
+        return b""
+    if ev.type == "RAW":
+        return ev.raw_line + b"\n"
+    if ns is not None and ev.namespace != ns:
+        return b""
+    assert ev.new is not None
+    new_ok = selector_matches(reqs, ev.new.obj)
+    if ev.type == "ADDED":
+        return _event_line("ADDED", ev.new.raw) if new_ok else b""
+    if ev.type == "DELETED":
+        return _event_line("DELETED", ev.new.raw) if new_ok else b""
+    old_ok = ev.old is not None and selector_matches(reqs, ev.old.obj)
+    if new_ok:
+        return _event_line("MODIFIED" if old_ok else "ADDED", ev.new.raw)
+    return _event_line("DELETED", ev.new.raw) if old_ok else b""
+
+
+_DISCOVERY: dict[str, Any] = {
+    "/version": {"major": "1", "minor": "30", "gitVersion": "v1.30.0-test",
+                 "platform": "linux/amd64"},
+    "/api": {"kind": "APIVersions", "versions": ["v1"],
+             "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}]},
+    "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": [{
+        "name": "discovery.k8s.io",
+        "versions": [{"groupVersion": "discovery.k8s.io/v1", "version": "v1"}],
+        "preferredVersion": {"groupVersion": "discovery.k8s.io/v1", "version": "v1"},
+    }]},
+    "/apis/discovery.k8s.io": {"kind": "APIGroup", "apiVersion": "v1",
+        "name": "discovery.k8s.io",
+        "versions": [{"groupVersion": "discovery.k8s.io/v1", "version": "v1"}],
+        "preferredVersion": {"groupVersion": "discovery.k8s.io/v1", "version": "v1"}},
+    "/api/v1": {"kind": "APIResourceList", "groupVersion": "v1", "resources": [{
+        "name": "services", "singularName": "service", "namespaced": True, "kind": "Service",
+        "verbs": ["create", "delete", "get", "list", "update", "watch"],
+        "shortNames": ["svc"]}]},
+    "/apis/discovery.k8s.io/v1": {"kind": "APIResourceList",
+        "groupVersion": "discovery.k8s.io/v1", "resources": [{
+            "name": "endpointslices", "singularName": "endpointslice", "namespaced": True,
+            "kind": "EndpointSlice",
+            "verbs": ["create", "delete", "get", "list", "update", "watch"]}]},
+}  # fmt: skip
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, sock: socket.socket, api: ApiServer) -> None:
+        super().__init__(sock.getsockname()[:2], _Handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.server_address = sock.getsockname()[:2]
+        self.api = api
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.api.track(self.connection, True)
+
+    def finish(self) -> None:
+        self.server.api.track(self.connection, False)
+        try:
+            super().finish()
+        except OSError:
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        log.debug("%s %s", self.address_string(), format % args)
+
+    # -- responses --
+
+    def send_json(self, code: int, body: Any) -> None:
+        data = body if isinstance(body, bytes) else _json(body)
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_status(self, code: int, reason: str, message: str) -> None:
+        self.send_json(code, _status(code, reason, message))
+
+    def start_chunked(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def write_chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def end_chunked(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+
+    def read_body(self) -> bytes:
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    # -- routing --
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def _dispatch(self, method: str) -> None:
+        url = urlsplit(self.path)
+        q = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+        path = url.path.rstrip("/") or "/"
+        try:
+            if path.startswith("/admin/"):
+                self._admin(method, path, q)
+            elif method == "GET" and path in _DISCOVERY:
+                self.send_json(200, _DISCOVERY[path])
+            elif method == "GET" and path in ("/healthz", "/readyz", "/livez"):
+                self.send_json(200, b"ok")
+            elif m := _PATH_RE.match(path):
+                self._resource(method, m, q)
+            else:
+                self.send_status(404, "NotFound", f"the server could not find {path}")
+        except (ValueError, yaml.YAMLError) as e:
+            self.send_status(400, "BadRequest", str(e))
+        except KeyError as e:
+            self.send_status(404, "NotFound", str(e.args[0] if e.args else e))
+        except FileExistsError as e:
+            self.send_status(409, "AlreadyExists", str(e))
+
+    def _resource(self, method: str, m: re.Match[str], q: dict[str, str]) -> None:
+        res = RESOURCES[m["res"]]
+        if m["prefix"] != res.prefix:
+            self.send_status(404, "NotFound", f"{res.name} is not served under {m['prefix']}")
+            return
+        api, ns, name = self.server.api, m["ns"], m["name"]
+        if method == "GET" and name is None:
+            reqs = parse_selector(q.get("labelSelector", ""))
+            if q.get("watch", "") in ("1", "true"):
+                timeout = float(q.get("timeoutSeconds") or 1800)
+                bookmarks = q.get("allowWatchBookmarks", "") in ("1", "true")
+                rv = q.get("resourceVersion", "")
+                if rv not in ("", "0") and not rv.isdigit():
+                    raise ValueError(f"invalid resourceVersion {rv!r}")
+                api.serve_watch(self, res, ns, reqs, rv, timeout, bookmarks)
+            else:
+                self.send_json(200, api.list_body(res, ns, reqs))
+        elif method == "GET":
+            obj = api.get(res.name, ns or "default", name)
+            if obj is None:
+                raise KeyError(f'{res.name} "{name}" not found')
+            self.send_json(200, obj)
+        elif method in ("POST", "PUT"):
+            obj = json.loads(self.read_body() or b"null")
+            if not isinstance(obj, dict):
+                raise ValueError("body is not an object")
+            obj.setdefault("metadata", {})
+            if ns:
+                obj["metadata"]["namespace"] = ns
+            if method == "POST" and name is None:
+                self.send_json(201, api.create(obj, res.name))
+            elif method == "PUT" and name is not None:
+                obj["metadata"]["name"] = name
+                self.send_json(200, api.update(obj, res.name))
+            else:
+                self.send_status(405, "MethodNotAllowed", f"{method} {self.path}")
+        elif method == "DELETE" and name is not None:
+            self.send_json(200, api.delete(res.name, ns or "default", name))
+        else:
+            self.send_status(405, "MethodNotAllowed", f"{method} {self.path}")
+
+    def _admin(self, method: str, path: str, q: dict[str, str]) -> None:
+        api = self.server.api
+        parts = path.split("/")[2:]
+        if parts == ["stats"] and method == "GET":
+            self.send_json(200, api.stats())
+        elif parts == ["objects"] and method in ("POST", "PUT"):
+            docs = _documents(yaml.safe_load_all(self.read_body().decode()))
+            self.send_json(200, {"items": [api.apply(d) for d in docs]})
+        elif len(parts) == 4 and parts[0] == "objects" and method == "DELETE":
+            self.send_json(200, api.delete(parts[1], parts[2], parts[3]))
+        elif parts == ["drop-watches"] and method == "POST":
+            self.send_json(200, {"dropped": api.drop_watches()})
+        elif parts == ["compact"] and method == "POST":
+            keep = int(q.get("keep_last", "0"))
+            self.send_json(200, {"minValidResourceVersion": api.compact(keep)})
+        elif parts == ["stall"] and method == "POST":
+            api.stall_watches(float(q.get("seconds", "3600")))
+            self.send_json(200, {})
+        elif parts == ["release"] and method == "POST":
+            api.release_watches()
+            self.send_json(200, {})
+        elif parts == ["bookmarks"] and method == "POST":
+            api.send_bookmarks()
+            self.send_json(200, {})
+        elif parts == ["inject"] and method == "POST":
+            rv = api.inject_event(q.get("resource", "services"), self.read_body())
+            self.send_json(200, {"resourceVersion": rv})
+        else:
+            self.send_status(404, "NotFound", f"no admin action {method} {path}")
+
+
+def _documents(docs: Iterable[Any]) -> list[dict[str, Any]]:
+    """YAML documents (objects or `List`s) → objects."""
+    out: list[dict[str, Any]] = []
+    for d in docs:
+        if d is None:
+            continue
+        if not isinstance(d, dict):
+            raise ValueError("a document is not a mapping")
+        if str(d.get("kind", "")).endswith("List") and isinstance(d.get("items"), list):
+            out.extend(_documents(d["items"]))
+        else:
+            out.append(d)
+    return out
+
+
+def load_file(api: ApiServer, path: str | Path) -> int:
+    """Apply every object of a YAML file (multi-document, Lists allowed); returns count."""
+    with open(path, encoding="utf-8") as f:
+        docs = _documents(yaml.safe_load_all(f))
+    for d in docs:
+        api.apply(d)
+    return len(docs)
+
+
+def write_kubeconfig(path: str | Path, url: str, namespace: str = "default") -> Path:
+    """A kubeconfig with no credentials pointing at `url` (plain HTTP)."""
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "test", "cluster": {"server": url}}],
+        "users": [{"name": "test", "user": {}}],
+        "contexts": [
+            {"name": "test", "context": {"cluster": "test", "user": "test",
+                                         "namespace": namespace}}  # fmt: skip
+        ],
+        "current-context": "test",
+    }
+    p = Path(path)
+    p.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return p
+
+
+class AdminClient:
+    """Drives an ApiServer in another process (or namespace) through /admin."""
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    def _call(self, method: str, path: str, body: bytes | None = None) -> Any:
+        req = urllib.request.Request(self.url + path, data=body, method=method)
+        if body is not None:
+            req.add_header("Content-Type", "application/yaml")
+        with urllib.request.urlopen(req, timeout=self.timeout) as r:
+            return json.loads(r.read() or b"null")
+
+    def apply(self, *objs: dict[str, Any]) -> list[dict[str, Any]]:
+        body = yaml.safe_dump_all(list(objs)).encode()
+        return self._call("POST", "/admin/objects", body)["items"]
+
+    def delete(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
+        return self._call("DELETE", f"/admin/objects/{kind}/{namespace}/{name}")
+
+    def drop_watches(self) -> int:
+        return self._call("POST", "/admin/drop-watches")["dropped"]
+
+    def compact(self, keep_last: int = 0) -> int:
+        return self._call("POST", f"/admin/compact?keep_last={keep_last}")[
+            "minValidResourceVersion"
+        ]
+
+    def stall_watches(self, seconds: float) -> None:
+        self._call("POST", f"/admin/stall?seconds={seconds}")
+
+    def release_watches(self) -> None:
+        self._call("POST", "/admin/release")
+
+    def send_bookmarks(self) -> None:
+        self._call("POST", "/admin/bookmarks")
+
+    def stats(self) -> dict[str, Any]:
+        return self._call("GET", "/admin/stats")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tests.apiserver", description=__doc__.split("\n")[0])
+    p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any)")
+    p.add_argument("--load", action="append", default=[], help="YAML file of objects")
+    p.add_argument("--kubeconfig", help="write a kubeconfig for this server there")
+    p.add_argument("--history", type=int, default=100_000, help="events kept for watch resume")
+    p.add_argument("-v", action="store_true", help="log every request")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.v else logging.INFO, format="%(message)s")
+    host, _, port = a.listen.rpartition(":")
+    api = ApiServer(history_limit=a.history)
+    for f in a.load:
+        log.info("loaded %d objects from %s", load_file(api, f), f)
+    api.start(host=host.strip("[]") or "127.0.0.1", port=int(port))
+    if a.kubeconfig:
+        api.kubeconfig(a.kubeconfig)
+    print(f"serving on {api.url}", flush=True)  # tests wait for this line
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    api.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

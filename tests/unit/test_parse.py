@@ -1,0 +1,198 @@
+"""Raw API objects → model records: validation, defaults, merging of slices."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.endpoints.parse import BadObject, merge_slices, parse_service, parse_slice
+from proxy.model import PortSpec, usable_endpoints
+from tests.unit.factories import endpoint, service, slice_
+
+
+def test_clusterip_service_defaults() -> None:
+    svc = parse_service(service()).service
+    assert svc.key == ("default", "web")
+    assert svc.type == "ClusterIP"
+    assert svc.cluster_ips == ("198.19.0.10",)
+    assert svc.ports == (PortSpec("http", "TCP", 80, 0, 80),)
+    assert svc.session_affinity_timeout == 0
+    assert not svc.headless and not svc.has_external
+
+
+def test_dual_stack_and_ipv6_normalized() -> None:
+    svc = parse_service(
+        service(ip=None, clusterIPs=["198.19.0.10", "FD00:19:0::000a"])
+    ).service
+    assert svc.cluster_ips == ("198.19.0.10", "fd00:19::a")
+
+
+def test_headless_and_externalname() -> None:
+    assert parse_service(service(ip="None")).service.headless
+    ext = parse_service(service(ip=None, type="ExternalName", externalName="Foo.Example.COM."))
+    assert ext.service.external_name == "foo.example.com"
+    assert ext.service.cluster_ips == ()
+
+
+def test_session_affinity_and_policies() -> None:
+    svc = parse_service(
+        service(
+            type="LoadBalancer",
+            sessionAffinity="ClientIP",
+            sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}},
+            externalTrafficPolicy="Local",
+            internalTrafficPolicy="Local",
+            healthCheckNodePort=32000,
+            loadBalancerSourceRanges=["10.0.0.0/8", "bogus"],
+        )
+        | {"status": {"loadBalancer": {"ingress": [{"ip": "198.19.100.1"}, {"hostname": "x"}]}}}
+    )
+    s = svc.service
+    assert s.session_affinity_timeout == 60
+    assert s.external_traffic_local and s.internal_traffic_local
+    assert s.health_check_node_port == 32000
+    assert s.load_balancer_ips == ("198.19.100.1",)
+    assert s.load_balancer_source_ranges == ("10.0.0.0/8",)
+    assert any("bogus" in p for p in svc.problems)
+
+
+def test_affinity_default_timeout() -> None:
+    s = parse_service(service(sessionAffinity="ClientIP")).service
+    assert s.session_affinity_timeout == 10800
+
+
+@pytest.mark.parametrize(
+    "ports, reason",
+    [
+        ([{"port": 70000}], "out of range"),
+        ([{"port": 80, "protocol": "ICMP"}], "unknown protocol"),
+        ([{"port": "eighty"}], "not an integer"),
+        ([{"name": "a", "port": 80}, {"name": "b", "port": 80}], "duplicate port"),
+        ([{"name": "Bad_Name", "port": 80}], "invalid port name"),
+    ],
+)
+def test_bad_ports_are_dropped_with_a_reason(ports: list, reason: str) -> None:
+    parsed = parse_service(service(ports=ports))
+    assert any(reason in p for p in parsed.problems), parsed.problems
+    assert len(parsed.service.ports) < len(ports) or not parsed.service.ports
+
+
+@pytest.mark.parametrize(
+    "obj, reason",
+    [
+        (service(ip="300.1.1.1"), "not an IP"),
+        (service(name="x" * 70), "invalid Service name"),
+        (service(type="Weird"), "unknown Service type"),
+        ({"kind": "Service"}, "no metadata"),
+        ({"metadata": {"name": "a"}}, "no spec"),
+        (service(ip=None, clusterIPs=["198.19.0.1", "198.19.0.2"]), "two addresses"),
+        ("not-a-dict", "not an object"),
+    ],
+)
+def test_unusable_services_raise(obj: object, reason: str) -> None:
+    with pytest.raises(BadObject, match=reason):
+        parse_service(obj)
+
+
+def test_proxy_name_label_is_kept() -> None:
+    obj = service()
+    obj["metadata"]["labels"] = {"service.kubernetes.io/service-proxy-name": "other"}
+    assert parse_service(obj).service.proxy_name == "other"
+
+
+def test_slice_conditions_semantics() -> None:
+    sl = parse_slice(
+        slice_(
+            endpoints=[
+                {"addresses": ["198.18.1.1"]},  # nil ready → ready
+                endpoint("198.18.1.2", ready=False, serving=True, terminating=True),
+                endpoint("198.18.1.3", ready=False),  # nil serving → same as ready
+            ]
+        )
+    )
+    e1, e2, e3 = sl.endpoints
+    assert (e1.ready, e1.serving, e1.terminating) == (True, True, False)
+    assert (e2.ready, e2.serving, e2.terminating) == (False, True, True)
+    assert (e3.ready, e3.serving) == (False, False)
+
+
+def test_slice_bad_parts_skipped() -> None:
+    sl = parse_slice(
+        slice_(
+            endpoints=[endpoint("198.18.1.1"), endpoint("nonsense"), endpoint("fd00::1"), {}],
+            ports=[{"name": "http", "port": 8080}, {"name": "x", "port": -1}],
+        )
+    )
+    assert [e.ip for e in sl.endpoints] == ["198.18.1.1"]
+    assert sl.ports == (("http", "TCP", 8080),)
+    assert len(sl.problems) == 4
+
+
+def test_slice_without_service_label_or_fqdn() -> None:
+    obj = slice_()
+    del obj["metadata"]["labels"]
+    with pytest.raises(BadObject, match="service-name"):
+        parse_slice(obj)
+    with pytest.raises(BadObject, match="FQDN"):
+        parse_slice(slice_(address_type="FQDN"))
+
+
+def test_trigger_time_annotation() -> None:
+    sl = parse_slice(
+        slice_(annotations={"endpoints.kubernetes.io/last-change-trigger-time":
+                            "2026-01-02T03:04:05Z"})
+    )
+    assert sl.trigger_time == 1767323045.0
+
+
+def test_merge_dedupes_and_prefers_ready_copy() -> None:
+    a = parse_slice(slice_(name="web-a", endpoints=[endpoint("198.18.1.2", ready=False),
+                                                    endpoint("198.18.1.1")]))
+    b = parse_slice(slice_(name="web-b", endpoints=[endpoint("198.18.1.2"),
+                                                    endpoint("198.18.1.3")]))
+    se = merge_slices([b, a])
+    eps = se.ports[("http", "TCP")]
+    assert [(e.ip, e.port, e.ready) for e in eps] == [
+        ("198.18.1.1", 8080, True),
+        ("198.18.1.2", 8080, True),
+        ("198.18.1.3", 8080, True),
+    ]
+    assert [x.ip for x in se.addresses] == ["198.18.1.1", "198.18.1.2", "198.18.1.3"]
+    assert merge_slices([a, b]) == se  # order of arrival does not matter
+
+
+def test_usable_endpoints_terminating_fallback_and_local() -> None:
+    svc = parse_service(service()).service
+    se = merge_slices([parse_slice(slice_(endpoints=[
+        endpoint("198.18.1.1", ready=False, serving=True, terminating=True, node="n1"),
+        endpoint("198.18.1.2", ready=False, serving=False, terminating=True, node="n1"),
+        endpoint("198.18.2.1", ready=True, node="n2"),
+    ]))])
+    eps = se.for_port(svc.ports[0])
+    assert [e.ip for e in usable_endpoints(svc, eps, "n2", local_only=False)] == ["198.18.2.1"]
+    # On n1 only local ones count: none ready → the serving+terminating one.
+    assert [e.ip for e in usable_endpoints(svc, eps, "n1", local_only=True)] == ["198.18.1.1"]
+    assert usable_endpoints(svc, eps, "n3", local_only=True) == ()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=20),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=12), kids,
+                                                              max_size=5),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec=json_values, status=json_values, eps=json_values, ports=json_values)
+def test_parsers_never_crash_on_garbage(spec, status, eps, ports) -> None:
+    """Any JSON shape either parses or raises BadObject, never anything else."""
+    svc = {"metadata": {"name": "web", "namespace": "default"}, "spec": spec, "status": status}
+    sl = slice_()
+    sl["endpoints"], sl["ports"] = eps, ports
+    for fn, obj in ((parse_service, svc), (parse_slice, sl)):
+        try:
+            fn(obj)
+        except BadObject:
+            pass
