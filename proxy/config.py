@@ -110,6 +110,13 @@ class Config:
     # iptables backend: "auto" picks the one the node already uses (as kube-proxy does).
     iptables_backend: str = "auto"
     ipv6: str = "auto"  # "auto": program IPv6 when ip6tables works; "on"/"off"
+    # userspace mode (proxy/userspace; see docs/userspace.md)
+    userspace_laptop: str = "auto"  # "auto": laptop mode when not root; "on"/"off"
+    userspace_port_offset: int = 10000  # laptop: ports below the unprivileged start + this
+    userspace_engine: str = "auto"  # TCP copy engine: "auto" (splice if measured better), "splice", "copy"
+    userspace_tcp_idle_timeout: float = 86400.0  # close a TCP connection idle this long (s); 0: never
+    userspace_udp_max_sessions: int = 4096  # per UDP listener; least recently active evicted
+    userspace_address_mode: str = "auto"  # "auto" (interface, else local routes), "interface", "local-route"
 
     @property
     def masquerade_mark(self) -> str:

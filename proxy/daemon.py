@@ -107,7 +107,9 @@ async def run(cfg: Config) -> int:
             listeners.append(dns.update)
         await dns.start()
 
-    svc_health = ServiceHealthServers(cfg.hostname, health, nodeport_hosts(cfg))
+    # In a worker thread: pyroute2's synchronous API cannot run inside this running loop.
+    hosts = await asyncio.to_thread(nodeport_hosts, cfg)
+    svc_health = ServiceHealthServers(cfg.hostname, health, hosts)
 
     async def after_sync(snap: Snapshot) -> None:
         if cfg.proxy_mode != "none":

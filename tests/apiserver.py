@@ -20,7 +20,7 @@ than assumed:
 Test controls (methods, and the same over HTTP under /admin for a server in another
 process or network namespace): create/update/apply/delete objects, `compact(keep_last)`,
 `drop_watches()`, `stall_watches(s)` / `release_watches()`, `send_bookmarks()`,
-`inject_event()` (a raw line), and counts of list and watch requests.
+`inject_event()` (a raw line to the open streams), and counts of list and watch requests.
 
 In a test:   with ApiServer().start() as api: api.apply(svc); ... api.url
 As a process: python -m tests.apiserver --listen 127.0.0.1:8080 --load objs.yaml
@@ -30,21 +30,22 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import copy
+import http.client
 import json
 import logging
 import re
+import select
 import signal
 import socket
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -177,20 +178,20 @@ class _Stored:
 class _Event:
     rv: int
     resource: str
-    type: str  # ADDED / MODIFIED / DELETED, or "RAW" for an injected line
+    type: str  # ADDED / MODIFIED / DELETED
     namespace: str
     new: _Stored | None
     old: _Stored | None = None  # the previous version, for MODIFIED and DELETED
-    raw_line: bytes = b""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: kept in a set of open watches
 class _Watch:
     resource: str
     conn: socket.socket
     bookmarks: bool
     bookmark_gen: int = 0
     dropped: bool = False
+    pending: list[bytes] = field(default_factory=list)  # injected lines
 
 
 def _status(code: int, reason: str, message: str) -> dict[str, Any]:
@@ -318,18 +319,22 @@ class ApiServer:
             return copy.deepcopy(obj)
 
     def inject_event(self, kind_or_resource: str, line: bytes) -> int:
-        """Put a raw line (e.g. not JSON) into the watch streams of a resource; returns its RV."""
+        """Send a raw line (not JSON, an ERROR event, ...) on every open watch stream of a
+        resource, once it has caught up. Not part of the history: a resumed watch does not
+        see it again. Returns how many streams got it."""
         res = resource_of(kind_or_resource)
         with self._cond:
-            self._rv += 1
-            self._record(_Event(self._rv, res.name, "RAW", "", None, raw_line=line.rstrip(b"\n")))
-            return self._rv
+            targets = [w for w in self._watches if w.resource == res.name]
+            for w in targets:
+                w.pending.append(line.rstrip(b"\n") + b"\n")
+            self._cond.notify_all()
+            return len(targets)
 
     def _record(self, ev: _Event) -> None:  # lock held
         self._history.append(ev)
         self._history_rvs.append(ev.rv)
-        if len(self._history) > self._history_limit:
-            self._compact_locked(self._history_limit)
+        if len(self._history) > self._history_limit:  # trim a tenth at once: amortized O(1)
+            self._compact_locked(self._history_limit * 9 // 10)
         self._cond.notify_all()
 
     # -- faults ----------------------------------------------------------------------------
@@ -413,8 +418,11 @@ class ApiServer:
                 if (ns is None or ons == ns) and selector_matches(reqs, s.obj)
             ]
         head = json.dumps(
-            {"kind": res.list_kind, "apiVersion": res.group_version,
-             "metadata": {"resourceVersion": str(rv)}}  # fmt: skip
+            {
+                "kind": res.list_kind,
+                "apiVersion": res.group_version,
+                "metadata": {"resourceVersion": str(rv)},
+            }
         ).encode()
         return head[:-1] + b',"items":[' + b",".join(items) + b"]}"
 
@@ -505,10 +513,15 @@ class ApiServer:
                     if out:
                         return out, "", cursor
                     continue
+                if w.pending:
+                    out, w.pending = w.pending, []
+                    return out, "", cursor
                 if w.bookmarks and w.bookmark_gen < self._bookmark_gen:
                     w.bookmark_gen = self._bookmark_gen
                     return [_bookmark_line(res, cursor)], "", cursor
-                self._cond.wait(deadline - now)
+                self._cond.wait(min(deadline - now, 0.2))
+                if _peer_closed(w.conn):  # notice a client that went away, as Go's server does
+                    return [], "dropped", cursor
 
     # -- HTTP ------------------------------------------------------------------------------
 
@@ -524,6 +537,8 @@ class ApiServer:
             sock = socket.socket(fam, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
+        # Accepted connections inherit this, so a restart can bind the port again.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             sock.listen(128)
         httpd = _Server(sock, self)
@@ -580,10 +595,16 @@ class ApiServer:
 
 
 def _shutdown(conn: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         conn.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+
+
+def _peer_closed(conn: socket.socket) -> bool:
+    try:
+        readable = select.select([conn], [], [], 0)[0]
+        return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
 
 
 def _json(obj: Any) -> bytes:
@@ -604,8 +625,6 @@ def _filter(ev: _Event, res: Resource, ns: str | None, reqs: list[Requirement]) 
     """The line one watch sees for one event ("" when none), applying selector transitions."""
     if ev.resource != res.name:
         return b""
-    if ev.type == "RAW":
-        return ev.raw_line + b"\n"
     if ns is not None and ev.namespace != ns:
         return b""
     assert ev.new is not None
@@ -622,7 +641,9 @@ def _filter(ev: _Event, res: Resource, ns: str | None, reqs: list[Requirement]) 
 
 _DISCOVERY: dict[str, Any] = {
     "/version": {"major": "1", "minor": "30", "gitVersion": "v1.30.0-test",
-                 "platform": "linux/amd64"},
+                 "gitCommit": "0" * 40, "gitTreeState": "clean",
+                 "buildDate": "2024-01-01T00:00:00Z", "goVersion": "go1.22.0",
+                 "compiler": "gc", "platform": "linux/amd64"},
     "/api": {"kind": "APIVersions", "versions": ["v1"],
              "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}]},
     "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": [{
@@ -667,12 +688,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def finish(self) -> None:
         self.server.api.track(self.connection, False)
-        try:
+        with contextlib.suppress(OSError):
             super().finish()
-        except OSError:
-            pass
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
     # -- responses --
@@ -787,7 +806,7 @@ class _Handler(BaseHTTPRequestHandler):
         if parts == ["stats"] and method == "GET":
             self.send_json(200, api.stats())
         elif parts == ["objects"] and method in ("POST", "PUT"):
-            docs = _documents(yaml.safe_load_all(self.read_body().decode()))
+            docs = parse_documents(self.read_body().decode())
             self.send_json(200, {"items": [api.apply(d) for d in docs]})
         elif len(parts) == 4 and parts[0] == "objects" and method == "DELETE":
             self.send_json(200, api.delete(parts[1], parts[2], parts[3]))
@@ -806,8 +825,8 @@ class _Handler(BaseHTTPRequestHandler):
             api.send_bookmarks()
             self.send_json(200, {})
         elif parts == ["inject"] and method == "POST":
-            rv = api.inject_event(q.get("resource", "services"), self.read_body())
-            self.send_json(200, {"resourceVersion": rv})
+            n = api.inject_event(q.get("resource", "services"), self.read_body())
+            self.send_json(200, {"watches": n})
         else:
             self.send_status(404, "NotFound", f"no admin action {method} {path}")
 
@@ -827,10 +846,23 @@ def _documents(docs: Iterable[Any]) -> list[dict[str, Any]]:
     return out
 
 
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def parse_documents(text: str) -> list[dict[str, Any]]:
+    """JSON or (multi-document) YAML text → objects; JSON fast, as big loads are JSON."""
+    if text.lstrip()[:1] in ("{", "["):
+        try:
+            doc = json.loads(text)
+            return _documents(doc if isinstance(doc, list) else [doc])
+        except ValueError:
+            pass  # YAML flow style that is not JSON
+    return _documents(yaml.load_all(text, Loader=_YAML_LOADER))  # a safe loader (C or Python)
+
+
 def load_file(api: ApiServer, path: str | Path) -> int:
-    """Apply every object of a YAML file (multi-document, Lists allowed); returns count."""
-    with open(path, encoding="utf-8") as f:
-        docs = _documents(yaml.safe_load_all(f))
+    """Apply every object of a JSON/YAML file (multi-document, Lists allowed); returns count."""
+    docs = parse_documents(Path(path).read_text(encoding="utf-8"))
     for d in docs:
         api.apply(d)
     return len(docs)
@@ -844,8 +876,7 @@ def write_kubeconfig(path: str | Path, url: str, namespace: str = "default") -> 
         "clusters": [{"name": "test", "cluster": {"server": url}}],
         "users": [{"name": "test", "user": {}}],
         "contexts": [
-            {"name": "test", "context": {"cluster": "test", "user": "test",
-                                         "namespace": namespace}}  # fmt: skip
+            {"name": "test", "context": {"cluster": "test", "user": "test", "namespace": namespace}}
         ],
         "current-context": "test",
     }
@@ -855,18 +886,60 @@ def write_kubeconfig(path: str | Path, url: str, namespace: str = "default") -> 
 
 
 class AdminClient:
-    """Drives an ApiServer in another process (or namespace) through /admin."""
+    """Drives an ApiServer in another process through /admin. With `netns`, connects from
+    inside that network namespace (root; via proxy.testbed.netns), for a server that
+    listens on an address only reachable there."""
 
-    def __init__(self, url: str, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, timeout: float = 10.0, netns: str = "") -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.netns = netns
+        u = urlsplit(self.url)
+        self._host, self._port = u.hostname or "127.0.0.1", u.port or 80
+
+    def _connect(self) -> http.client.HTTPConnection:
+        conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+        if self.netns:
+            from proxy.testbed.netns import socket_in
+
+            fam = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+            sock = socket_in(self.netns, fam)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect((self._host, self._port))
+            except OSError:
+                sock.close()
+                raise
+            conn.sock = sock
+        return conn
 
     def _call(self, method: str, path: str, body: bytes | None = None) -> Any:
-        req = urllib.request.Request(self.url + path, data=body, method=method)
-        if body is not None:
-            req.add_header("Content-Type", "application/yaml")
-        with urllib.request.urlopen(req, timeout=self.timeout) as r:
-            return json.loads(r.read() or b"null")
+        conn = self._connect()
+        try:
+            headers = {"Content-Type": "application/yaml"} if body is not None else {}
+            conn.request(method, path, body=body, headers=headers)
+            r = conn.getresponse()
+            data = r.read()
+        finally:
+            conn.close()
+        if r.status >= 400:
+            raise RuntimeError(f"{method} {path}: HTTP {r.status}: {data[:200]!r}")
+        return json.loads(data or b"null")
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until the server answers (a process that is still starting up)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.stats()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def write_kubeconfig(self, path: str | Path) -> Path:
+        return write_kubeconfig(path, self.url)
 
     def apply(self, *objs: dict[str, Any]) -> list[dict[str, Any]]:
         body = yaml.safe_dump_all(list(objs)).encode()
@@ -895,9 +968,26 @@ class AdminClient:
     def stats(self) -> dict[str, Any]:
         return self._call("GET", "/admin/stats")
 
+    def inject(self, resource: str, line: bytes) -> int:
+        return self._call("POST", f"/admin/inject?resource={resource}", line)["watches"]
+
+    put = apply  # create or replace
+
+
+class ApiServerClient(AdminClient):
+    """AdminClient for a server listening on HOST:PORT inside network namespace `netns`."""
+
+    def __init__(self, netns: str, hostport: str, timeout: float = 10.0) -> None:
+        host, _, port = hostport.rpartition(":")
+        host = host.strip("[]")
+        url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        super().__init__(url, timeout, netns)
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tests.apiserver", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m tests.apiserver", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any)")
     p.add_argument("--load", action="append", default=[], help="YAML file of objects")
     p.add_argument("--kubeconfig", help="write a kubeconfig for this server there")

@@ -25,6 +25,8 @@ from proxy.model import (
     Service,
     ServiceEndpoints,
     ServiceKey,
+    ip_family,
+    ip_sort_key,
     normalize_ip,
 )
 
@@ -143,7 +145,7 @@ def parse_service(obj: Any) -> ParsedService:
                 cluster_ips.append(_ip(raw, "clusterIP"))
             except ValueError as e:
                 raise BadObject(str(e)) from None
-        if len({ipaddress.ip_address(i).version for i in cluster_ips}) != len(cluster_ips):
+        if len({ip_family(i) for i in cluster_ips}) != len(cluster_ips):
             raise BadObject("clusterIPs has two addresses of one family")
 
     ports: list[PortSpec] = []
@@ -314,7 +316,7 @@ def parse_slice(obj: Any) -> Slice:
         except ValueError as e:
             problems.append(f"endpoints[{i}] skipped: {e}")
             continue
-        if ipaddress.ip_address(ip).version != want_version:
+        if ip_family(ip) != want_version:
             problems.append(f"endpoints[{i}] skipped: {ip} is not {addr_type}")
             continue
         cond = ep.get("conditions") if isinstance(ep.get("conditions"), dict) else {}
@@ -354,11 +356,6 @@ def _better(a: SliceEndpoint, b: SliceEndpoint) -> SliceEndpoint:
     return b if rank(b) > rank(a) else a
 
 
-def _ip_sort_key(ip: str) -> tuple[int, int]:
-    a = ipaddress.ip_address(ip)
-    return (a.version, int(a))
-
-
 def merge_slices(slices: list[Slice] | tuple[Slice, ...]) -> ServiceEndpoints:
     """All slices of one Service → ServiceEndpoints, de-duplicated (pure).
 
@@ -379,14 +376,14 @@ def merge_slices(slices: list[Slice] | tuple[Slice, ...]) -> ServiceEndpoints:
         EndpointAddress(
             e.ip, e.ready, e.serving, e.terminating, e.node_name, e.zone, e.hostname, e.target_name
         )
-        for e in sorted(by_ip.values(), key=lambda e: _ip_sort_key(e.ip))
+        for e in sorted(by_ip.values(), key=lambda e: ip_sort_key(e.ip))
     )
     ports: dict[PortKey, tuple[Endpoint, ...]] = {}
     for pk, bucket in by_port.items():
         ports[pk] = tuple(
             Endpoint(ip, port, e.ready, e.serving, e.terminating, e.node_name, e.zone)
             for (ip, port), e in sorted(
-                bucket.items(), key=lambda kv: (_ip_sort_key(kv[0][0]), kv[0][1])
+                bucket.items(), key=lambda kv: (ip_sort_key(kv[0][0]), kv[0][1])
             )
         )
     return ServiceEndpoints(addresses, MappingProxyType(ports))

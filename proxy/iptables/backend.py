@@ -121,6 +121,19 @@ async def binaries(mode: str, family: int) -> Backend | None:
     return None
 
 
+def parse_version(text: str) -> tuple[int, ...]:
+    """ "iptables v1.8.9 (nf_tables)" → (1, 8, 9); () when there is no version. Pure."""
+    m = re.search(r"v(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return tuple(int(g) for g in m.groups() if g is not None) if m else ()
+
+
+async def supports_random_fully(backend: Backend) -> bool:
+    """MASQUERADE --random-fully needs iptables >= 1.6.2 (kube-proxy's check)."""
+    res = await run([backend.iptables, "--version"], timeout=10)
+    version = parse_version(res.out + res.err)
+    return not version or version >= (1, 6, 2)
+
+
 def kubelet_hint(save_text: str) -> bool:
     """True when an iptables-save dump holds kubelet's backend hint chains."""
     return bool(_KUBELET_HINT_RE.search(save_text))

@@ -12,7 +12,6 @@ a node switching from kube-proxy keeps its chains (no churn on the first sync).
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from functools import lru_cache
 
@@ -28,9 +27,27 @@ SERVICE_CHAIN_PREFIXES = (SVC_PREFIX, SVL_PREFIX, EXT_PREFIX, FW_PREFIX, SEP_PRE
 _CACHE = 1 << 18
 
 
+_B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"  # RFC 4648 alphabet (Go's StdEncoding)
+_PAIRS = [_B32[i >> 5] + _B32[i & 31] for i in range(1024)]  # 10 bits → 2 characters
+
+
 def _hash16(text: str) -> str:
-    digest = hashlib.sha256(text.encode()).digest()
-    return base64.b32encode(digest)[:16].decode()
+    """base32(sha256(text))[:16]: the first 16 characters encode exactly the first 10
+    bytes, so encode just those, 10 bits at a time (4x faster than base64.b32encode)."""
+    n = int.from_bytes(hashlib.sha256(text.encode()).digest()[:10], "big")
+    t = _PAIRS
+    return "".join(
+        (
+            t[n >> 70],
+            t[n >> 60 & 1023],
+            t[n >> 50 & 1023],
+            t[n >> 40 & 1023],
+            t[n >> 30 & 1023],
+            t[n >> 20 & 1023],
+            t[n >> 10 & 1023],
+            t[n & 1023],
+        )
+    )
 
 
 @lru_cache(maxsize=1 << 16)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import socket
 import sys
 
@@ -62,7 +63,9 @@ async def _http(reply: bytes, r: asyncio.StreamReader, w: asyncio.StreamWriter) 
             close = headers.get("connection") == "close" or parts[-1] == "HTTP/1.0"
             w.write(
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
-                + b"X-Backend: " + reply + b"\r\n"
+                + b"X-Backend: "
+                + reply
+                + b"\r\n"
                 + f"X-Client-Addr: {peer[0]}:{peer[1]}\r\n".encode()
                 + f"Content-Length: {len(body)}\r\n".encode()
                 + (b"Connection: close\r\n" if close else b"")
@@ -111,10 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reply", default=socket.gethostname())
     ap.add_argument("--bind", action="append", help="address to bind (repeatable)")
     a = ap.parse_args(argv)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(a.proto, a.port, a.reply.encode(), a.bind or ["0.0.0.0"]))
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ leftovers from a testbed that another test run on this machine is still using.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
@@ -63,7 +64,7 @@ def owner_alive(prefix: str) -> bool:
     return _start_time(int(rec["pid"])) == rec.get("start")
 
 
-def _owner_prefix(name: str) -> str | None:
+def owner_prefix(name: str) -> str | None:
     """The recorded prefix that namespace NAME belongs to (longest match), if any."""
     try:
         prefixes = os.listdir(REGISTRY)
@@ -87,10 +88,8 @@ def kill_pids(pids: list[int], timeout: float = 3.0) -> None:
         live = [p for p in live if _alive(p)]
         time.sleep(0.05)
     for pid in live:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _alive(pid: int) -> bool:
@@ -131,7 +130,7 @@ def cleanup_stale(prefix_glob: str = "kpt*", *, force: bool = False) -> list[str
         if not name.startswith(FAMILY) or not fnmatch.fnmatchcase(name, prefix_glob):
             continue
         if not force:
-            owner = _owner_prefix(name)
+            owner = owner_prefix(name)
             if owner is not None:
                 if owner_alive(owner):
                     continue

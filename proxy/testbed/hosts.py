@@ -118,7 +118,9 @@ class Host:
 
     # -- sockets and routes -----------------------------------------------------------------
 
-    def socket(self, family: int = _socket.AF_INET, type: int = _socket.SOCK_STREAM) -> _socket.socket:
+    def socket(
+        self, family: int = _socket.AF_INET, type: int = _socket.SOCK_STREAM
+    ) -> _socket.socket:
         """A socket created inside this namespace, usable from any thread of this process.
 
         The testbed closes sockets still open on close, since an open socket would keep the
@@ -181,6 +183,7 @@ class Node(Host):
         log = Path(log)
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
+            offset = out.tell()  # a reused log: only this run's lines count
             p = self.run(
                 [sys.executable, "-m", "proxy", *args],
                 stdout=out,
@@ -188,4 +191,4 @@ class Node(Host):
                 stdin=subprocess.DEVNULL,
                 env=env,
             )
-        return ProxyProcess(self, p, log, list(args))
+        return ProxyProcess(self, p, log, list(args), offset)

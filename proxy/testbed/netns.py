@@ -9,10 +9,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import queue
 import socket
 import subprocess
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import TypeVar
 
 NETNS_DIR = "/run/netns"
@@ -72,6 +74,7 @@ def add(ns: str) -> None:
 
 
 def delete(ns: str) -> None:
+    stop_worker(ns)
     run(["ip", "netns", "del", ns], check=False)
 
 
@@ -115,27 +118,69 @@ def _setns(ns: str) -> None:
         os.close(fd)
 
 
-def call_in(ns: str, fn: Callable[[], T]) -> T:
-    """Call fn() in a short-lived thread that has entered NS.
+class _Worker:
+    """A thread that stays inside one namespace and runs small calls there."""
 
-    setns(CLONE_NEWNET) changes only the calling thread; a socket keeps the namespace it
-    was created in, so the result is usable from any thread afterwards.
-    """
-    box: dict[str, object] = {}
+    def __init__(self, ns: str):
+        self.ns = ns
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.entered = Future()
+        self.thread = threading.Thread(target=self._loop, name=f"netns-{ns}", daemon=True)
+        self.thread.start()
 
-    def body() -> None:
+    def _loop(self) -> None:
         try:
-            _setns(ns)
-            box["value"] = fn()
+            _setns(self.ns)
         except BaseException as e:
-            box["error"] = e
+            self.entered.set_exception(e)
+            return
+        self.entered.set_result(None)
+        while (item := self.queue.get()) is not None:
+            fn, fut = item
+            try:
+                fut.set_result(fn())
+            except BaseException as e:
+                fut.set_exception(e)
 
-    t = threading.Thread(target=body, name=f"netns-{ns}", daemon=True)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["value"]  # type: ignore[return-value]
+    def call(self, fn: Callable[[], T]) -> T:
+        self.entered.result()
+        fut: Future = Future()
+        self.queue.put((fn, fut))
+        return fut.result()
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.thread.join(5)
+
+
+_workers: dict[str, _Worker] = {}
+_workers_lock = threading.Lock()
+
+
+def call_in(ns: str, fn: Callable[[], T]) -> T:
+    """Call fn() on a thread that has entered NS (setns changes only the calling thread).
+
+    One worker thread per namespace is kept (creating a thread per call costs more than
+    the socket); a socket keeps the namespace it was created in, so results are usable
+    from any thread. stop_worker(ns) must run before NS is deleted: the thread would keep
+    the namespace alive.
+    """
+    with _workers_lock:
+        w = _workers.get(ns)
+        if w is None or not w.thread.is_alive():
+            w = _workers[ns] = _Worker(ns)
+    try:
+        return w.call(fn)
+    except FileNotFoundError:
+        stop_worker(ns)
+        raise
+
+
+def stop_worker(ns: str) -> None:
+    with _workers_lock:
+        w = _workers.pop(ns, None)
+    if w is not None:
+        w.stop()
 
 
 def socket_in(

@@ -57,12 +57,21 @@ def connect_host(host: str) -> str:
 
 
 class ProxyProcess:
-    def __init__(self, node: Node, popen: subprocess.Popen, log_path: Path, args: list[str]):
+    def __init__(
+        self,
+        node: Node,
+        popen: subprocess.Popen,
+        log_path: Path,
+        args: list[str],
+        log_offset: int = 0,
+    ):
         self.node = node
         self.popen = popen
         self.pid = popen.pid
         self.log_path = log_path
         self.args = args
+        # Only this run's lines count when a log file is reused (opened in append mode).
+        self._log_offset = log_offset
         hz = flag_value(args, "--healthz-bind-address")
         self.healthz_explicit = hz is not None and hz.strip() != ""
         self.healthz_addr = (
@@ -82,8 +91,11 @@ class ProxyProcess:
         return self.popen.poll() is None
 
     def logs(self) -> str:
+        """This run's output (stdout and stderr) so far."""
         try:
-            return self.log_path.read_text(errors="replace")
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_offset)
+                return f.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
 

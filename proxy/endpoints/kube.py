@@ -1,0 +1,431 @@
+"""The Kubernetes source: Services and EndpointSlices with informer semantics.
+
+One worker thread per resource runs client-go's reflector loop: list (→ `Store.replace`),
+then watch from the list's resourceVersion with bookmarks, resuming from the last RV seen
+(object or bookmark) when a stream ends or breaks — without relisting. Only `410 Gone`
+("too old resource version") forces a relist, whose `replace` drops what vanished while
+we were away. Errors back off exponentially with jitter (0.5 s → 30 s); a stream that
+ended after doing useful work resumes at once.
+
+Everything is read as raw JSON (`_preload_content=False`, one `json.loads` per line): the
+client's model objects cost several times more CPU than parsing itself (see
+bench/watch_decode.py), and the store wants the wire's camelCase dicts anyway.
+
+Services labelled `service.kubernetes.io/service-proxy-name` are kept: the parser marks
+them (Service.proxy_name), data planes skip them and DNS still answers for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import urllib3
+import yaml
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+
+from proxy import metrics
+from proxy.config import Config, UsageError
+from proxy.endpoints.parse import object_ref
+from proxy.endpoints.store import ENDPOINT_SLICE, SERVICE, Store
+
+log = logging.getLogger("proxy.kube")
+
+NOT_IN_POD = (
+    "not in a pod and no --kubeconfig/--manifests given: pass --kubeconfig PATH or --manifests PATH"
+)
+RESOURCE_NAMES = {SERVICE: "services", ENDPOINT_SLICE: "endpointslices"}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+def load_client_config(cfg: Config) -> k8s.Configuration:
+    """Config → client Configuration, or UsageError with one line saying what to do.
+
+    Precedence as kube-proxy: --kubeconfig (its server overridden by --master), else
+    --master alone (no credentials), else in-cluster.
+    """
+    conf = k8s.Configuration()
+    if cfg.kubeconfig:
+        path = cfg.kubeconfig
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise UsageError(f"--kubeconfig: cannot read {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"--kubeconfig: {path} is not a text file") from None
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UsageError(f"--kubeconfig: {path} is not valid YAML: {_first_line(e)}") from None
+        if not isinstance(doc, dict) or not doc.get("clusters"):
+            raise UsageError(f"--kubeconfig: {path} is not a kubeconfig (no clusters)")
+        try:
+            k8s_config.load_kube_config(
+                config_file=path, client_configuration=conf, persist_config=False
+            )
+        except (ConfigException, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise UsageError(f"--kubeconfig: {path}: {_first_line(e)}") from None
+    elif not cfg.master:
+        if not os.environ.get("KUBERNETES_SERVICE_HOST"):
+            raise UsageError(NOT_IN_POD)
+        try:
+            k8s_config.load_incluster_config(client_configuration=conf)
+        except ConfigException as e:
+            raise UsageError(f"in-cluster config: {_first_line(e)}") from None
+    if cfg.master:
+        u = urlsplit(cfg.master)
+        if u.scheme not in ("http", "https") or not u.netloc:
+            raise UsageError(f"--master: {cfg.master!r} is not a URL (e.g. https://10.0.0.1:6443)")
+        conf.host = cfg.master.rstrip("/")
+    conf.keep_alive = True  # TCP keepalive as client-go: a dead peer ends a quiet watch
+    return conf
+
+
+class Backoff:
+    """Capped exponential backoff with jitter (client-go's wait.Backoff shape)."""
+
+    def __init__(self, initial: float = 0.5, cap: float = 30.0, jitter: float = 0.2) -> None:
+        self.initial, self.cap, self.jitter = initial, cap, jitter
+        self._n = 0
+
+    def next(self) -> float:
+        base = min(self.cap, self.initial * (2**self._n))
+        self._n = min(self._n + 1, 32)
+        return min(self.cap, base * (1 + self.jitter * random.random()))
+
+    def reset(self) -> None:
+        self._n = 0
+
+
+class _Expired(Exception):
+    """The watch's resourceVersion is gone from the server's history (410)."""
+
+
+class _Informer:
+    """List-and-watch of one resource into the store, in one daemon thread."""
+
+    def __init__(
+        self,
+        kind: str,
+        list_fn: Callable[..., Any],
+        store: Store,
+        stopping: threading.Event,
+        *,
+        backoff: Backoff,
+        watch_timeout: tuple[int, int],
+        list_timeout: float,
+        label_selector: str,
+    ) -> None:
+        self.kind = kind
+        self.resource = RESOURCE_NAMES[kind]
+        self._list_fn = list_fn
+        self._store = store
+        self._stopping = stopping
+        self._backoff = backoff
+        self._watch_timeout = watch_timeout
+        self._list_timeout = list_timeout
+        self._selector = label_selector
+        self.rv = ""  # last resourceVersion seen (list, object or bookmark)
+        self.events = 0  # events handled by the current watch
+        self.streaming = False  # the current watch got its response (so a break is a drop)
+        self.synced = threading.Event()
+        self._resp: Any = None  # the open response, so stop() can break a blocked read
+        self._resp_lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name=f"kube-{self.resource}", daemon=True)
+
+    # -- loop ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        need_list = True
+        while not self._stopping.is_set():
+            if need_list:
+                try:
+                    self._list()
+                    need_list = False
+                    self._backoff.reset()
+                except Exception as e:
+                    if self._stopping.is_set():
+                        return
+                    why = f"list failed: {_describe(e)}"
+                    self._restart("error", why, "retrying the list", self._backoff.next())
+                    continue
+            started, self.events, self.streaming = time.monotonic(), 0, False
+            try:
+                self._watch()
+                reason, why = "closed", "stream ended"
+            except _Expired as e:
+                need_list = True
+                reason, why = "expired", str(e)
+            except (urllib3.exceptions.ProtocolError, ConnectionError) as e:
+                # Broken mid-stream (server restart, dropped connection): resume.
+                reason = "closed" if self.streaming else "error"
+                why = f"stream broken: {_describe(e)}" if self.streaming else _describe(e)
+            except Exception as e:
+                reason, why = "error", _describe(e)
+            if self._stopping.is_set():
+                return
+            # Useful work done → resume now; otherwise back off, so a server that
+            # closes or fails every stream at once never makes this a busy loop.
+            healthy = reason != "error" and (self.events or time.monotonic() - started >= 1.0)
+            if healthy:
+                self._backoff.reset()
+            step = "relisting" if need_list else f"resuming from resourceVersion {self.rv}"
+            self._restart(reason, why, step, 0.0 if healthy else self._backoff.next())
+
+    def _restart(self, reason: str, why: str, step: str, delay: float) -> None:
+        """Count and log (one line) a restart of the list/watch, then wait `delay`."""
+        metrics.WATCH_RESTARTS.labels(resource=self.resource, reason=reason).inc()
+        level = logging.INFO if reason != "error" else logging.WARNING
+        when = f" in {delay:.2f}s" if delay else ""
+        log.log(level, "watch %s: %s; %s%s", self.resource, why, step, when)
+        if delay:
+            self._stopping.wait(delay)
+
+    # -- list ------------------------------------------------------------------------------
+
+    def _list(self) -> None:
+        # The first list may come from the server's cache ("0"); after a 410 ask for a
+        # consistent read (""), which cannot be older than what expired.
+        rv = "0" if not self.synced.is_set() else ""
+        resp = self._call(resource_version=rv, _request_timeout=(10, self._list_timeout))
+        try:
+            data = resp.data
+        finally:
+            resp.release_conn()
+            self._set_resp(None)
+        doc = json.loads(data)
+        if not isinstance(doc, dict):
+            raise ValueError("list response is not an object")
+        items = doc.get("items") or []
+        list_rv = (doc.get("metadata") or {}).get("resourceVersion")
+        if not isinstance(items, list) or not isinstance(list_rv, str) or not list_rv:
+            raise ValueError("list response has no items or resourceVersion")
+        self._store.replace(self.kind, [i for i in items if isinstance(i, dict)])
+        self.rv = list_rv
+        self.synced.set()
+        log.info("listed %d %s at resourceVersion %s", len(items), self.resource, list_rv)
+
+    # -- watch -----------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """One watch request from self.rv, until the stream ends; counts self.events."""
+        lo, hi = self._watch_timeout
+        timeout = random.randint(lo, hi)  # spread reconnects of many nodes (as client-go)
+        try:
+            resp = self._call(
+                watch=True,
+                resource_version=self.rv,
+                allow_watch_bookmarks=True,
+                timeout_seconds=timeout,
+                # No read may stall longer than the server's own timeout (plus slack).
+                _request_timeout=(10, timeout + 30),
+            )
+        except ApiException as e:
+            if e.status == 410:
+                raise _Expired(f"resourceVersion {self.rv} expired (410)") from None
+            raise
+        self.streaming, complete = True, False
+        try:
+            for line in resp:
+                if self._stopping.is_set():
+                    break
+                self.events += self._handle(line)
+            else:
+                complete = True
+        finally:
+            self._set_resp(None)
+            if not complete:  # left mid-stream: the connection must not be reused
+                resp.close()
+            resp.release_conn()
+
+    def _handle(self, line: bytes) -> int:
+        """One watch line → the store. Never raises for bad input (skips it); returns 1
+        when it was an object event."""
+        line = line.strip()
+        if not line:
+            return 0
+        try:
+            ev = json.loads(line)
+            typ, obj = ev["type"], ev["object"]
+            if not isinstance(obj, dict):
+                raise TypeError("object is not a mapping")
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("watch %s: skipping undecodable event (%s): %.80r", self.resource, e, line)
+            metrics.SKIPPED_OBJECTS.labels(kind=f"{self.kind}Event").inc()
+            return 0
+        if typ == "ERROR":
+            code, msg = obj.get("code"), obj.get("message") or obj.get("reason") or ""
+            if code == 410:
+                raise _Expired(f"resourceVersion {self.rv} expired (410: {msg})")
+            raise RuntimeError(f"ERROR event {code}: {msg}")
+        meta = obj.get("metadata")
+        rv = meta.get("resourceVersion") if isinstance(meta, dict) else None
+        if typ == "BOOKMARK":
+            log.debug("watch %s: bookmark at resourceVersion %s", self.resource, rv)
+        elif typ in ("ADDED", "MODIFIED", "DELETED"):
+            log.debug("%s %s %s rv=%s", self.kind, typ, object_ref(obj), rv)
+            try:
+                if typ == "DELETED":
+                    self._store.delete(self.kind, obj)
+                else:
+                    self._store.upsert(self.kind, obj)
+            except Exception:  # a parser bug must not stop the watch of everything else
+                log.exception("skipping %s %s: internal error", self.kind, object_ref(obj))
+                metrics.SKIPPED_OBJECTS.labels(kind=self.kind).inc()
+        else:
+            log.warning("watch %s: skipping event of unknown type %.20r", self.resource, typ)
+            return 0
+        if isinstance(rv, str) and rv:
+            self.rv = rv
+        return 1
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _call(self, **kw: Any) -> Any:
+        if self._selector:
+            kw["label_selector"] = self._selector
+        resp = self._list_fn(_preload_content=False, **kw)
+        self._set_resp(resp)
+        if self._stopping.is_set():
+            self.interrupt()
+        return resp
+
+    def _set_resp(self, resp: Any) -> None:
+        with self._resp_lock:
+            self._resp = resp
+
+    def interrupt(self) -> None:
+        """Break a read blocked on the open response (from another thread)."""
+        with self._resp_lock:
+            resp = self._resp
+        conn = getattr(resp, "connection", None) if resp is not None else None
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, ApiException):
+        return f"HTTP {e.status} {e.reason or ''}".strip()
+    if isinstance(e, urllib3.exceptions.MaxRetryError) and e.reason is not None:
+        return _first_line(e.reason)
+    return f"{type(e).__name__}: {_first_line(e)}"
+
+
+class KubeSource:
+    """Feeds a Store from the API server. Construct (raises UsageError on bad config),
+    `start()`, optionally `wait_synced()` / `await synced()` (the store's `has_synced`
+    turns true at the same moment), `stop()` on shutdown. One-shot: not restartable."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        *,
+        backoff_initial: float = 0.5,
+        backoff_cap: float = 30.0,
+        watch_timeout: tuple[int, int] = (300, 600),
+        list_timeout: float = 120.0,
+        label_selectors: dict[str, str] | None = None,
+    ) -> None:
+        self._cfg = cfg
+        self._conf = self.check_config(cfg)
+        self._api = k8s.ApiClient(self._conf)
+        self._stopping = threading.Event()
+        core, disc = k8s.CoreV1Api(self._api), k8s.DiscoveryV1Api(self._api)
+        fns = {
+            SERVICE: core.list_service_for_all_namespaces,
+            ENDPOINT_SLICE: disc.list_endpoint_slice_for_all_namespaces,
+        }
+        sel = label_selectors or {}
+        self._informers = {
+            kind: _Informer(
+                kind,
+                fn,
+                store,
+                self._stopping,
+                backoff=Backoff(backoff_initial, backoff_cap),
+                watch_timeout=watch_timeout,
+                list_timeout=list_timeout,
+                label_selector=sel.get(kind, ""),
+            )
+            for kind, fn in fns.items()
+        }
+        self._started = False
+
+    @staticmethod
+    def check_config(cfg: Config) -> k8s.Configuration:
+        """Load the client configuration; UsageError (one line) when it cannot work."""
+        return load_client_config(cfg)
+
+    def check(self) -> None:
+        """The daemon's pre-start check. The constructor already loaded the configuration
+        (raising UsageError), so this only re-reads it: a kubeconfig removed since fails."""
+        self.check_config(self._cfg)
+
+    @property
+    def host(self) -> str:
+        return str(self._conf.host)
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        log.info("watching Services and EndpointSlices at %s", self.host)
+        for inf in self._informers.values():
+            inf.thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the watches (blocked reads are broken) and wait for the threads."""
+        self._stopping.set()
+        for inf in self._informers.values():
+            inf.interrupt()
+        deadline = time.monotonic() + timeout
+        for inf in self._informers.values():
+            if inf.thread.is_alive():
+                inf.thread.join(max(0.0, deadline - time.monotonic()))
+        self._api.close()
+
+    @property
+    def has_synced(self) -> bool:
+        return all(i.synced.is_set() for i in self._informers.values())
+
+    def wait_synced(self, timeout: float | None = None) -> bool:
+        """Block until both initial lists are in the store (or stop/timeout): has_synced."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for inf in self._informers.values():
+            while not inf.synced.is_set() and not self._stopping.is_set():
+                left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+                if left <= 0:
+                    return False
+                inf.synced.wait(left)
+        return self.has_synced
+
+    async def synced(self) -> bool:
+        """`await source.synced()` from the event loop; False if stopped first."""
+        while not self.has_synced and not self._stopping.is_set():
+            await asyncio.to_thread(self.wait_synced, 1.0)
+        return self.has_synced
+
+    def resource_version(self, kind: str) -> str:
+        """Last resourceVersion seen for `kind` (SERVICE / ENDPOINT_SLICE)."""
+        return self._informers[kind].rv

@@ -1,0 +1,1 @@
+"""iptables data plane: pure renderer (names, render) and the applier around it."""

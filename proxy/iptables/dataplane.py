@@ -1,0 +1,305 @@
+"""iptables mode: the DataPlane that renders the model and applies it per IP family.
+
+A sync is: (full syncs only) refresh the node's addresses and make sure the jumps from
+the built-in chains exist; render in a worker thread (pure CPU work, kept off the event
+loop); `iptables-restore --noflush` per family; metrics; then clear stale UDP/SCTP
+conntrack entries. A partial sync renders only the changed Services' chains on top of
+the previous RenderState. Any failure raises and forgets the previous state, so the
+runner's retry is a full sync; rules already in the kernel are never flushed because
+something failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import logging
+import time
+
+from proxy import metrics
+from proxy.config import Config, UsageError
+from proxy.endpoints.store import Snapshot
+from proxy.iptables import conntrack
+from proxy.iptables.applier import Applier
+from proxy.iptables.backend import (
+    INSTALL_HINT,
+    Backend,
+    all_backends,
+    check_privileges,
+    select,
+    supports_random_fully,
+)
+from proxy.iptables.render import (
+    BASE_JUMPS,
+    RenderConfig,
+    RenderResult,
+    RenderState,
+    render,
+    saved_chains,
+    state_from_chains,
+)
+from proxy.model import Model
+
+log = logging.getLogger("proxy.iptables")
+
+
+def _family_of(cidr_or_ip: str) -> int:
+    return 6 if ":" in cidr_or_ip else 4
+
+
+def local_addresses() -> tuple[tuple[str, ...], dict[int, str]]:
+    """This network namespace's addresses (pyroute2/netlink), and per family the node's
+    primary one: the source of the default route, else the first global address."""
+    from pyroute2 import IPRoute
+
+    ips: list[str] = []
+    primary: dict[int, str] = {}
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr():
+            raw = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            if not raw:
+                continue
+            ip = ipaddress.ip_address(raw.split("%")[0])
+            if str(ip) not in ips:
+                ips.append(str(ip))
+            if not (ip.is_loopback or ip.is_link_local):
+                primary.setdefault(ip.version, str(ip))
+        for fam, probe in ((4, "192.0.2.1"), (6, "2001:db8::1")):
+            try:  # a route lookup only: nothing is sent
+                routes = ipr.route("get", dst=probe)
+            except Exception:
+                continue
+            src = routes[0].get_attr("RTA_PREFSRC") if routes else None
+            if src:
+                primary[fam] = str(ipaddress.ip_address(src))
+    return tuple(ips), primary
+
+
+def _sysctl_on(path: str) -> bool:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip() not in ("", "0")
+    except OSError:
+        return False
+
+
+class IptablesDataPlane:
+    """The iptables data plane (`--proxy-mode=iptables`)."""
+
+    name = "iptables"
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.backends: dict[int, Backend] = {}
+        self.appliers: dict[int, Applier] = {}
+        self.conntrack = conntrack.Conntrack()
+        self.local_ips: tuple[str, ...] = ()
+        self.node_ips: dict[int, str] = {}
+        self.random_fully = True
+        self.tcp_be_liberal = False
+        # Per family: what the kernel holds after the last successful restore; None
+        # (or missing) means unknown, so the next sync must be full.
+        self._state: dict[int, RenderState | None] = {}
+        self._model: Model | None = None  # the last model fully applied
+        self.last_render_seconds = 0.0
+        self.last_restore_seconds = 0.0
+        self.last_conntrack_seconds = 0.0
+        self.syncs = 0
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        return tuple(sorted(self.appliers))
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        check_privileges()
+        self.backends = await select(self.cfg)
+        self.appliers = {fam: Applier(be) for fam, be in self.backends.items()}
+        self.random_fully = await supports_random_fully(self.backends[4])
+        # Like kube-proxy: with a liberal TCP conntrack no INVALID-drop rule is needed.
+        self.tcp_be_liberal = _sysctl_on("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
+        if not self.conntrack.available:
+            log.warning(
+                "conntrack not found: stale UDP flows will not be cleared after endpoint "
+                "changes; install the conntrack package"
+            )
+        await self._refresh_addresses()
+        for ap in self.appliers.values():
+            await ap.ensure_hint()
+            added = await ap.ensure_jumps(BASE_JUMPS)
+            if added:
+                log.info("%s: added %d jumps from built-in chains", ap.backend, len(added))
+        log.info(
+            "iptables data plane ready: %s",
+            ", ".join(str(b) for b in self.backends.values()),
+        )
+
+    async def stop(self) -> None:
+        """Leave every rule in place (like kube-proxy) so traffic keeps flowing."""
+        return None
+
+    async def cleanup(self) -> None:
+        """Remove kube-proxy's chains and jumps from nat/filter/mangle, IPv4 and IPv6,
+        in both the legacy and the nft backend. Idempotent."""
+        check_privileges()
+        backends = await all_backends()
+        if not backends:
+            raise UsageError(INSTALL_HINT)
+        seen: set[str] = set()
+        ok = True
+        for be in backends:
+            if be.restore in seen:  # plain binaries doubling as one of the modes
+                continue
+            seen.add(be.restore)
+            ok = await Applier(be).cleanup() and ok
+        self._state.clear()
+        if not ok:
+            raise RuntimeError("iptables cleanup incomplete (see the errors above)")
+
+    # -- sync ------------------------------------------------------------------------------
+
+    def render_config(self, family: int) -> RenderConfig:
+        cfg = self.cfg
+        return RenderConfig(
+            family=family,
+            node_name=cfg.hostname,
+            cluster_cidrs=tuple(c for c in cfg.cluster_cidrs if _family_of(c) == family),
+            masquerade_all=cfg.masquerade_all,
+            masquerade_mark=cfg.masquerade_mark,
+            nodeport_addresses=tuple(c for c in cfg.nodeport_addresses if _family_of(c) == family),
+            local_ips=tuple(ip for ip in self.local_ips if _family_of(ip) == family),
+            node_ip=self.node_ips.get(family, ""),
+            random_fully=self.random_fully,
+            conntrack_tcp_be_liberal=self.tcp_be_liberal,
+        )
+
+    async def _refresh_addresses(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self.local_ips, self.node_ips = await loop.run_in_executor(None, local_addresses)
+        except Exception as e:  # keep the previous list; NodePorts on new IPs wait
+            log.warning("cannot list local addresses: %s", e)
+
+    async def sync(self, snap: Snapshot, full: bool) -> None:
+        if not self.appliers:
+            await self.start()
+        families = self.families
+        full = full or any(self._state.get(f) is None for f in families)
+        try:
+            await self._sync(snap, full, families)
+        except Exception:
+            metrics.IPTABLES_RESTORE_FAILURES.inc()
+            if not full:
+                metrics.IPTABLES_PARTIAL_RESTORE_FAILURES.inc()
+            # The kernel may now hold part of the input: forget what we think it holds.
+            # (No log line here: the runner logs the error, which names the failing rule.)
+            self._state.clear()
+            raise
+
+    async def _sync(self, snap: Snapshot, full: bool, families: tuple[int, ...]) -> None:
+        loop = asyncio.get_running_loop()
+        model = snap.model
+        if full:
+            await self._refresh_addresses()
+        results: dict[int, RenderResult] = {}
+        render_s = 0.0
+        for fam in families:
+            rcfg = self.render_config(fam)
+            if full:
+                previous = await self._full_previous(fam)
+            else:
+                previous = self._state.get(fam)
+            job = functools.partial(
+                _timed_render, model, rcfg, None if full else snap.changed, previous
+            )
+            results[fam], dt = await loop.run_in_executor(None, job)
+            render_s += dt
+        self.last_render_seconds = render_s
+
+        restore_s = 0.0
+        for fam in families:
+            ap = self.appliers[fam]
+            if full:
+                await ap.ensure_hint()
+                added = await ap.ensure_jumps(BASE_JUMPS)
+                if added:  # someone flushed them (a firewall reload?): say so once
+                    log.warning(
+                        "%s: %d jumps from built-in chains were missing and were re-added: %s",
+                        ap.backend,
+                        len(added),
+                        ", ".join(added),
+                    )
+            restore_s += await ap.restore(results[fam].text)
+            self._state[fam] = results[fam].state
+        self.last_restore_seconds = restore_s
+        self._set_rule_metrics(results)
+        self.syncs += 1
+        log.debug(
+            "iptables %s sync: render %.3fs, restore %.3fs",
+            "full" if full else "partial",
+            render_s,
+            restore_s,
+        )
+        await self._clear_conntrack(model, None if full else snap.changed)
+
+    async def _full_previous(self, family: int) -> RenderState:
+        """`previous` for a full render, so chains no longer wanted are deleted.
+
+        While the state is known it is exact (this process wrote every chain). When it is
+        not (first sync, or after a failure left the kernel holding part of an input),
+        the kernel is asked: every chain of ours in the nat table, leftovers of an earlier
+        run or of kube-proxy included.
+        """
+        known = self._state.get(family)
+        if known is not None:
+            return known
+        text = await self.appliers[family].save("nat")
+        return state_from_chains(saved_chains(text))
+
+    def _set_rule_metrics(self, results: dict[int, RenderResult]) -> None:
+        total: dict[str, int] = {}
+        last: dict[str, int] = {}
+        for res in results.values():
+            for table, n in res.rules.items():
+                total[table] = total.get(table, 0) + n
+            for table, n in res.rules_written.items():
+                last[table] = last.get(table, 0) + n
+        for table, n in total.items():
+            metrics.IPTABLES_RULES_TOTAL.labels(table=table).set(n)
+        for table, n in last.items():
+            metrics.IPTABLES_RULES_LAST.labels(table=table).set(n)
+
+    async def _clear_conntrack(self, model: Model, changed: frozenset | None) -> None:
+        """Delete stale UDP/SCTP flows; failures are logged, never fail the sync."""
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        prev, self._model = self._model, model
+        try:
+            if prev is None:
+                entries: list[conntrack.Entry] = []
+                for fam in self.families:
+                    entries += await self.conntrack.list(fam)
+                flushes = conntrack.reconcile(entries, model)
+            else:
+                job = functools.partial(
+                    conntrack.stale_flushes, prev, model, self.cfg.hostname, changed
+                )
+                flushes = await loop.run_in_executor(None, job)
+            flushes = [f for f in flushes if f.family in self.appliers]
+            await self.conntrack.flush(flushes)
+        except Exception:
+            log.exception("conntrack cleanup failed")
+        self.last_conntrack_seconds = time.perf_counter() - t0
+
+
+def _timed_render(
+    model: Model,
+    rcfg: RenderConfig,
+    changed: frozenset | None,
+    previous: RenderState | None,
+) -> tuple[RenderResult, float]:
+    t0 = time.perf_counter()
+    res = render(model, rcfg, changed=changed, previous=previous)
+    return res, time.perf_counter() - t0

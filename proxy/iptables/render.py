@@ -1,0 +1,806 @@
+"""Model → `iptables-restore --noflush` input, the way kube-proxy's iptables proxier writes it.
+
+Pure: no kernel, no subprocess, no clock. One call renders one IP family (the caller runs
+it once for IPv4 and once for IPv6 and feeds the texts to iptables-restore and
+ip6tables-restore). The rules, comments and chain names follow upstream
+pkg/proxy/iptables/proxier.go (syncProxyRules / writeServiceToEndpointRules); only the
+order of lines in the file differs: rules are grouped per chain and Services are visited
+in (namespace, name) order, so consecutive renders diff cleanly. Rule order *within*
+a chain, which is all the kernel sees, is upstream's.
+
+Partial renders mirror kube-proxy's MinimizeIPTablesRestore: the top-level chains are
+rewritten every time, per-Service chains only for Services in `changed` (plus any whose
+records or chain set differ from what `previous` recorded, so a wrong `changed` cannot
+leave a jump to a missing chain or stale endpoints).
+
+Speed: each Service's share of the text (a `_Fragment`) is kept in the RenderState and
+reused by the next render while the Service and its endpoints are the same records, so
+renders after the first cost little more than joining strings.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from itertools import repeat
+from types import MappingProxyType
+
+from proxy.iptables.names import (
+    endpoint_chain,
+    external_chain,
+    firewall_chain,
+    is_service_chain,
+    local_chain,
+    service_chain,
+)
+from proxy.model import Model, Service, ServiceKey, usable_endpoints
+
+FILTER = "filter"
+NAT = "nat"
+
+KUBE_SERVICES = "KUBE-SERVICES"
+KUBE_EXTERNAL_SERVICES = "KUBE-EXTERNAL-SERVICES"
+KUBE_NODEPORTS = "KUBE-NODEPORTS"
+KUBE_POSTROUTING = "KUBE-POSTROUTING"
+KUBE_MARK_MASQ = "KUBE-MARK-MASQ"
+KUBE_FORWARD = "KUBE-FORWARD"
+KUBE_PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
+# kubelet's chain; kube-proxy rewrites its one rule when localhost NodePorts are on,
+# but never owns or deletes it.
+KUBELET_FIREWALL = "KUBE-FIREWALL"
+
+# Top-level chains, in the order kube-proxy declares them.
+FILTER_CHAINS = (
+    KUBE_SERVICES,
+    KUBE_EXTERNAL_SERVICES,
+    KUBE_FORWARD,
+    KUBE_NODEPORTS,
+    KUBE_PROXY_FIREWALL,
+)
+NAT_CHAINS = (KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ)
+TOP_CHAINS = frozenset((FILTER, c) for c in FILTER_CHAINS) | frozenset((NAT, c) for c in NAT_CHAINS)
+
+_NEW = ("-m", "conntrack", "--ctstate", "NEW")
+_NONE: frozenset[tuple[str, str]] = frozenset()
+
+
+def _jump(table: str, builtin: str, chain: str, comment: str, extra: tuple[str, ...] = ()):
+    return (table, builtin, chain, (*extra, "-m", "comment", "--comment", comment, "-j", chain))
+
+
+BASE_JUMPS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    # kube-proxy's iptablesJumpChains, in its order; it ensures each with `-C`/`-I`
+    # (prepend), so the last one listed for a built-in chain ends up first in it.
+    _jump(
+        FILTER,
+        "INPUT",
+        KUBE_EXTERNAL_SERVICES,
+        "kubernetes externally-visible service portals",
+        _NEW,
+    ),
+    _jump(
+        FILTER,
+        "FORWARD",
+        KUBE_EXTERNAL_SERVICES,
+        "kubernetes externally-visible service portals",
+        _NEW,
+    ),
+    _jump(FILTER, "INPUT", KUBE_NODEPORTS, "kubernetes health check service ports"),
+    _jump(FILTER, "FORWARD", KUBE_SERVICES, "kubernetes service portals", _NEW),
+    _jump(FILTER, "OUTPUT", KUBE_SERVICES, "kubernetes service portals", _NEW),
+    _jump(FILTER, "FORWARD", KUBE_FORWARD, "kubernetes forwarding rules"),
+    _jump(FILTER, "INPUT", KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall", _NEW),
+    _jump(FILTER, "OUTPUT", KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall", _NEW),
+    _jump(FILTER, "FORWARD", KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall", _NEW),
+    _jump(NAT, "OUTPUT", KUBE_SERVICES, "kubernetes service portals"),
+    _jump(NAT, "PREROUTING", KUBE_SERVICES, "kubernetes service portals"),
+    _jump(NAT, "POSTROUTING", KUBE_POSTROUTING, "kubernetes postrouting rules"),
+)
+
+# kubelet's jumps to KUBE-FIREWALL (no comment); only relevant with localhost NodePorts.
+KUBELET_JUMPS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    (FILTER, "INPUT", KUBELET_FIREWALL, ("-j", KUBELET_FIREWALL)),
+    (FILTER, "OUTPUT", KUBELET_FIREWALL, ("-j", KUBELET_FIREWALL)),
+)
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    family: int  # 4 or 6
+    node_name: str
+    cluster_cidrs: tuple[str, ...]  # only this family's first one is used (kube-proxy's detector)
+    masquerade_all: bool = False
+    masquerade_mark: str = "0x4000"
+    nodeport_addresses: tuple[str, ...] = ()  # CIDRs; none of this family = all local addresses
+    local_ips: tuple[str, ...] = ()  # node's own IPs, for nodeport_addresses matching
+    # -- additions (all optional) --
+    # The node's primary IP of this family: LB source ranges containing it also admit
+    # traffic whose source is the LB IP (upstream's allowFromNode). "" = never.
+    node_ip: str = ""
+    random_fully: bool = True  # MASQUERADE --random-fully (iptables >= 1.6.2)
+    # --iptables-localhost-nodeports: IPv4 NodePorts on 127.0.0.0/8. Needs the applier to
+    # set net.ipv4.conf.all.route_localnet=1; then kubelet's KUBE-FIREWALL rule is written.
+    localhost_nodeports: bool = False
+    # net.netfilter.nf_conntrack_tcp_be_liberal=1 on the node: no INVALID drop rule.
+    conntrack_tcp_be_liberal: bool = False
+    # Above this many endpoints, per-endpoint comments are dropped (kube-proxy's
+    # largeClusterEndpointsThreshold).
+    large_cluster_threshold: int = 1000
+
+
+def _empty_map() -> Mapping:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class RenderState:
+    """What the previous render left in the kernel (opaque to callers)."""
+
+    chains: frozenset[tuple[str, str]] = frozenset()  # (table, chain) this proxy owns
+    service_chains: Mapping[ServiceKey, frozenset[tuple[str, str]]] = field(
+        default_factory=_empty_map
+    )
+    # -- additions --
+    service_rules: Mapping[ServiceKey, int] = field(default_factory=_empty_map)  # nat rules
+    config: RenderConfig | None = None  # None: unknown, so the next render is full
+    # Per-Service rendered text, reused while a Service's records are unchanged.
+    fragments: Mapping[ServiceKey, object] = field(
+        default_factory=_empty_map, repr=False, compare=False
+    )
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    text: str
+    state: RenderState
+    rules: Mapping[str, int]  # table → rules owned after this sync
+    rules_written: Mapping[str, int]  # table → rules written in `text`
+    full: bool = True  # whether this was a full render
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+_PROBS: list[str] = ["<bad value>"]
+
+
+def probability(n: int) -> str:
+    """kube-proxy's computeProbability: %0.10f of 1/n, cached as upstream does."""
+    while len(_PROBS) <= n:
+        _PROBS.append(f"{1.0 / len(_PROBS):.10f}")
+    return _PROBS[n]
+
+
+def _is_v6(ip: str) -> bool:
+    return ":" in ip
+
+
+def _nodeport_destinations(cfg: RenderConfig) -> tuple[list[str], bool]:
+    """(matches for the KUBE-SERVICES → KUBE-NODEPORTS rules, localhost NodePorts on)."""
+    v6 = cfg.family == 6
+    nets = [
+        ipaddress.ip_network(c, strict=False) for c in cfg.nodeport_addresses if _is_v6(c) == v6
+    ]
+    match_all = not nets or any(n.prefixlen == 0 for n in nets)
+    loopback = ipaddress.ip_address("127.0.0.1")
+    localhost = (
+        cfg.localhost_nodeports and not v6 and (match_all or any(loopback in n for n in nets))
+    )
+    if match_all:
+        dest = "-m addrtype --dst-type LOCAL"
+        if v6:
+            dest += " ! -d ::1/128"
+        elif not localhost:
+            dest += " ! -d 127.0.0.0/8"
+        return [dest], localhost
+    ips = {ipaddress.ip_address(ip) for ip in cfg.local_ips if _is_v6(ip) == v6}
+    out = []
+    for ip in sorted(ips):
+        if not any(ip in n for n in nets):
+            continue
+        if ip.is_loopback and (v6 or not localhost):
+            continue  # kube-proxy logs and skips these
+        out.append(f"-d {ip}")
+    return out, localhost
+
+
+def _first(pair: tuple) -> str:
+    return pair[0]
+
+
+# Indexes into _Fragment.top: the top-level chains a Service adds rules to.
+F_SERVICES, F_EXTERNAL, F_NODEPORTS, F_FIREWALL, N_SERVICES, N_NODEPORTS = range(6)
+
+
+class _Port:
+    """One Service port, planned: kube-proxy's servicePortInfo plus CategorizeEndpoints.
+
+    Endpoints are (string, ip, SEP chain) triples; the string is kube-proxy's "ip:port" /
+    "[ip]:port", which orders the endpoints and names their chains.
+    """
+
+    __slots__ = (
+        "affinity",
+        "cip",
+        "cluster",
+        "ext",
+        "ext_local",
+        "fw",
+        "has_external",
+        "has_internal",
+        "internal",
+        "lb_ips",
+        "local",
+        "mpp",
+        "port",
+        "reach",
+        "spn",
+        "src_ranges",
+        "svc",
+        "svl",
+        "uses_ext",
+        "uses_fw",
+    )
+
+
+class _Fragment:
+    """One Service's share of a render; reusable while `svc` and `eps` are unchanged."""
+
+    __slots__ = ("comments", "decl", "eps", "n_endpoints", "names", "ports", "rules", "svc", "top")
+
+    def __init__(self, svc: Service, eps: object) -> None:
+        self.svc = svc
+        self.eps = eps
+        self.ports: list[_Port] = []
+        self.top: tuple[list[str], ...] = ([], [], [], [], [], [])
+        self.names: frozenset[tuple[str, str]] = _NONE
+        self.n_endpoints = 0
+        self.comments: bool | None = None  # which flavour decl/rules were written in
+        self.decl: list[str] = []
+        self.rules: list[str] = []
+
+    def copy(self) -> _Fragment:
+        f = _Fragment.__new__(_Fragment)
+        for a in _Fragment.__slots__:
+            setattr(f, a, getattr(self, a))
+        return f
+
+
+class _Renderer:
+    """Per-render constants and the two halves of the work: plan (top-level rules and
+    chain names) and write (the per-Service chains)."""
+
+    def __init__(self, cfg: RenderConfig) -> None:
+        self.cfg = cfg
+        self.v6 = v6 = cfg.family == 6
+        self.cidr = next((c for c in cfg.cluster_cidrs if _is_v6(c) == v6), "")
+        self.node = cfg.node_name
+        node_ip = ipaddress.ip_address(cfg.node_ip) if cfg.node_ip else None
+        self.node_ip = node_ip if node_ip is not None and node_ip.version == cfg.family else None
+
+    # -- planning -------------------------------------------------------------------------
+
+    def plan(self, svc: Service, svc_eps) -> _Fragment | None:
+        """The Service's top-level rules and chain names (None: not proxied here)."""
+        if svc.proxy_name or svc.headless or svc.type == "ExternalName":
+            return None
+        v6 = self.v6
+        cip = next((ip for ip in svc.cluster_ips if _is_v6(ip) == v6), None)
+        if cip is None:
+            return None  # kube-proxy's change tracker drops it for this family
+        f = _Fragment(svc, svc_eps)
+        ext_ips = [ip for ip in svc.external_ips if _is_v6(ip) == v6]
+        lb_ips = [ip for ip in svc.load_balancer_ips if _is_v6(ip) == v6]
+        ranges = [c for c in svc.load_balancer_source_ranges if _is_v6(c) == v6]
+        if any(c.endswith("/0") for c in ranges):
+            ranges = []  # a zero CIDR allows everything, like no ranges at all
+        ports = svc.ports
+        if len(ports) > 1:
+            ports = sorted(ports, key=lambda p: (p.port, p.protocol))
+        names: list[str] = []
+        for port in ports:
+            raw = svc_eps.ports.get((port.name, port.protocol), ()) if svc_eps else ()
+            if raw:
+                if v6:
+                    items = [(f"[{e.ip}]:{e.port}", e) for e in raw if ":" in e.ip]
+                else:
+                    items = [(f"{e.ip}:{e.port}", e) for e in raw if ":" not in e.ip]
+                f.n_endpoints += len(items)
+                if len(items) > 1:
+                    items.sort(key=_first)  # kube-proxy orders endpoints by that string
+            else:
+                items = []
+            f.ports.append(
+                self._plan_port(svc, port, cip, ext_ips, lb_ips, ranges, items, f, names)
+            )
+        f.names = frozenset(zip(repeat(NAT), names))
+        return f
+
+    def _plan_port(self, svc, port, cip, ext_ips, lb_ips, ranges, items, f, names) -> _Port:
+        p = _Port()
+        spn = svc.port_name_string(port)
+        proto = port.protocol.lower()
+        p.spn = spn
+        p.cip = cip
+        p.port = port.port
+        p.lb_ips = lb_ips
+        p.src_ranges = ranges
+        p.affinity = svc.session_affinity_timeout
+        p.mpp = mpp = f"-m {proto} -p {proto}"
+        p.svc = svc_chain = service_chain(spn, proto)
+        p.svl = svl = local_chain(spn, proto)
+        p.ext = ext = external_chain(spn, proto)
+        p.fw = fw = firewall_chain(spn, proto)
+
+        externally = bool(port.node_port or lb_ips or ext_ips)
+        etp_local = p.ext_local = svc.external_traffic_local
+        itp_local = svc.internal_traffic_local
+        uses_cluster = not itp_local or externally
+        uses_local = itp_local or (etp_local and externally)
+
+        # CategorizeEndpoints (no topology hints); terminating fallback via usable_endpoints.
+        cluster: list[tuple[str, str, str]] = []
+        local: list[tuple[str, str, str]] = []
+        reach: list[tuple[str, str, str]] = []
+        has_endpoints = False
+        if items:
+            eps = [e for _, e in items]
+            usable = usable_endpoints(svc, eps, self.node, local_only=False)
+            has_endpoints = bool(usable)
+            if len(usable) == len(items):  # all usable (the common case), same order
+                cluster = [(s, e.ip, endpoint_chain(spn, proto, s)) for s, e in items]
+            else:
+                by_id = {id(e): s for s, e in items}
+                cluster = [
+                    (by_id[id(e)], e.ip, endpoint_chain(spn, proto, by_id[id(e)])) for e in usable
+                ]
+            if uses_local:
+                by_id = {id(e): s for s, e in items}
+                local = [
+                    (by_id[id(e)], e.ip, endpoint_chain(spn, proto, by_id[id(e)]))
+                    for e in usable_endpoints(svc, eps, self.node, local_only=True)
+                ]
+            if not uses_cluster:
+                cluster = []
+                reach = local
+            elif not uses_local:
+                reach = cluster
+            else:
+                # Local endpoints are either ready (then all in `cluster`) or the
+                # serving-terminating fallback (then not in it): merge those in.
+                seen = {t[0] for t in cluster}
+                reach = cluster + [t for t in local if t[0] not in seen]
+        p.cluster = cluster
+        p.local = local
+        p.reach = reach
+
+        p.internal = svl if itp_local else svc_chain
+        p.has_internal = has_internal = has_endpoints and (not itp_local or bool(local))
+        p.has_external = has_external = has_endpoints and (not etp_local or bool(local))
+        p.uses_ext = uses_ext = has_endpoints and externally
+        p.uses_fw = uses_fw = has_endpoints and bool(lb_ips) and bool(ranges)
+        lb_chain = fw if uses_fw else ext
+
+        # ---- top-level rules ----
+        top = f.top
+        dport = f"--dport {port.port}"
+        if not has_endpoints:
+            target = "REJECT"
+            comment = f'"{spn} has no endpoints"'
+        else:
+            target = "DROP"
+            comment = f'"{spn} has no local endpoints"'
+
+        if has_internal:
+            top[N_SERVICES].append(
+                f'-A KUBE-SERVICES -m comment --comment "{spn} cluster IP" {mpp} -d {cip} '
+                f"{dport} -j {p.internal}"
+            )
+        else:
+            top[F_SERVICES].append(
+                f"-A KUBE-SERVICES -m comment --comment {comment} {mpp} -d {cip} {dport} "
+                f"-j {target}"
+            )
+        for ip in ext_ips:
+            if has_endpoints:
+                top[N_SERVICES].append(
+                    f'-A KUBE-SERVICES -m comment --comment "{spn} external IP" {mpp} -d {ip} '
+                    f"{dport} -j {ext}"
+                )
+            if not has_external:
+                top[F_EXTERNAL].append(
+                    f"-A KUBE-EXTERNAL-SERVICES -m comment --comment {comment} {mpp} -d {ip} "
+                    f"{dport} -j {target}"
+                )
+        for ip in lb_ips:
+            if has_endpoints:
+                top[N_SERVICES].append(
+                    f'-A KUBE-SERVICES -m comment --comment "{spn} loadbalancer IP" {mpp} '
+                    f"-d {ip} {dport} -j {lb_chain}"
+                )
+            if uses_fw:
+                top[F_FIREWALL].append(
+                    f'-A KUBE-PROXY-FIREWALL -m comment --comment "{spn} traffic not accepted '
+                    f'by {fw}" {mpp} -d {ip} {dport} -j DROP'
+                )
+        if not has_external:
+            for ip in lb_ips:
+                top[F_EXTERNAL].append(
+                    f"-A KUBE-EXTERNAL-SERVICES -m comment --comment {comment} {mpp} -d {ip} "
+                    f"{dport} -j {target}"
+                )
+        if port.node_port:
+            # NodePorts are not subject to loadBalancerSourceRanges (as upstream).
+            if has_endpoints:
+                top[N_NODEPORTS].append(
+                    f"-A KUBE-NODEPORTS -m comment --comment {spn} {mpp} "
+                    f"--dport {port.node_port} -j {ext}"
+                )
+            if not has_external:
+                top[F_EXTERNAL].append(
+                    f"-A KUBE-EXTERNAL-SERVICES -m comment --comment {comment} "
+                    f"-m addrtype --dst-type LOCAL {mpp} --dport {port.node_port} -j {target}"
+                )
+        if svc.health_check_node_port:
+            top[F_NODEPORTS].append(
+                f'-A KUBE-NODEPORTS -m comment --comment "{spn} health check node port" '
+                f"-m tcp -p tcp --dport {svc.health_check_node_port} -j ACCEPT"
+            )
+
+        # ---- the per-Service chains, in the order write() declares them ----
+        if uses_ext:
+            names.append(ext)
+        if uses_fw:
+            names.append(fw)
+        if cluster:
+            names.append(svc_chain)
+        if local:
+            names.append(svl)
+        names.extend([t[2] for t in reach])
+        return p
+
+    # -- writing --------------------------------------------------------------------------
+
+    def write(self, f: _Fragment, comments: bool) -> _Fragment:
+        """`f` with its chain declarations and rules written (a copy if `f` already holds
+        them in the other comment flavour, so earlier states stay intact)."""
+        if f.comments == comments:
+            return f
+        if f.comments is not None:
+            f = f.copy()
+        decl: list[str] = []
+        rules: list[str] = []
+        if f.names:
+            for p in f.ports:
+                self._write_port(p, decl, rules, comments)
+        f.decl, f.rules, f.comments = decl, rules, comments
+        return f
+
+    def _write_port(self, p: _Port, decl: list[str], out: list[str], comments: bool) -> None:
+        spn = p.spn
+        mpp = p.mpp
+        if p.uses_ext:
+            decl.append(f":{p.ext} - [0:0]")
+        if p.uses_fw:
+            decl.append(f":{p.fw} - [0:0]")
+        if p.cluster:
+            decl.append(f":{p.svc} - [0:0]")
+        if p.local:
+            decl.append(f":{p.svl} - [0:0]")
+        decl.extend([f":{t[2]} - [0:0]" for t in p.reach])
+
+        internal_masq = ""
+        if p.has_internal:
+            base = f'-m comment --comment "{spn} cluster IP" {mpp} -d {p.cip} --dport {p.port}'
+            if self.cfg.masquerade_all:
+                internal_masq = f"-A {p.internal} {base} -j KUBE-MARK-MASQ"
+            elif self.cidr:
+                # Off-cluster sources are masqueraded so replies come back through us.
+                internal_masq = f"-A {p.internal} {base} ! -s {self.cidr} -j KUBE-MARK-MASQ"
+
+        if p.uses_ext:
+            ext = p.ext
+            if not p.ext_local:
+                out.append(
+                    f'-A {ext} -m comment --comment "masquerade traffic for {spn} external '
+                    f'destinations" -j KUBE-MARK-MASQ'
+                )
+            else:
+                # Pods and the node itself reach external IPs through the Cluster policy,
+                # as if they hairpinned through an outside load balancer.
+                if self.cidr:
+                    out.append(
+                        f'-A {ext} -m comment --comment "pod traffic for {spn} external '
+                        f'destinations" -s {self.cidr} -j {p.svc}'
+                    )
+                out.append(
+                    f'-A {ext} -m comment --comment "masquerade LOCAL traffic for {spn} '
+                    f'external destinations" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ'
+                )
+                out.append(
+                    f'-A {ext} -m comment --comment "route LOCAL traffic for {spn} external '
+                    f'destinations" -m addrtype --src-type LOCAL -j {p.svc}'
+                )
+            if p.has_external:
+                out.append(f"-A {ext} -j {p.svl if p.ext_local else p.svc}")
+
+        if p.uses_fw:
+            head = f'-A {p.fw} -m comment --comment "{spn} loadbalancer IP"'
+            node_ip = self.node_ip
+            allow_from_node = False
+            for cidr in p.src_ranges:
+                out.append(f"{head} -s {cidr} -j {p.ext}")
+                if node_ip is not None and node_ip in ipaddress.ip_network(cidr):
+                    allow_from_node = True
+            if allow_from_node:
+                # A VIP that is local to the node loops back with itself as the source.
+                out.extend([f"{head} -s {ip} -j {p.ext}" for ip in p.lb_ips])
+            # Whatever falls through is not DNATed and meets KUBE-PROXY-FIREWALL's DROP.
+            out.append(
+                f'-A {p.fw} -m comment --comment "other traffic to {spn} will be dropped by '
+                f'KUBE-PROXY-FIREWALL"'
+            )
+
+        if p.cluster:
+            if internal_masq and p.internal == p.svc:
+                out.append(internal_masq)
+            _dispatch(out, p, p.svc, p.cluster, comments)
+        if p.local:
+            if internal_masq and p.internal == p.svl:
+                out.append(internal_masq)
+            _dispatch(out, p, p.svl, p.local, comments)
+
+        # Endpoint chains: masquerade hairpin traffic (a pod reaching itself), then DNAT.
+        sc = f" -m comment --comment {spn}" if comments else ""
+        if p.affinity:
+            for s, ip, sep in p.reach:
+                out.append(f"-A {sep}{sc} -s {ip} -j KUBE-MARK-MASQ")
+                out.append(
+                    f"-A {sep}{sc} -m recent --name {sep} --set {mpp} -j DNAT --to-destination {s}"
+                )
+        else:
+            for s, ip, sep in p.reach:
+                out.append(f"-A {sep}{sc} -s {ip} -j KUBE-MARK-MASQ")
+                out.append(f"-A {sep}{sc} {mpp} -j DNAT --to-destination {s}")
+
+
+def _dispatch(out: list[str], p: _Port, chain: str, eps: list, comments: bool) -> None:
+    """writeServiceToEndpointRules: affinity matches first, then the i-th of n endpoints
+    taken with probability 1/(n-i), the last one unconditionally."""
+    spn = p.spn
+    if p.affinity:
+        t = p.affinity
+        for s, _, sep in eps:
+            c = f' -m comment --comment "{spn} -> {s}"' if comments else ""
+            out.append(
+                f"-A {chain}{c} -m recent --name {sep} --rcheck --seconds {t} --reap -j {sep}"
+            )
+    n = len(eps)
+    probability(n)  # fills the cache up to n
+    probs = _PROBS
+    last = n - 1
+    if comments:
+        for i, (s, _, sep) in enumerate(eps):
+            if i < last:
+                out.append(
+                    f'-A {chain} -m comment --comment "{spn} -> {s}" -m statistic --mode random '
+                    f"--probability {probs[n - i]} -j {sep}"
+                )
+            else:
+                out.append(f'-A {chain} -m comment --comment "{spn} -> {s}" -j {sep}')
+    else:
+        for i, (_, _, sep) in enumerate(eps):
+            if i < last:
+                out.append(
+                    f"-A {chain} -m statistic --mode random --probability {probs[n - i]} -j {sep}"
+                )
+            else:
+                out.append(f"-A {chain} -j {sep}")
+
+
+# -- render -----------------------------------------------------------------------------
+
+
+def _same(f: _Fragment, svc: Service, eps: object) -> bool:
+    return (f.svc is svc or f.svc == svc) and (f.eps is eps or f.eps == eps)
+
+
+def render(
+    model: Model,
+    cfg: RenderConfig,
+    *,
+    changed: frozenset[ServiceKey] | None = None,
+    previous: RenderState | None = None,
+) -> RenderResult:
+    """Render one IP family's ruleset; see the module docstring for full vs partial."""
+    reuse = previous is not None and previous.config == cfg
+    full = changed is None or not reuse
+    changed = changed or frozenset()
+    old: Mapping[ServiceKey, _Fragment] = previous.fragments if reuse else {}  # type: ignore[assignment,union-attr]
+    prev_names = previous.service_chains if previous is not None else {}
+    r = _Renderer(cfg)
+
+    # Pass 1: plan every Service (or reuse its fragment); top-level rules are collected.
+    top: tuple[list[str], ...] = ([], [], [], [], [], [])
+    frags: list[tuple[ServiceKey, _Fragment, bool]] = []
+    total_endpoints = 0
+    services = model.services
+    endpoints = model.endpoints
+    for key in sorted(services):
+        svc = services[key]
+        eps = endpoints.get(key)
+        f = old.get(key)
+        fresh = f is None or not _same(f, svc, eps) or key in changed
+        if fresh:
+            f = r.plan(svc, eps)
+            if f is None:
+                continue
+        elif f.svc is not svc or f.eps is not eps:  # equal records: adopt the new ones
+            f = f.copy()
+            f.svc, f.eps = svc, eps
+        total_endpoints += f.n_endpoints
+        for dst, src in zip(top, f.top, strict=True):
+            if src:
+                dst += src
+        frags.append((key, f, fresh))
+
+    # Pass 2: write per-Service chains where needed. (Fragments from `previous` always hold
+    # their lines: they were written when they were made.)
+    comments = total_endpoints <= cfg.large_cluster_threshold
+    n_decl: list[str] = []
+    n_rules: list[str] = []
+    skipped = 0
+    new_frags: dict[ServiceKey, _Fragment] = {}
+    touched: list[ServiceKey] = []
+    for key, f, fresh in frags:
+        if not full and not fresh and prev_names.get(key, _NONE) == f.names:
+            new_frags[key] = f  # unchanged and already in the kernel
+            skipped += len(f.rules)
+            continue
+        touched.append(key)
+        f = r.write(f, comments)
+        new_frags[key] = f
+        n_decl += f.decl
+        n_rules += f.rules
+
+    service_chains = {k: f.names for k, f in new_frags.items() if f.names}
+    if full:
+        owned = set(TOP_CHAINS)
+        for names in service_chains.values():
+            owned |= names
+        stale = (previous.chains - owned) if previous is not None else set()
+    else:
+        assert previous is not None
+        removed: set[tuple[str, str]] = set()
+        added: set[tuple[str, str]] = set()
+        for k in touched:
+            removed |= prev_names.get(k, _NONE)
+            added |= new_frags[k].names
+        for k in prev_names:
+            if k not in new_frags:  # Service gone (or no longer proxied)
+                removed |= prev_names[k]
+        owned = (previous.chains - removed) | added | TOP_CHAINS
+        stale = removed - owned
+    stale_by_table: dict[str, list[str]] = {}
+    for table, chain in sorted(stale):
+        stale_by_table.setdefault(table, []).append(chain)
+
+    text, written = _assemble(cfg, top, n_decl, n_rules, stale_by_table)
+    state = RenderState(
+        chains=frozenset(owned),
+        service_chains=MappingProxyType(service_chains),
+        service_rules=MappingProxyType({k: len(f.rules) for k, f in new_frags.items() if f.names}),
+        config=cfg,
+        fragments=MappingProxyType(new_frags),
+    )
+    return RenderResult(
+        text=text,
+        state=state,
+        rules=MappingProxyType({FILTER: written[FILTER], NAT: written[NAT] + skipped}),
+        rules_written=MappingProxyType(written),
+        full=full,
+    )
+
+
+def _assemble(
+    cfg: RenderConfig,
+    top: tuple[list[str], ...],
+    n_decl: list[str],
+    n_rules: list[str],
+    stale: dict[str, list[str]],
+) -> tuple[str, dict[str, int]]:
+    """The restore text: *filter then *nat; returns it and the rule count per table."""
+    mark = cfg.masquerade_mark
+    destinations, localhost = _nodeport_destinations(cfg)
+
+    forward = []
+    if not cfg.conntrack_tcp_be_liberal:
+        # INVALID packets would otherwise reach pods un-NATed and get RST (k/k#74839).
+        forward.append("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP")
+    forward.append(
+        '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" '
+        f"-m mark --mark {mark}/{mark} -j ACCEPT"
+    )
+    forward.append(
+        '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" '
+        "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+    )
+    f_decl = [f":{c} - [0:0]" for c in FILTER_CHAINS]
+    filter_rules = [
+        *top[F_SERVICES],
+        *top[F_EXTERNAL],
+        *forward,
+        *top[F_NODEPORTS],
+        *top[F_FIREWALL],
+    ]
+    if localhost:
+        # route_localnet opens 127.0.0.0/8 to the network; kubelet's rule closes it again.
+        f_decl.append(f":{KUBELET_FIREWALL} - [0:0]")
+        filter_rules.append(
+            f'-A {KUBELET_FIREWALL} -m comment --comment "block incoming localnet connections" '
+            "-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT "
+            "-j DROP"
+        )
+
+    masq = '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" '
+    masq += "-j MASQUERADE --random-fully" if cfg.random_fully else "-j MASQUERADE"
+    nat_top = [
+        f"-A KUBE-POSTROUTING -m mark ! --mark {mark}/{mark} -j RETURN",
+        # Clear the mark so a packet that re-traverses the stack is not masqueraded twice.
+        f"-A KUBE-POSTROUTING -j MARK --xor-mark {mark}",
+        masq,
+        f"-A KUBE-MARK-MASQ -j MARK --or-mark {mark}",
+    ]
+    last = (
+        '-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must '
+        'be the last rule in this chain"'
+    )
+    nodeport_jumps = [f"{last} {d} -j KUBE-NODEPORTS" for d in destinations]
+
+    stale_filter = stale.get(FILTER, [])
+    stale_nat = stale.get(NAT, [])
+    lines = ["*filter", *f_decl]
+    lines += [f":{c} - [0:0]" for c in stale_filter]  # flushes them before the -X below
+    lines += filter_rules
+    lines += [f"-X {c}" for c in stale_filter]
+    lines += ["COMMIT", "*nat"]
+    lines += [f":{c} - [0:0]" for c in NAT_CHAINS]
+    lines += n_decl
+    lines += [f":{c} - [0:0]" for c in stale_nat]
+    lines += nat_top
+    lines += top[N_SERVICES]
+    lines += nodeport_jumps  # must stay the last rules of KUBE-SERVICES
+    lines += top[N_NODEPORTS]
+    lines += n_rules
+    lines += [f"-X {c}" for c in stale_nat]
+    lines.append("COMMIT\n")
+    nat_count = len(nat_top) + len(top[N_SERVICES]) + len(nodeport_jumps)
+    nat_count += len(top[N_NODEPORTS]) + len(n_rules)
+    return "\n".join(lines), {FILTER: len(filter_rules), NAT: nat_count}
+
+
+# -- helpers for the applier ------------------------------------------------------------
+
+
+def owned_chain(table: str, chain: str) -> bool:
+    """True for a chain this proxy creates (top-level or per-Service)."""
+    return (table, chain) in TOP_CHAINS or (table == NAT and is_service_chain(chain))
+
+
+def saved_chains(save_output: str) -> set[tuple[str, str]]:
+    """(table, chain) of every chain declared in `iptables-save` output."""
+    out: set[tuple[str, str]] = set()
+    table = ""
+    for line in save_output.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith(":") and table:
+            out.add((table, line[1:].split(" ", 1)[0]))
+    return out
+
+
+def state_from_chains(chains: Iterable[tuple[str, str]]) -> RenderState:
+    """A `previous` for the first full render after start-up: the chains found in the
+    kernel (e.g. via `saved_chains`) that this proxy owns, so that leftovers of an earlier
+    run (or of kube-proxy) are deleted. Its config is unknown, so the render is full."""
+    return RenderState(chains=frozenset(c for c in chains if owned_chain(*c)))

@@ -1,0 +1,654 @@
+"""TCP forwarding on raw non-blocking sockets driven by the event loop's fd callbacks.
+
+Per connection: accept → pick an endpoint → non-blocking connect with a timeout → on
+refusal/timeout/unreachable report it to the balancer (passive health) and try another
+endpoint, up to len(CONNECT_TIMEOUTS) attempts (kube-proxy's old userspace proxy used the
+same escalating timeouts) → then two one-way pumps.
+
+A pump moves bytes src → dst: read a chunk, write it, and when dst cannot take it all,
+stop reading src until dst drains (backpressure: at most one chunk buffered per direction).
+EOF on src becomes shutdown(SHUT_WR) on dst once everything is written (half-close: the
+other direction keeps flowing); the connection closes when both directions are done. A
+reset on either side is passed on as a reset (SO_LINGER 0) to the other.
+
+Two pump engines: `copy` (recv_into one shared buffer, send) and `splice` (os.splice
+socket → pipe → socket, the bytes never enter user space). Pipes come from a small pool
+and are held by a pump only while it has bytes stuck in one, so an idle connection costs
+two sockets and a few small objects, never a pipe or a buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import resource
+import socket
+import struct
+import time
+
+from proxy.userspace.backend import Backend
+from proxy.userspace.listeners import ListenerKey, fmt_key
+from proxy.userspace.metrics import GLOBAL
+
+log = logging.getLogger("proxy.userspace.tcp")
+
+CONNECT_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
+ACCEPT_BATCH = 64
+ACCEPT_PAUSE = 0.25  # seconds without accepting after EMFILE/ENFILE
+FD_LOG_INTERVAL = 60.0
+FD_RESERVE = 4
+
+
+def fd_headroom(limit: int) -> int:
+    """Descriptors the proxy leaves to the rest of the daemon (watch, DNS, metrics, files)."""
+    return min(max(64, limit // 100), 1024)
+
+
+def _open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1
+    except OSError:
+        return 32
+
+
+FD_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_LINGER0 = struct.pack("ii", 1, 0)
+_F_SETPIPE_SZ = 1031
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_AGAIN = (BlockingIOError, InterruptedError)
+_now = time.monotonic
+
+
+def splice_available() -> bool:
+    return hasattr(os, "splice")
+
+
+class TcpEngine:
+    """Owns the accept and forwarding machinery of one data plane."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        engine: str = "splice",
+        connect_timeouts: tuple[float, ...] = CONNECT_TIMEOUTS,
+        buffer_size: int = 256 * 1024,
+        pipe_size: int = 1024 * 1024,
+    ) -> None:
+        if engine == "splice" and not splice_available():
+            engine = "copy"
+        self.loop = loop
+        self.engine = engine
+        self.connect_timeouts = connect_timeouts
+        self.buf = memoryview(bytearray(buffer_size))
+        self.pipe_size = pipe_size
+        self._pipes: list[tuple[int, int]] = []  # empty pipes ready for use; [-1] is "shared"
+        self._pump = SplicePump if engine == "splice" else CopyPump
+        self._fd_logged = float("-inf")
+        self._fd_hits = 0
+        # Descriptors held back for connections already accepted: when the limit is hit,
+        # they are freed so the backend socket or a pipe can still be made, and accepting
+        # stops until they can be taken again. Nobody accepted gets reset for want of fds.
+        self._reserve: list[int] = []
+        self.fill_reserve()
+        # Admission control: the proxy's sockets and pipes (counted in `nfds`) stay within
+        # the open files limit minus what the daemon had at start and a headroom, so that
+        # 10,000 clients cannot starve the watch, DNS or metrics of descriptors.
+        self.nfds = 0
+        self.base_fds = _open_fds()
+        self.fd_budget = 0
+        self.update_budget()
+        self.listeners: set[TcpListener] = set()
+
+    # -- listeners -------------------------------------------------------------------------
+
+    def listen(self, key: ListenerKey, sock: socket.socket, backend: Backend) -> TcpListener:
+        lst = TcpListener(self, key, sock, backend)
+        self.listeners.add(lst)
+        lst.resume()
+        return lst
+
+    def out_of_fds(self, where: str, e: OSError | None) -> None:
+        """Descriptors ran out: counted always, logged once a minute at most."""
+        GLOBAL.accept_pauses += 1
+        self._fd_hits += 1
+        now = _now()
+        if now - self._fd_logged >= FD_LOG_INTERVAL:
+            log.warning(
+                "out of file descriptors (%s; %s): pausing accepts for %.2fs at a time "
+                "until descriptors free up (%d times; logged at most once a minute)",
+                "budget" if e is None else errno.errorcode.get(e.errno or 0, e),
+                where,
+                ACCEPT_PAUSE,
+                self._fd_hits,
+            )
+            self._fd_logged = now
+            self._fd_hits = 0
+
+    def update_budget(self) -> int:
+        """Re-read the limit (it can change at run time: prlimit); returns the budget."""
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            soft = 1 << 20
+        self.fd_budget = soft - fd_headroom(soft) - self.base_fds
+        return self.fd_budget
+
+    def fill_reserve(self) -> bool:
+        try:
+            while len(self._reserve) < FD_RESERVE:
+                self._reserve.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            return False
+        return True
+
+    def use_reserve(self, where: str, e: OSError) -> bool:
+        """Out of descriptors while serving an accepted connection: stop accepting and
+        free the reserve; True when the caller may retry."""
+        self.out_of_fds(where, e)
+        for lst in list(self.listeners):
+            lst.pause(ACCEPT_PAUSE)
+        if not self._reserve:
+            return False
+        for fd in self._reserve:
+            os.close(fd)
+        self._reserve.clear()
+        return True
+
+    # -- pipes (splice engine) ---------------------------------------------------------------
+
+    def pipe(self) -> tuple[int, int]:
+        """The shared empty pipe (made on first use); raises OSError on EMFILE."""
+        if self._pipes:
+            return self._pipes[-1]
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.nfds += 2
+        # Over the per-user pipe budget the default 64 KiB works too.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(w, _F_SETPIPE_SZ, self.pipe_size)
+        self._pipes.append((r, w))
+        return (r, w)
+
+    def take_pipe(self, p: tuple[int, int]) -> None:
+        """A pump keeps `p` (bytes are stuck in it); it is no longer shared."""
+        if self._pipes and self._pipes[-1] == p:
+            self._pipes.pop()
+
+    def release_pipe(self, p: tuple[int, int], empty: bool) -> None:
+        if empty and len(self._pipes) < 16:
+            self._pipes.append(p)
+        else:
+            os.close(p[0])
+            os.close(p[1])
+            self.nfds -= 2
+
+    def close(self) -> None:
+        for lst in list(self.listeners):
+            lst.close()
+        for r, w in self._pipes:
+            os.close(r)
+            os.close(w)
+            self.nfds -= 2
+        self._pipes.clear()
+        for fd in self._reserve:
+            os.close(fd)
+        self._reserve.clear()
+
+
+class TcpListener:
+    __slots__ = ("_handle", "backend", "closed", "engine", "fd", "key", "listening", "sock")
+
+    def __init__(self, engine: TcpEngine, key: ListenerKey, sock: socket.socket, backend: Backend):
+        self.engine = engine
+        self.key = key
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.backend = backend
+        self.closed = False
+        self.listening = False
+        self._handle: asyncio.TimerHandle | None = None
+
+    def resume(self) -> None:
+        self._handle = None
+        if self.closed or self.listening:
+            return
+        eng = self.engine
+        if len(eng._reserve) < FD_RESERVE and not eng.fill_reserve():
+            self._handle = eng.loop.call_later(ACCEPT_PAUSE, self.resume)
+            return
+        if not self.listening:
+            self.engine.loop.add_reader(self.fd, self._on_accept)
+            self.listening = True
+
+    def pause(self, seconds: float) -> None:
+        if self.listening:
+            self.engine.loop.remove_reader(self.fd)
+            self.listening = False
+        if self._handle is None:
+            self._handle = self.engine.loop.call_later(seconds, self.resume)
+
+    def _on_accept(self) -> None:
+        eng = self.engine
+        sock = self.sock
+        for _ in range(ACCEPT_BATCH):
+            if eng.nfds + 2 > eng.fd_budget:
+                used = eng.nfds + eng.base_fds
+                eng.out_of_fds(f"{used} in use, the rest kept for the daemon", None)
+                for lst in list(eng.listeners):
+                    lst.pause(ACCEPT_PAUSE)
+                return
+            try:
+                csock, addr = sock.accept()
+            except _AGAIN:
+                return
+            except OSError as e:
+                if e.errno in FD_ERRORS:
+                    eng.out_of_fds(f"accept on {fmt_key(self.key)}", e)
+                    for lst in list(eng.listeners):
+                        lst.pause(ACCEPT_PAUSE)
+                    return
+                continue  # ECONNABORTED & co: that client gave up; the next may not have
+            TcpConn(eng, self.backend, csock, addr[0]).connect()
+            if not self.listening:  # descriptors ran short serving it: accept no more now
+                return
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.listening:
+            self.engine.loop.remove_reader(self.fd)
+            self.listening = False
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self.sock.close()
+        self.engine.listeners.discard(self)
+
+
+class TcpConn:
+    """One proxied connection: connect phase, then two pumps."""
+
+    __slots__ = (
+        "attempt",
+        "backend",
+        "bsock",
+        "client_ip",
+        "closed",
+        "csock",
+        "down",
+        "engine",
+        "ep",
+        "last",
+        "timer",
+        "tried",
+        "up",
+        "watching",
+    )
+
+    def __init__(self, engine: TcpEngine, backend: Backend, csock: socket.socket, client_ip: str):
+        self.engine = engine
+        self.backend = backend
+        self.csock = csock
+        self.client_ip = client_ip
+        self.bsock: socket.socket | None = None
+        self.ep = None
+        self.tried: list = []
+        self.attempt = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.watching = False
+        self.up: CopyPump | SplicePump | None = None
+        self.down: CopyPump | SplicePump | None = None
+        self.closed = False
+        self.last = _now()
+        csock.setblocking(False)
+        engine.nfds += 1
+        backend.conns.add(self)
+        st = backend.stats
+        st.accepted += 1
+        st.active += 1
+
+    # -- connect phase ---------------------------------------------------------------------
+
+    def connect(self) -> None:
+        eng = self.engine
+        bal = self.backend.balancer
+        now = _now()
+        ep = bal.pick(self.client_ip, now, self.tried)
+        if ep is None and self.tried:  # every endpoint tried once: go round again
+            ep = bal.pick(self.client_ip, now)
+        if ep is None:
+            self.reject("no_endpoints" if not bal.endpoints else "endpoints_failed")
+            return
+        self.ep = ep
+        self.tried.append((ep.ip, ep.port))
+        fam = socket.AF_INET6 if ":" in ep.ip else socket.AF_INET
+        typ = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+        try:
+            bs = socket.socket(fam, typ)
+        except OSError as e:
+            bs = None
+            if e.errno in FD_ERRORS and eng.use_reserve(f"connect for {self.backend.label}", e):
+                with contextlib.suppress(OSError):
+                    bs = socket.socket(fam, typ)
+            if bs is None:
+                self.reject("fd_limit")
+                return
+        self.bsock = bs
+        eng.nfds += 1
+        bs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = bs.connect_ex((ep.ip, ep.port))
+        if err == errno.EINPROGRESS:
+            eng.loop.add_writer(bs.fileno(), self._on_connect)
+            self.watching = True
+            timeouts = eng.connect_timeouts
+            self.timer = eng.loop.call_later(
+                timeouts[min(self.attempt, len(timeouts) - 1)], self._on_timeout
+            )
+        elif err == 0:
+            self._connected()
+        else:
+            self._failed(err)
+
+    def _stop_watching(self) -> None:
+        if self.watching:
+            self.engine.loop.remove_writer(self.bsock.fileno())
+            self.watching = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _on_connect(self) -> None:
+        self._stop_watching()
+        err = self.bsock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._failed(err)
+        else:
+            self._connected()
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        self._stop_watching()
+        self._failed(errno.ETIMEDOUT)
+
+    def _failed(self, err: int) -> None:
+        self.bsock.close()
+        self.bsock = None
+        self.engine.nfds -= 1
+        b = self.backend
+        b.stats.connect_failures += 1
+        ep = self.ep
+        wait = b.balancer.failed(ep, _now())
+        if wait and b.balancer.failures(ep) == b.balancer.policy.threshold:
+            log.warning(
+                "%s: endpoint %s failed (%s); skipping it for %gs",
+                b.label,
+                ep,
+                os.strerror(err),
+                wait,
+            )
+        self.attempt += 1
+        if self.attempt < len(self.engine.connect_timeouts):
+            b.stats.retries += 1
+            self.connect()
+        else:
+            self.reject("endpoints_failed")
+
+    def _connected(self) -> None:
+        b = self.backend
+        if b.balancer.succeeded(self.ep):
+            log.info("%s: endpoint %s answers again", b.label, self.ep)
+        self.tried = None
+        pump = self.engine._pump
+        self.up = pump(self, self.csock, self.bsock, True)
+        self.down = pump(self, self.bsock, self.csock, False)
+        self.up.start()
+        self.down.start()
+
+    def reject(self, reason: str) -> None:
+        """No endpoint could take the connection: reset the client (like a REJECT)."""
+        self.backend.stats.reject(reason)
+        log.debug("%s: connection from %s rejected: %s", self.backend.label, self.client_ip, reason)
+        self.close(reset=True)
+
+    # -- end -------------------------------------------------------------------------------
+
+    def pump_done(self) -> None:
+        if self.up.done and self.down.done:
+            self.close()
+
+    def close(self, reset: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.bsock is not None:
+            self._stop_watching()
+        for p in (self.up, self.down):
+            if p is not None:
+                p.stop()
+        for s in (self.csock, self.bsock):
+            if s is not None:
+                if reset:
+                    with contextlib.suppress(OSError):
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+                s.close()
+                self.engine.nfds -= 1
+        b = self.backend
+        b.conns.discard(self)
+        b.stats.active -= 1
+
+
+class CopyPump:
+    """src → dst through one shared buffer; leftovers only when dst is full."""
+
+    __slots__ = ("conn", "dfd", "done", "dst", "eof", "loop", "off", "pending", "sfd", "src", "up")
+
+    def __init__(self, conn: TcpConn, src: socket.socket, dst: socket.socket, up: bool):
+        self.conn = conn
+        self.loop = conn.engine.loop
+        self.src = src
+        self.dst = dst
+        self.sfd = src.fileno()
+        self.dfd = dst.fileno()
+        self.up = up
+        self.eof = False
+        self.done = False
+        self.pending: bytes | None = None
+        self.off = 0
+
+    def start(self) -> None:
+        self.loop.add_reader(self.sfd, self.on_readable)
+
+    def stop(self) -> None:
+        if not self.eof and self.pending is None:
+            self.loop.remove_reader(self.sfd)
+        if self.pending is not None:
+            self.loop.remove_writer(self.dfd)
+            self.pending = None
+        self.eof = True
+
+    def on_readable(self) -> None:
+        conn = self.conn
+        buf = conn.engine.buf
+        try:
+            n = self.src.recv_into(buf)
+        except _AGAIN:
+            return
+        except OSError:
+            conn.close(reset=True)
+            return
+        if not n:
+            self.loop.remove_reader(self.sfd)
+            self.eof = True
+            self._finish()
+            return
+        conn.last = _now()
+        st = conn.backend.stats
+        if self.up:
+            st.bytes_to_endpoint += n
+        else:
+            st.bytes_to_client += n
+        try:
+            sent = self.dst.send(buf[:n])
+        except _AGAIN:
+            sent = 0
+        except OSError:
+            conn.close(reset=True)
+            return
+        if sent < n:
+            self.pending = buf[sent:n].tobytes()
+            self.off = 0
+            self.loop.remove_reader(self.sfd)
+            self.loop.add_writer(self.dfd, self.on_writable)
+
+    def on_writable(self) -> None:
+        data = self.pending
+        try:
+            sent = self.dst.send(memoryview(data)[self.off :])
+        except _AGAIN:
+            return
+        except OSError:
+            self.conn.close(reset=True)
+            return
+        self.off += sent
+        if self.off < len(data):
+            return
+        self.pending = None
+        self.loop.remove_writer(self.dfd)
+        self.conn.last = _now()
+        if self.eof:
+            self._finish()
+        else:
+            self.loop.add_reader(self.sfd, self.on_readable)
+
+    def _finish(self) -> None:
+        if self.pending is not None:
+            return  # shut down once the rest is written
+        with contextlib.suppress(OSError):
+            self.dst.shutdown(socket.SHUT_WR)
+        self.done = True
+        self.conn.pump_done()
+
+
+class SplicePump:
+    """src → pipe → dst with os.splice; the pipe is shared until bytes get stuck in it."""
+
+    __slots__ = (
+        "conn",
+        "dfd",
+        "done",
+        "dst",
+        "eng",
+        "eof",
+        "loop",
+        "pending",
+        "pipe",
+        "sfd",
+        "src",
+        "up",
+    )
+
+    def __init__(self, conn: TcpConn, src: socket.socket, dst: socket.socket, up: bool):
+        self.conn = conn
+        self.eng = conn.engine
+        self.loop = conn.engine.loop
+        self.src = src
+        self.dst = dst
+        self.sfd = src.fileno()
+        self.dfd = dst.fileno()
+        self.up = up
+        self.eof = False
+        self.done = False
+        self.pending = 0  # bytes in self.pipe not yet written to dst
+        self.pipe: tuple[int, int] | None = None  # owned while pending
+
+    def start(self) -> None:
+        self.loop.add_reader(self.sfd, self.on_readable)
+
+    def stop(self) -> None:
+        if not self.eof and self.pipe is None:
+            self.loop.remove_reader(self.sfd)
+        if self.pipe is not None:
+            self.loop.remove_writer(self.dfd)
+            self.eng.release_pipe(self.pipe, empty=False)
+            self.pipe = None
+        self.eof = True
+
+    def on_readable(self) -> None:
+        conn = self.conn
+        try:
+            pipe = self.eng.pipe()
+        except OSError as e:
+            pipe = None
+            if e.errno in FD_ERRORS and self.eng.use_reserve(f"pipe for {conn.backend.label}", e):
+                with contextlib.suppress(OSError):
+                    pipe = self.eng.pipe()
+            if pipe is None:
+                conn.close(reset=True)
+                return
+        try:
+            n = os.splice(self.sfd, pipe[1], self.eng.pipe_size, flags=_SPLICE_FLAGS)
+        except _AGAIN:
+            return
+        except OSError:
+            conn.close(reset=True)
+            return
+        if not n:
+            self.loop.remove_reader(self.sfd)
+            self.eof = True
+            self._finish()
+            return
+        conn.last = _now()
+        st = conn.backend.stats
+        if self.up:
+            st.bytes_to_endpoint += n
+        else:
+            st.bytes_to_client += n
+        left = n
+        try:
+            while left:
+                left -= os.splice(pipe[0], self.dfd, left, flags=_SPLICE_FLAGS)
+            return
+        except _AGAIN:
+            pass
+        except OSError:
+            self.eng.take_pipe(pipe)
+            self.eng.release_pipe(pipe, empty=False)
+            conn.close(reset=True)
+            return
+        # dst is full: keep these bytes in this pipe and wait for dst.
+        self.eng.take_pipe(pipe)
+        self.pipe = pipe
+        self.pending = left
+        self.loop.remove_reader(self.sfd)
+        self.loop.add_writer(self.dfd, self.on_writable)
+
+    def on_writable(self) -> None:
+        pipe = self.pipe
+        try:
+            while self.pending:
+                self.pending -= os.splice(pipe[0], self.dfd, self.pending, flags=_SPLICE_FLAGS)
+        except _AGAIN:
+            return
+        except OSError:
+            self.conn.close(reset=True)
+            return
+        self.loop.remove_writer(self.dfd)
+        self.pipe = None
+        self.eng.release_pipe(pipe, empty=True)
+        self.conn.last = _now()
+        if self.eof:
+            self._finish()
+        else:
+            self.loop.add_reader(self.sfd, self.on_readable)
+
+    def _finish(self) -> None:
+        if self.pipe is not None:
+            return
+        with contextlib.suppress(OSError):
+            self.dst.shutdown(socket.SHUT_WR)
+        self.done = True
+        self.conn.pump_done()

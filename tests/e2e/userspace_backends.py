@@ -1,0 +1,70 @@
+"""Special backends for the userspace e2e tests (stdlib only; run inside pods).
+
+python -m tests.e2e.userspace_backends MODE PORT [ARG]
+  bulk N      receive exactly N bytes, answer "<sha256 hex>\\n", then send N bytes
+              (a seeded random block repeated) followed by their sha256 hex; close.
+  halfclose   read until the client's FIN, then answer "got <n>" and close.
+Prints READY once listening.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import socket
+import sys
+import threading
+
+
+def bulk_payload(n: int) -> tuple[bytes, int]:
+    block = random.Random(7).randbytes(1 << 20)
+    return block, n
+
+
+def serve_bulk(conn: socket.socket, n: int) -> None:
+    h = hashlib.sha256()
+    got = 0
+    while got < n:
+        data = conn.recv(1 << 20)
+        if not data:
+            break
+        h.update(data)
+        got += len(data)
+    conn.sendall(h.hexdigest().encode() + b"\n")
+    block, _ = bulk_payload(n)
+    out = hashlib.sha256()
+    left = n
+    while left:
+        chunk = block[: min(left, len(block))]
+        conn.sendall(chunk)
+        out.update(chunk)
+        left -= len(chunk)
+    conn.sendall(out.hexdigest().encode())
+    conn.close()
+
+
+def serve_halfclose(conn: socket.socket) -> None:
+    n = 0
+    while data := conn.recv(65536):
+        n += len(data)
+    conn.sendall(f"got {n}".encode())
+    conn.close()
+
+
+def main() -> None:
+    mode, port = sys.argv[1], int(sys.argv[2])
+    arg = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port))
+    s.listen(64)
+    print("READY", flush=True)
+    while True:
+        conn, _ = s.accept()
+        target = serve_bulk if mode == "bulk" else serve_halfclose
+        args = (conn, arg) if mode == "bulk" else (conn,)
+        threading.Thread(target=target, args=args, daemon=True).start()
+
+
+if __name__ == "__main__":
+    main()
