@@ -10,13 +10,17 @@ The client reaches the server's iperf3 (5201) and an HTTP responder (HAProxy's
   iptables        the daemon in --proxy-mode=iptables: kernel DNAT to the pod
   haproxy         HAProxy 2.x in TCP mode (nbthread 1), the reference userspace proxy
   haproxy-splice  the same with `option splice-auto`
-  userspace       the daemon in --proxy-mode=userspace (splice engine)
-  userspace-copy  the same with the copy engine (does splice pay?)
+  userspace       the daemon in --proxy-mode=userspace, default TCP engine (auto: copy,
+                  then splice once a flow fills the read buffer)
+  userspace-splice / userspace-copy   the same with the engine forced (does splice pay?)
 
 Figures per data plane: single-stream and 32-stream throughput (iperf3), new connections
 per second (HTTP/1.0 request per connection, 64 in flight), p50/p99 latency of a small
 request/response on a kept-alive connection, and memory per idle proxied connection
-(RSS delta of the proxy process over N idle connections; kernel modes have no process).
+(RSS delta of the proxy process over N idle connections; kernel modes have no process),
+and for the proxy processes their CPU time per GB forwarded and per connection, which
+compares proxies even where the load generators (one Python process, one core) are the
+bottleneck.
 The proxy process (daemon or HAProxy) is pinned to CPU 1, everything else to CPU 0, so
 the two userspace proxies get exactly one core each. Rounds go through all data planes in
 turn and the median per figure is kept (these machines are noisy). Writes
@@ -51,7 +55,15 @@ IPERF_PORT = 5201
 HTTP_PORT = 8081  # on the server pod
 SVC_HTTP_PORT = 80  # on the Service / proxies
 PROXY_CPU, LOAD_CPU = "1", "0"
-MODES = ("direct", "iptables", "haproxy", "haproxy-splice", "userspace", "userspace-copy")
+MODES = (
+    "direct",
+    "iptables",
+    "haproxy",
+    "haproxy-splice",
+    "userspace",
+    "userspace-splice",
+    "userspace-copy",
+)
 REQ = b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n"
 KREQ = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
 
@@ -251,7 +263,9 @@ def wait_port(host, ip: str, port: int, proc: subprocess.Popen, log: Path) -> No
             if s.connect_ex((ip, port)) == 0:
                 return
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{log.name}: not listening on {ip}:{port}: {log.read_text()[-2000:]}")
+            raise RuntimeError(
+                f"{log.name}: not listening on {ip}:{port}: {log.read_text()[-2000:]}"
+            )
         time.sleep(0.1)
 
 
@@ -281,10 +295,16 @@ class Bench:
         manifests(self.mdir)
         cfg = self.work / "responder.cfg"
         cfg.write_text(HTTP_BACKEND_CFG.format(port=HTTP_PORT))
-        self.server.run(["taskset", "-c", LOAD_CPU, "haproxy", "-f", str(cfg), "-db"],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.server.run(["taskset", "-c", LOAD_CPU, "iperf3", "-s", "-p", str(IPERF_PORT)],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.server.run(
+            ["taskset", "-c", LOAD_CPU, "haproxy", "-f", str(cfg), "-db"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.server.run(
+            ["taskset", "-c", LOAD_CPU, "iperf3", "-s", "-p", str(IPERF_PORT)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(0.5)
 
     # Each yields (ip, iperf port, http port, pid of the proxy process or None).
@@ -318,7 +338,7 @@ class Bench:
                 stop(p)
         else:
             proxy_mode = "iptables" if name == "iptables" else "userspace"
-            engine = "copy" if name == "userspace-copy" else "splice"
+            engine = {"userspace-copy": "copy", "userspace-splice": "splice"}.get(name, "auto")
             log = self.work / f"daemon-{name}.log"
             args = [
                 "--proxy-mode", proxy_mode, "--manifests", str(self.mdir),
@@ -343,6 +363,7 @@ class Bench:
     # -- measurements ------------------------------------------------------------------------
 
     def iperf(self, ip: str, port: int, streams: int) -> float | None:
+        """Gbit/s received by the server."""
         argv = ["taskset", "-c", LOAD_CPU, "iperf3", "-c", ip, "-p", str(port), "-J",
                 "-t", str(self.duration), "-P", str(streams)]  # fmt: skip
         for attempt in range(3):
@@ -384,18 +405,32 @@ class Bench:
         with self.mode(name) as (ip, iperf_port, http_port, pid):
             # Warm up (first connections pay for lazy setup).
             self.loadgen("cps", ip, str(http_port), "0.5", "8")
-            r = {
-                "throughput_1_gbps": self.iperf(ip, iperf_port, 1),
-                "throughput_32_gbps": self.iperf(ip, iperf_port, 32),
-            }
+            r: dict = {}
+            for streams in (1, 32):
+                c0 = cpu_seconds(pid)
+                gbps = self.iperf(ip, iperf_port, streams)
+                r[f"throughput_{streams}_gbps"] = gbps
+                if pid is not None and gbps:
+                    gb = gbps / 8 * self.duration
+                    r[f"cpu_ms_per_gb_{streams}"] = (cpu_seconds(pid) - c0) * 1e3 / gb
+            c0 = cpu_seconds(pid)
             cps = self.loadgen("cps", ip, str(http_port), str(self.duration), "64")
             r["conn_per_s"] = cps["per_second"]
             r["conn_errors"] = cps["errors"]
+            if pid is not None and cps["conns"]:
+                r["cpu_us_per_conn"] = (cpu_seconds(pid) - c0) * 1e6 / cps["conns"]
             lat = self.loadgen("lat", ip, str(http_port), str(self.lat_count))
             r["latency_p50_us"] = lat["p50_us"]
             r["latency_p99_us"] = lat["p99_us"]
             r["idle_bytes_per_conn"] = self.idle_memory(ip, http_port, pid)
             return r
+
+
+def cpu_seconds(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss(pid: int) -> int:
@@ -412,7 +447,11 @@ FIGURES = (
     ("latency_p50_us", "p50 latency (µs)"),
     ("latency_p99_us", "p99 latency (µs)"),
     ("idle_bytes_per_conn", "RSS per idle conn (bytes)"),
+    ("cpu_ms_per_gb_1", "proxy CPU ms per GB, 1 stream"),
+    ("cpu_ms_per_gb_32", "proxy CPU ms per GB, 32 streams"),
+    ("cpu_us_per_conn", "proxy CPU µs per connection"),
 )
+LOWER_IS_BETTER = ("latency", "idle", "cpu")
 
 
 def median_results(rounds: list[dict]) -> dict:
@@ -432,13 +471,14 @@ def plot(results: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     modes = list(results)
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = plt.subplots(3, 3, figsize=(16, 12))
     colors = {
         "direct": "#999999",
         "iptables": "#4c72b0",
         "haproxy": "#dd8452",
         "haproxy-splice": "#c44e52",
         "userspace": "#55a868",
+        "userspace-splice": "#2e7d32",
         "userspace-copy": "#8172b3",
     }
     for ax, (key, label) in zip(axes.flat, FIGURES, strict=True):
@@ -446,7 +486,8 @@ def plot(results: dict, path: Path, title: str) -> None:
         xs = [m for m, v in zip(modes, vals, strict=True) if v is not None]
         ys = [v for v in vals if v is not None]
         bars = ax.bar(xs, ys, color=[colors.get(m, "#333") for m in xs])
-        ax.set_title(label)
+        better = "lower" if key.startswith(LOWER_IS_BETTER) else "higher"
+        ax.set_title(f"{label} ({better} is better)", fontsize=10)
         ax.tick_params(axis="x", rotation=30)
         for b, v in zip(bars, ys, strict=True):
             ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()),
@@ -457,23 +498,50 @@ def plot(results: dict, path: Path, title: str) -> None:
 
 
 def ratios(results: dict) -> dict:
+    """Each userspace variant / the better of the two HAProxy runs, per figure."""
     out = {}
-    h = results.get("haproxy-splice") or results.get("haproxy")
     best_h = {}
     for key, _ in FIGURES:
-        hs = [results[m][key] for m in ("haproxy", "haproxy-splice") if m in results]
+        hs = [results[m].get(key) for m in ("haproxy", "haproxy-splice") if m in results]
         hs = [v for v in hs if v]
         if hs:
-            best_h[key] = min(hs) if key.startswith(("latency", "idle")) else max(hs)
-    for mode in ("userspace", "userspace-copy"):
-        if mode not in results or h is None:
+            best_h[key] = min(hs) if key.startswith(LOWER_IS_BETTER) else max(hs)
+    for mode in ("userspace", "userspace-splice", "userspace-copy"):
+        if mode not in results or not best_h:
             continue
         r = results[mode]
         out[mode] = {
-            f"{key}_vs_best_haproxy": (r[key] / best_h[key]) if r.get(key) and best_h.get(key) else None
+            f"{key}_vs_best_haproxy": (r[key] / best_h[key])
+            if r.get(key) and best_h.get(key)
+            else None
             for key, _ in FIGURES
         }
     return out
+
+
+def targets(results: dict) -> dict:
+    """The issue's targets, against the better HAProxy run of each figure."""
+    u = results.get("userspace")
+    hs = [results[m] for m in ("haproxy", "haproxy-splice") if m in results]
+    if not u or not hs:
+        return {}
+
+    def best(key: str) -> float:
+        return max(h[key] or 0 for h in hs)
+
+    bulk = min(u["throughput_1_gbps"] / best("throughput_1_gbps"),
+               u["throughput_32_gbps"] / best("throughput_32_gbps"))  # fmt: skip
+    conn = u["conn_per_s"] / best("conn_per_s")
+    mem = u.get("idle_bytes_per_conn")
+    return {
+        "bulk_throughput_vs_haproxy": {"value": bulk, "target": ">= 0.8", "met": bulk >= 0.8},
+        "connection_rate_vs_haproxy": {"value": conn, "target": ">= 0.5", "met": conn >= 0.5},
+        "bytes_per_idle_connection": {
+            "value": mem,
+            "target": "<= 20480",
+            "met": mem is not None and mem <= 20480,
+        },
+    }
 
 
 def main() -> int:
@@ -519,9 +587,10 @@ def main() -> int:
             "cpus": os.cpu_count(),
             "kernel": platform.release(),
             "python": platform.python_version(),
-            "haproxy": subprocess.run(["haproxy", "-v"], capture_output=True, text=True)
-            .stdout.split("\n")[0],
-            "pinning": f"proxy process on CPU {PROXY_CPU}; client, server, iperf3 on CPU {LOAD_CPU}",
+            "haproxy": subprocess.run(
+                ["haproxy", "-v"], capture_output=True, text=True
+            ).stdout.split("\n")[0],
+            "pinning": f"proxy on CPU {PROXY_CPU}; client, server, iperf3 on CPU {LOAD_CPU}",
         },
         "settings": {
             "duration_s": a.duration,
@@ -532,11 +601,16 @@ def main() -> int:
         },
         "median": results,
         "userspace_vs_best_haproxy": ratios(results),
+        "targets": targets(results),
         "rounds": rounds,
     }
     (out / "dataplane.json").write_text(json.dumps(doc, indent=2) + "\n")
-    plot(results, out / "dataplane.png", f"data planes on one virtual node ({os.cpu_count()} CPUs; median of {a.rounds} rounds)")
-    print(json.dumps({"median": results, "ratios": doc["userspace_vs_best_haproxy"]}, indent=2))
+    plot(
+        results,
+        out / "dataplane.png",
+        f"data planes on one virtual node ({os.cpu_count()} CPUs; median of {a.rounds} rounds)",
+    )
+    print(json.dumps({"median": results, "targets": doc["targets"]}, indent=2))
     return 0
 
 

@@ -113,10 +113,10 @@ class Config:
     # userspace mode (proxy/userspace; see docs/userspace.md)
     userspace_laptop: str = "auto"  # "auto": laptop mode when not root; "on"/"off"
     userspace_port_offset: int = 10000  # laptop: ports below the unprivileged start + this
-    userspace_engine: str = "auto"  # TCP copy engine: "auto" (splice if measured better), "splice", "copy"
-    userspace_tcp_idle_timeout: float = 86400.0  # close a TCP connection idle this long (s); 0: never
+    userspace_engine: str = "auto"  # TCP: auto (copy, splice once bulk) | splice | copy
+    userspace_tcp_idle_timeout: float = 86400.0  # close TCP connections idle this long; 0: never
     userspace_udp_max_sessions: int = 4096  # per UDP listener; least recently active evicted
-    userspace_address_mode: str = "auto"  # "auto" (interface, else local routes), "interface", "local-route"
+    userspace_address_mode: str = "auto"  # auto (interface, else routes) | interface | local-route
 
     @property
     def masquerade_mark(self) -> str:

@@ -140,7 +140,7 @@ async def run(cfg: Config) -> int:
             stop_task.cancel()
     finally:
         log.info("shutting down (rules are left in place)")
-        source.stop()
+        await asyncio.to_thread(source.stop)  # may wait for an in-flight list request
         with contextlib.suppress(Exception):
             await svc_health.stop()
         if dns is not None:

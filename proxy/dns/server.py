@@ -73,6 +73,7 @@ class Handler:
         self.fast: dict[bytes, Entry | _Fwd] = {}
         self._queries = stats.queries
         self._zone_hist = stats.hist["zone"]
+        self._cache_hist = stats.hist["cache"]
         self._sums = stats.sums
 
     def set_zone(self, zone: Zone, changed: set | None) -> None:
@@ -299,7 +300,12 @@ class UdpServer:
         self._loop.add_reader(self.sock.fileno(), self._readable)
 
     def _readable(self) -> None:
-        recv, send, handle = self.sock.recvfrom, self.sock.sendto, self.h.handle
+        recv, send, h = self.sock.recvfrom, self.sock.sendto, self.h
+        # Handler.handle's first branch, inlined once more: this loop is the whole cost
+        # of a cached answer (no method call, locals instead of attributes).
+        fast, queries, hist, sums = h.fast, h._queries, h._zone_hist, h._sums
+        cache, chist, stats = h.fwd.cache, h._cache_hist, h.stats
+        mono, entry_cls = _monotonic, Entry
         for _ in range(self.batch):
             try:
                 data, addr = recv(UDP_RECV)
@@ -307,25 +313,57 @@ class UdpServer:
                 return
             except OSError:
                 continue  # e.g. an ICMP error queued on the socket
+            t0 = mono()
+            n = len(data)
+            if n > 16 and data[11] == 0 and not data[2] & 0xFA and data[4:11] == _PLAIN_COUNTS:
+                key = data[12 : n - 4].lower() + data[n - 4 :] + b"\x00"
+                e = fast.get(key)
+                if e is not None:
+                    if e.__class__ is not entry_cls:  # forwarded: the cache may have it
+                        ukey = key[:-1] + (b"\x02" if data[3] & 0x10 else b"\x00")
+                        ce = cache.get(ukey)
+                        e = None
+                        if ce is not None and ce.expires > t0:
+                            e = ce.entry(0, t0)
+                            cache.move_to_end(ukey)
+                            stats.cache_hits += 1
+                        h_, si = chist, 1
+                    else:
+                        h_, si = hist, 0
+                    if e is not None and e.size <= UDP_CLASSIC:
+                        try:
+                            send(
+                                data[:2]
+                                + e.heads[(data[2] & 1) | ((data[3] >> 3) & 2)]  # type: ignore[union-attr]
+                                + data[12:]
+                                + e.tail,  # type: ignore[union-attr]
+                                addr,
+                            )
+                        except OSError:
+                            stats.drop("udp_send_failed")
+                        dt = mono() - t0
+                        mk = e.mkey  # type: ignore[union-attr]
+                        queries[mk] = queries.get(mk, 0) + 1
+                        h_[0 if dt < _B0 else bisect_left(BUCKETS, dt)] += 1
+                        sums[si] += dt
+                        continue
             try:
-                out = handle(data, False)
+                out = h.handle(data, False)
             except Exception:  # a bug must cost one answer, never the server
-                log.exception("DNS: internal error answering a %d-byte query", len(data))
-                self.h.stats.drop("internal_error")
+                log.exception("DNS: internal error answering a %d-byte query", n)
+                h.stats.drop("internal_error")
                 continue
             if out is None:
                 continue
             if out.__class__ is bytes:
                 try:
-                    send(out, addr)
-                except (BlockingIOError, InterruptedError):
-                    self.h.stats.drop("udp_send_buffer_full")
+                    send(out, addr)  # type: ignore[arg-type]
                 except OSError:
-                    pass
+                    h.stats.drop("udp_send_failed")
                 continue
             if len(self.tasks) >= self.max_pending:
                 out.close()  # type: ignore[union-attr]
-                self.h.stats.drop("udp_pending_limit")
+                h.stats.drop("udp_pending_limit")
                 continue
             t = asyncio.ensure_future(self._later(out, addr))  # type: ignore[arg-type]
             self.tasks.add(t)

@@ -137,7 +137,17 @@ def cache_ttl(resp: DNSRecord) -> int:
 class CacheEntry:
     """One upstream reply, rendered on demand per EDNS variant with aged TTLs."""
 
-    __slots__ = ("_tpl", "expires", "labels", "qclass", "qtype", "record", "size", "stored")
+    __slots__ = (
+        "_base",
+        "_tpl",
+        "expires",
+        "labels",
+        "qclass",
+        "qtype",
+        "record",
+        "size",
+        "stored",
+    )
 
     def __init__(
         self, record: DNSRecord, labels: tuple[bytes, ...], qtype: int, qclass: int, size: int
@@ -149,14 +159,19 @@ class CacheEntry:
         self.size = size
         self.stored = time.monotonic()
         self.expires = self.stored + cache_ttl(record)
-        self._tpl: dict[int, tuple[int, Entry]] = {}
+        self._tpl: dict[int, tuple[int, Entry]] = {}  # ev → (age, aged template)
+        self._base: dict[int, Entry] = {}  # ev → template with the upstream's TTLs
 
     def entry(self, ev: int, now: float) -> Entry:
+        """The reply template for EDNS variant `ev`, TTLs aged to `now` (whole seconds)."""
         age = int(now - self.stored)
         hit = self._tpl.get(ev)
         if hit is not None and hit[0] == age:
             return hit[1]
-        e = self.render(ev, age)
+        base = self._base.get(ev)
+        if base is None:
+            base = self._base[ev] = self.render(ev, 0)
+        e = base.aged(age)
         self._tpl[ev] = (age, e)
         return e
 

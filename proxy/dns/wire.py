@@ -145,6 +145,57 @@ class Entry:
             return self.noadd
         return truncated(self.full, self.qlen)
 
+    def aged(self, age: int) -> Entry:
+        """The same reply with every TTL lowered by `age` seconds (not below 0).
+
+        Patches the TTL fields in place (their offsets found by walking the message once)
+        instead of rendering again: a cached upstream answer is re-aged every second.
+        """
+        out = Entry(
+            _age(self.full, age),
+            self.qlen,
+            noadd=_age(self.noadd, age) if self.noadd is not None else None,
+            deps=self.deps,
+            mkey=self.mkey,
+        )
+        return out
+
+
+def _skip_name(msg: bytes, i: int) -> int:
+    while True:
+        ln = msg[i]
+        if ln == 0:
+            return i + 1
+        if ln >= 0xC0:
+            return i + 2
+        i += ln + 1
+
+
+def ttl_offsets(msg: bytes) -> list[int]:
+    """Offsets of the TTL fields of every record except OPT (whose "TTL" is flags)."""
+    _, _, _, qd, an, ns, ar = _HDR.unpack_from(msg)
+    i = 12
+    for _ in range(qd):
+        i = _skip_name(msg, i) + 4
+    out = []
+    for _ in range(an + ns + ar):
+        i = _skip_name(msg, i)
+        rtype, _, _, rdlen = struct.unpack_from("!HHIH", msg, i)
+        if rtype != OPT:
+            out.append(i + 4)
+        i += 10 + rdlen
+    return out
+
+
+def _age(msg: bytes, age: int) -> bytes:
+    if age <= 0:
+        return msg
+    b = bytearray(msg)
+    for off in ttl_offsets(msg):
+        ttl = struct.unpack_from("!I", b, off)[0]
+        struct.pack_into("!I", b, off, max(0, ttl - age))
+    return bytes(b)
+
 
 def flag_index(b2: int, b3: int) -> int:
     """(RD, CD) bits of a query's flag bytes → index into Entry.heads."""
@@ -205,7 +256,7 @@ def entry_from_record(record, deps: frozenset | None = frozenset()) -> Entry:
 
     def render(answers: list, ar: list) -> bytes:
         hdr = copy.copy(record.header)
-        return DNSRecord(hdr, record.questions, answers, record.auth, ar).pack()
+        return DNSRecord(hdr, record.questions, answers, auth=record.auth, ar=ar).pack()
 
     full = record.pack()
     noadd = render(record.rr, opt) if len(opt) != len(record.ar) else None

@@ -41,6 +41,11 @@ from proxy.iptables.render import (
 )
 from proxy.model import Model
 
+# Chains per iptables-nft-restore transaction on big writes: --noflush is quadratic in the
+# chains of one transaction on iptables 1.8.9 (measured: 32k chains 20 s in one restore,
+# 1.3 s in 4k chunks); see render(chunk_chains=).
+NFT_CHUNK_CHAINS = 4000
+
 log = logging.getLogger("proxy.iptables")
 
 
@@ -211,8 +216,9 @@ class IptablesDataPlane:
                 previous = await self._full_previous(fam)
             else:
                 previous = self._state.get(fam)
+            chunk = NFT_CHUNK_CHAINS if self.backends[fam].mode == "nft" else 0
             job = functools.partial(
-                _timed_render, model, rcfg, None if full else snap.changed, previous
+                _timed_render, model, rcfg, None if full else snap.changed, previous, chunk
             )
             results[fam], dt = await loop.run_in_executor(None, job)
             render_s += dt
@@ -231,6 +237,8 @@ class IptablesDataPlane:
                         len(added),
                         ", ".join(added),
                     )
+            for part in results[fam].pre:  # nft: big writes in Service-sized chunks
+                restore_s += await ap.restore(part)
             restore_s += await ap.restore(results[fam].text)
             self._state[fam] = results[fam].state
         self.last_restore_seconds = restore_s
@@ -299,7 +307,8 @@ def _timed_render(
     rcfg: RenderConfig,
     changed: frozenset | None,
     previous: RenderState | None,
+    chunk_chains: int = 0,
 ) -> tuple[RenderResult, float]:
     t0 = time.perf_counter()
-    res = render(model, rcfg, changed=changed, previous=previous)
+    res = render(model, rcfg, changed=changed, previous=previous, chunk_chains=chunk_chains)
     return res, time.perf_counter() - t0

@@ -20,10 +20,12 @@ renders after the first cost little more than joining strings.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import repeat
+from operator import itemgetter
 from types import MappingProxyType
 
 from proxy.iptables.names import (
@@ -157,6 +159,9 @@ class RenderResult:
     rules: Mapping[str, int]  # table → rules owned after this sync
     rules_written: Mapping[str, int]  # table → rules written in `text`
     full: bool = True  # whether this was a full render
+    # Restores to run, in order, before `text` (see `chunk_chains`): each holds the whole
+    # chain set of some Services, leaf chains first, so every one is consistent alone.
+    pre: tuple[str, ...] = ()
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -204,9 +209,7 @@ def _nodeport_destinations(cfg: RenderConfig) -> tuple[list[str], bool]:
     return out, localhost
 
 
-def _first(pair: tuple) -> str:
-    return pair[0]
-
+_first = itemgetter(0)
 
 # Indexes into _Fragment.top: the top-level chains a Service adds rules to.
 F_SERVICES, F_EXTERNAL, F_NODEPORTS, F_FIREWALL, N_SERVICES, N_NODEPORTS = range(6)
@@ -244,20 +247,36 @@ class _Port:
 
 
 class _Fragment:
-    """One Service's share of a render; reusable while `svc` and `eps` are unchanged."""
+    """One Service's share of a render; reusable while `svc` and `eps` are unchanged.
 
-    __slots__ = ("comments", "decl", "eps", "n_endpoints", "names", "ports", "rules", "svc", "top")
+    Its chains are kept as two text blocks (declarations, rules) rather than lists of
+    lines: a fraction of the memory, and the final join has fewer pieces.
+    """
+
+    __slots__ = (
+        "comments",
+        "decl",
+        "eps",
+        "n_endpoints",
+        "n_rules",
+        "names",
+        "ports",
+        "rules",
+        "svc",
+        "top",
+    )
 
     def __init__(self, svc: Service, eps: object) -> None:
         self.svc = svc
         self.eps = eps
-        self.ports: list[_Port] = []
+        self.ports: list[_Port] | None = []  # None once written (re-planned if needed)
         self.top: tuple[list[str], ...] = ([], [], [], [], [], [])
         self.names: frozenset[tuple[str, str]] = _NONE
         self.n_endpoints = 0
         self.comments: bool | None = None  # which flavour decl/rules were written in
-        self.decl: list[str] = []
-        self.rules: list[str] = []
+        self.decl = ""  # "\n"-joined chain declarations
+        self.rules = ""  # "\n"-joined rules
+        self.n_rules = 0
 
     def copy(self) -> _Fragment:
         f = _Fragment.__new__(_Fragment)
@@ -468,12 +487,17 @@ class _Renderer:
             return f
         if f.comments is not None:
             f = f.copy()
+        ports = f.ports
+        if ports is None:  # written before in the other flavour: plan again (same result)
+            ports = self.plan(f.svc, f.eps).ports  # type: ignore[union-attr]
         decl: list[str] = []
         rules: list[str] = []
         if f.names:
-            for p in f.ports:
+            for p in ports:  # type: ignore[union-attr]
                 self._write_port(p, decl, rules, comments)
-        f.decl, f.rules, f.comments = decl, rules, comments
+        f.decl, f.rules, f.n_rules = "\n".join(decl), "\n".join(rules), len(rules)
+        f.comments = comments
+        f.ports = None  # the plan is bulky and rarely needed again
         return f
 
     def _write_port(self, p: _Port, decl: list[str], out: list[str], comments: bool) -> None:
@@ -601,6 +625,14 @@ def _dispatch(out: list[str], p: _Port, chain: str, eps: list, comments: bool) -
 # -- render -----------------------------------------------------------------------------
 
 
+def _chain_inputs(cfg: RenderConfig) -> tuple:
+    """The config that per-Service chains depend on. Other settings (marks, NodePort
+    addresses, local IPs, …) only touch top-level chains, which every render rewrites."""
+    v6 = cfg.family == 6
+    cidr = next((c for c in cfg.cluster_cidrs if _is_v6(c) == v6), "")
+    return (cfg.family, cfg.node_name, cidr, cfg.masquerade_all, cfg.node_ip)
+
+
 def _same(f: _Fragment, svc: Service, eps: object) -> bool:
     return (f.svc is svc or f.svc == svc) and (f.eps is eps or f.eps == eps)
 
@@ -611,12 +643,45 @@ def render(
     *,
     changed: frozenset[ServiceKey] | None = None,
     previous: RenderState | None = None,
+    chunk_chains: int = 0,
 ) -> RenderResult:
-    """Render one IP family's ruleset; see the module docstring for full vs partial."""
-    reuse = previous is not None and previous.config == cfg
+    """Render one IP family's ruleset; see the module docstring for full vs partial.
+
+    `chunk_chains` > 0 splits a large write into several restores of about that many
+    chains each (`RenderResult.pre`), whole Services at a time, with the top-level chains
+    and stale-chain deletions in the final `text`. iptables-nft-restore --noflush is
+    quadratic in the chains of one transaction (32k chains: 20 s in one restore, 1.3 s
+    in chunks of 4k), so the nft backend uses it; legacy rewrites the whole table per
+    restore and must not.
+    """
+    # The render allocates ~10 objects per rule and frees none of them in cycles; left on,
+    # the cyclic GC rescans the (large) live heap over and over and doubles the run time.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _render(model, cfg, changed, previous, chunk_chains)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _render(
+    model: Model,
+    cfg: RenderConfig,
+    changed: frozenset[ServiceKey] | None,
+    previous: RenderState | None,
+    chunk_chains: int = 0,
+) -> RenderResult:
+    reuse = (
+        previous is not None
+        and previous.config is not None
+        and _chain_inputs(previous.config) == _chain_inputs(cfg)
+    )
     full = changed is None or not reuse
     changed = changed or frozenset()
-    old: Mapping[ServiceKey, _Fragment] = previous.fragments if reuse else {}  # type: ignore[assignment,union-attr]
+    old: Mapping[ServiceKey, _Fragment] = {}
+    if reuse:
+        old = previous.fragments  # type: ignore[assignment,union-attr]
     prev_names = previous.service_chains if previous is not None else {}
     r = _Renderer(cfg)
 
@@ -649,19 +714,51 @@ def render(
     comments = total_endpoints <= cfg.large_cluster_threshold
     n_decl: list[str] = []
     n_rules: list[str] = []
-    skipped = 0
+    skipped = n_written = 0
     new_frags: dict[ServiceKey, _Fragment] = {}
     touched: list[ServiceKey] = []
     for key, f, fresh in frags:
         if not full and not fresh and prev_names.get(key, _NONE) == f.names:
             new_frags[key] = f  # unchanged and already in the kernel
-            skipped += len(f.rules)
+            skipped += f.n_rules
             continue
         touched.append(key)
         f = r.write(f, comments)
         new_frags[key] = f
-        n_decl += f.decl
-        n_rules += f.rules
+        if f.decl:
+            n_decl.append(f.decl)
+        if f.rules:
+            n_rules.append(f.rules)
+        n_written += f.n_rules
+
+    pre: list[str] = []
+    if chunk_chains > 0 and len(n_decl) > 1:
+        # Whole Services per chunk (a Service's chains are replaced atomically); the final
+        # text keeps the top level, the remainder and the stale-chain deletions.
+        n_chains = sum(len(new_frags[k].names) for k in touched)
+        if n_chains > chunk_chains:
+            # Service chains jump to KUBE-MARK-MASQ, which may not exist yet on a first
+            # sync: each chunk carries it whole (same content, replaced atomically).
+            mark = cfg.masquerade_mark
+            mark_masq = (
+                f":{KUBE_MARK_MASQ} - [0:0]",
+                f"-A KUBE-MARK-MASQ -j MARK --or-mark {mark}",
+            )
+            block: list[str] = []
+            block_rules: list[str] = []
+            in_block = 0
+            for key in touched:
+                f = new_frags[key]
+                if not f.decl:
+                    continue
+                block.append(f.decl)
+                if f.rules:
+                    block_rules.append(f.rules)
+                in_block += len(f.names)
+                if in_block >= chunk_chains:
+                    pre.append("\n".join(("*nat", *mark_masq, *block, *block_rules, "COMMIT\n")))
+                    block, block_rules, in_block = [], [], 0
+            n_decl, n_rules = block, block_rules
 
     service_chains = {k: f.names for k, f in new_frags.items() if f.names}
     if full:
@@ -685,11 +782,11 @@ def render(
     for table, chain in sorted(stale):
         stale_by_table.setdefault(table, []).append(chain)
 
-    text, written = _assemble(cfg, top, n_decl, n_rules, stale_by_table)
+    text, written = _assemble(cfg, top, n_decl, n_rules, n_written, stale_by_table)
     state = RenderState(
         chains=frozenset(owned),
         service_chains=MappingProxyType(service_chains),
-        service_rules=MappingProxyType({k: len(f.rules) for k, f in new_frags.items() if f.names}),
+        service_rules=MappingProxyType({k: f.n_rules for k, f in new_frags.items() if f.names}),
         config=cfg,
         fragments=MappingProxyType(new_frags),
     )
@@ -699,6 +796,7 @@ def render(
         rules=MappingProxyType({FILTER: written[FILTER], NAT: written[NAT] + skipped}),
         rules_written=MappingProxyType(written),
         full=full,
+        pre=tuple(pre),
     )
 
 
@@ -707,6 +805,7 @@ def _assemble(
     top: tuple[list[str], ...],
     n_decl: list[str],
     n_rules: list[str],
+    n_rule_count: int,
     stale: dict[str, list[str]],
 ) -> tuple[str, dict[str, int]]:
     """The restore text: *filter then *nat; returns it and the rule count per table."""
@@ -775,7 +874,7 @@ def _assemble(
     lines += [f"-X {c}" for c in stale_nat]
     lines.append("COMMIT\n")
     nat_count = len(nat_top) + len(top[N_SERVICES]) + len(nodeport_jumps)
-    nat_count += len(top[N_NODEPORTS]) + len(n_rules)
+    nat_count += len(top[N_NODEPORTS]) + n_rule_count
     return "\n".join(lines), {FILTER: len(filter_rules), NAT: nat_count}
 
 

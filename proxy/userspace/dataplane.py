@@ -41,13 +41,10 @@ from proxy.userspace.listeners import (
     listen_error,
     open_listener,
 )
-from proxy.userspace.tcp import TcpEngine, TcpListener, splice_available
+from proxy.userspace.tcp import ENGINES, TcpEngine, TcpListener
 from proxy.userspace.udp import UdpListener
 
 log = logging.getLogger("proxy.userspace")
-
-# Measured in bench/dataplane_bench.py (docs/userspace.md): see _pick_engine.
-DEFAULT_ENGINE = "splice"
 
 
 def raise_nofile_limit() -> tuple[int, int]:
@@ -78,10 +75,8 @@ def laptop_mode(cfg: Config) -> bool:
 
 
 def _pick_engine(choice: str) -> str:
-    if choice == "auto":
-        choice = DEFAULT_ENGINE
-    if choice == "splice" and not splice_available():
-        return "copy"
+    if choice not in ENGINES:
+        raise UsageError(f"userspace TCP engine {choice!r}: use one of {', '.join(ENGINES)}")
     return choice
 
 
@@ -153,7 +148,7 @@ class UserspaceDataPlane:
                     "CAP_NET_ADMIN, or as a normal user for laptop mode"
                 ) from None
             log.info("node mode: Service addresses owned via %s", kind)
-        log.info("userspace TCP engine %s, open files limit %d", engine, soft)
+        log.info("userspace TCP engine %s, open files limit %d", self.tcp.engine, soft)
         self._sweeper = loop.create_task(self._sweep_loop(), name="userspace-sweeper")
 
     async def stop(self) -> None:

@@ -27,6 +27,8 @@ class Target:
     protocol: str
     external: bool  # reached as NodePort/externalIP/LB: externalTrafficPolicy applies
     family: int  # endpoints of this IP family only (4/6); 0: any (laptop mode)
+    # loadBalancerSourceRanges, on LoadBalancer ingress IP listeners only
+    source_ranges: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -64,16 +66,17 @@ def service_listeners(
             problems.append(f"port {p.port}/{p.protocol}: not supported in userspace mode")
             continue
 
-        def want(ip: str, port: int, external: bool, p=p) -> None:
+        def want(ip: str, port: int, external: bool, ranges: tuple = (), p=p) -> None:
             fam = 0 if any_family else ip_family(ip)
-            out.setdefault(
-                (ip, port, p.protocol), Target(svc.key, p.name, p.protocol, external, fam)
-            )
+            t = Target(svc.key, p.name, p.protocol, external, fam, ranges)
+            out.setdefault((ip, port, p.protocol), t)
 
         for ip in svc.cluster_ips:
             want(ip, p.port, False)
-        for ip in svc.external_ips + svc.load_balancer_ips:
+        for ip in svc.external_ips:
             want(ip, p.port, True)
+        for ip in svc.load_balancer_ips:
+            want(ip, p.port, True, svc.load_balancer_source_ranges)
         if node_port_type and p.node_port:
             for ip in node_ips:
                 want(ip, p.node_port, True)

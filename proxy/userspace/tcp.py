@@ -19,6 +19,7 @@ two sockets and a few small objects, never a pipe or a buffer.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
@@ -29,6 +30,7 @@ import resource
 import socket
 import struct
 import time
+from typing import Any
 
 from proxy.userspace.backend import Backend
 from proxy.userspace.listeners import ListenerKey, fmt_key
@@ -37,6 +39,7 @@ from proxy.userspace.metrics import GLOBAL
 log = logging.getLogger("proxy.userspace.tcp")
 
 CONNECT_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
+ENGINES = ("auto", "splice", "copy")
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE = 0.25  # seconds without accepting after EMFILE/ENFILE
 FD_LOG_INTERVAL = 60.0
@@ -74,12 +77,14 @@ class TcpEngine:
         self,
         loop: asyncio.AbstractEventLoop,
         *,
-        engine: str = "splice",
+        engine: str = "auto",
         connect_timeouts: tuple[float, ...] = CONNECT_TIMEOUTS,
         buffer_size: int = 256 * 1024,
         pipe_size: int = 1024 * 1024,
     ) -> None:
-        if engine == "splice" and not splice_available():
+        if engine not in ENGINES:
+            raise ValueError(f"TCP engine {engine!r} not in {ENGINES}")
+        if engine != "copy" and not splice_available():
             engine = "copy"
         self.loop = loop
         self.engine = engine
@@ -87,7 +92,6 @@ class TcpEngine:
         self.buf = memoryview(bytearray(buffer_size))
         self.pipe_size = pipe_size
         self._pipes: list[tuple[int, int]] = []  # empty pipes ready for use; [-1] is "shared"
-        self._pump = SplicePump if engine == "splice" else CopyPump
         self._fd_logged = float("-inf")
         self._fd_hits = 0
         # Descriptors held back for connections already accepted: when the limit is hit,
@@ -199,13 +203,24 @@ class TcpEngine:
 
 
 class TcpListener:
-    __slots__ = ("_handle", "backend", "closed", "engine", "fd", "key", "listening", "sock")
+    __slots__ = (
+        "_handle",
+        "backend",
+        "closed",
+        "engine",
+        "family",
+        "fd",
+        "key",
+        "listening",
+        "sock",
+    )
 
     def __init__(self, engine: TcpEngine, key: ListenerKey, sock: socket.socket, backend: Backend):
         self.engine = engine
         self.key = key
         self.sock = sock
         self.fd = sock.fileno()
+        self.family = int(sock.family)
         self.backend = backend
         self.closed = False
         self.listening = False
@@ -241,7 +256,7 @@ class TcpListener:
                     lst.pause(ACCEPT_PAUSE)
                 return
             try:
-                csock, addr = sock.accept()
+                fd, addr = sock._accept()
             except _AGAIN:
                 return
             except OSError as e:
@@ -251,7 +266,16 @@ class TcpListener:
                         lst.pause(ACCEPT_PAUSE)
                     return
                 continue  # ECONNABORTED & co: that client gave up; the next may not have
-            TcpConn(eng, self.backend, csock, addr[0]).connect()
+            # The C socket type: socket.socket's Python __init__ and enum conversions cost
+            # more than the accept itself at high connection rates.
+            csock = _socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
+            b = self.backend
+            if b.ranges and not b.allows(addr[0]):
+                b.stats.reject("source_range")  # loadBalancerSourceRanges: not for this client
+                csock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+                csock.close()
+                continue
+            TcpConn(eng, b, csock, addr[0]).connect()
             if not self.listening:  # descriptors ran short serving it: accept no more now
                 return
 
@@ -289,22 +313,23 @@ class TcpConn:
         "watching",
     )
 
-    def __init__(self, engine: TcpEngine, backend: Backend, csock: socket.socket, client_ip: str):
+    def __init__(self, engine: TcpEngine, backend: Backend, csock: Any, client_ip: str):
         self.engine = engine
         self.backend = backend
         self.csock = csock
         self.client_ip = client_ip
-        self.bsock: socket.socket | None = None
+        self.bsock: Any = None  # _socket.socket
         self.ep = None
         self.tried: list = []
         self.attempt = 0
         self.timer: asyncio.TimerHandle | None = None
         self.watching = False
-        self.up: CopyPump | SplicePump | None = None
-        self.down: CopyPump | SplicePump | None = None
+        self.up: Pump | None = None
+        self.down: Pump | None = None
         self.closed = False
         self.last = _now()
         csock.setblocking(False)
+        csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         engine.nfds += 1
         backend.conns.add(self)
         st = backend.stats
@@ -328,12 +353,12 @@ class TcpConn:
         fam = socket.AF_INET6 if ":" in ep.ip else socket.AF_INET
         typ = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
         try:
-            bs = socket.socket(fam, typ)
+            bs = _socket.socket(fam, typ)
         except OSError as e:
             bs = None
             if e.errno in FD_ERRORS and eng.use_reserve(f"connect for {self.backend.label}", e):
                 with contextlib.suppress(OSError):
-                    bs = socket.socket(fam, typ)
+                    bs = _socket.socket(fam, typ)
             if bs is None:
                 self.reject("fd_limit")
                 return
@@ -402,9 +427,8 @@ class TcpConn:
         if b.balancer.succeeded(self.ep):
             log.info("%s: endpoint %s answers again", b.label, self.ep)
         self.tried = None
-        pump = self.engine._pump
-        self.up = pump(self, self.csock, self.bsock, True)
-        self.down = pump(self, self.bsock, self.csock, False)
+        self.up = Pump(self, self.csock, self.bsock, True)
+        self.down = Pump(self, self.bsock, self.csock, False)
         self.up.start()
         self.down.start()
 
@@ -415,10 +439,6 @@ class TcpConn:
         self.close(reset=True)
 
     # -- end -------------------------------------------------------------------------------
-
-    def pump_done(self) -> None:
-        if self.up.done and self.down.done:
-            self.close()
 
     def close(self, reset: bool = False) -> None:
         if self.closed:
@@ -441,100 +461,14 @@ class TcpConn:
         b.stats.active -= 1
 
 
-class CopyPump:
-    """src → dst through one shared buffer; leftovers only when dst is full."""
-
-    __slots__ = ("conn", "dfd", "done", "dst", "eof", "loop", "off", "pending", "sfd", "src", "up")
-
-    def __init__(self, conn: TcpConn, src: socket.socket, dst: socket.socket, up: bool):
-        self.conn = conn
-        self.loop = conn.engine.loop
-        self.src = src
-        self.dst = dst
-        self.sfd = src.fileno()
-        self.dfd = dst.fileno()
-        self.up = up
-        self.eof = False
-        self.done = False
-        self.pending: bytes | None = None
-        self.off = 0
-
-    def start(self) -> None:
-        self.loop.add_reader(self.sfd, self.on_readable)
-
-    def stop(self) -> None:
-        if not self.eof and self.pending is None:
-            self.loop.remove_reader(self.sfd)
-        if self.pending is not None:
-            self.loop.remove_writer(self.dfd)
-            self.pending = None
-        self.eof = True
-
-    def on_readable(self) -> None:
-        conn = self.conn
-        buf = conn.engine.buf
-        try:
-            n = self.src.recv_into(buf)
-        except _AGAIN:
-            return
-        except OSError:
-            conn.close(reset=True)
-            return
-        if not n:
-            self.loop.remove_reader(self.sfd)
-            self.eof = True
-            self._finish()
-            return
-        conn.last = _now()
-        st = conn.backend.stats
-        if self.up:
-            st.bytes_to_endpoint += n
-        else:
-            st.bytes_to_client += n
-        try:
-            sent = self.dst.send(buf[:n])
-        except _AGAIN:
-            sent = 0
-        except OSError:
-            conn.close(reset=True)
-            return
-        if sent < n:
-            self.pending = buf[sent:n].tobytes()
-            self.off = 0
-            self.loop.remove_reader(self.sfd)
-            self.loop.add_writer(self.dfd, self.on_writable)
-
-    def on_writable(self) -> None:
-        data = self.pending
-        try:
-            sent = self.dst.send(memoryview(data)[self.off :])
-        except _AGAIN:
-            return
-        except OSError:
-            self.conn.close(reset=True)
-            return
-        self.off += sent
-        if self.off < len(data):
-            return
-        self.pending = None
-        self.loop.remove_writer(self.dfd)
-        self.conn.last = _now()
-        if self.eof:
-            self._finish()
-        else:
-            self.loop.add_reader(self.sfd, self.on_readable)
-
-    def _finish(self) -> None:
-        if self.pending is not None:
-            return  # shut down once the rest is written
-        with contextlib.suppress(OSError):
-            self.dst.shutdown(socket.SHUT_WR)
-        self.done = True
-        self.conn.pump_done()
-
-
-class SplicePump:
-    """src → pipe → dst with os.splice; the pipe is shared until bytes get stuck in it."""
+class Pump:
+    """src → dst. Copy mode: recv_into the engine's shared buffer, send. Splice mode:
+    os.splice socket → pipe → socket, the bytes never enter user space. A pump of the
+    `auto` engine starts copying and turns to splicing the first time a read fills the
+    whole buffer (a bulk flow): small request/response traffic costs two syscalls per
+    message, bulk traffic no copies. When dst cannot take everything, the leftover
+    (bytes, or the pipe holding them) stays with this pump and src is not read until dst
+    drains: at most one chunk is buffered per direction."""
 
     __slots__ = (
         "conn",
@@ -544,17 +478,20 @@ class SplicePump:
         "eng",
         "eof",
         "loop",
+        "off",
         "pending",
         "pipe",
         "sfd",
+        "splicing",
         "src",
         "up",
     )
 
-    def __init__(self, conn: TcpConn, src: socket.socket, dst: socket.socket, up: bool):
+    def __init__(self, conn: TcpConn, src: Any, dst: Any, up: bool):
+        eng = conn.engine
         self.conn = conn
-        self.eng = conn.engine
-        self.loop = conn.engine.loop
+        self.eng = eng
+        self.loop = eng.loop
         self.src = src
         self.dst = dst
         self.sfd = src.fileno()
@@ -562,51 +499,87 @@ class SplicePump:
         self.up = up
         self.eof = False
         self.done = False
-        self.pending = 0  # bytes in self.pipe not yet written to dst
-        self.pipe: tuple[int, int] | None = None  # owned while pending
+        self.splicing = eng.engine == "splice"
+        self.pending: bytes | int | None = None  # bytes (copy) or a count in self.pipe
+        self.off = 0
+        self.pipe: tuple[int, int] | None = None  # held only while bytes are stuck in it
 
     def start(self) -> None:
         self.loop.add_reader(self.sfd, self.on_readable)
 
     def stop(self) -> None:
-        if not self.eof and self.pipe is None:
+        if self.pending is not None:
+            self.loop.remove_writer(self.dfd)
+        elif not self.eof:
             self.loop.remove_reader(self.sfd)
         if self.pipe is not None:
-            self.loop.remove_writer(self.dfd)
             self.eng.release_pipe(self.pipe, empty=False)
             self.pipe = None
+        self.pending = None
         self.eof = True
 
-    def on_readable(self) -> None:
+    def _count(self, n: int) -> None:
         conn = self.conn
-        try:
-            pipe = self.eng.pipe()
-        except OSError as e:
-            pipe = None
-            if e.errno in FD_ERRORS and self.eng.use_reserve(f"pipe for {conn.backend.label}", e):
-                with contextlib.suppress(OSError):
-                    pipe = self.eng.pipe()
-            if pipe is None:
-                conn.close(reset=True)
-                return
-        try:
-            n = os.splice(self.sfd, pipe[1], self.eng.pipe_size, flags=_SPLICE_FLAGS)
-        except _AGAIN:
-            return
-        except OSError:
-            conn.close(reset=True)
-            return
-        if not n:
-            self.loop.remove_reader(self.sfd)
-            self.eof = True
-            self._finish()
-            return
         conn.last = _now()
         st = conn.backend.stats
         if self.up:
             st.bytes_to_endpoint += n
         else:
             st.bytes_to_client += n
+
+    def on_readable(self) -> None:
+        if self.splicing:
+            self._splice()
+            return
+        buf = self.eng.buf
+        try:
+            n = self.src.recv_into(buf)
+        except _AGAIN:
+            return
+        except OSError:
+            self.conn.close(reset=True)
+            return
+        if not n:
+            self._eof()
+            return
+        self._count(n)
+        if n == len(buf) and self.eng.engine == "auto":
+            self.splicing = True  # a bulk flow: zero-copy from the next read on
+        try:
+            sent = self.dst.send(buf[:n])
+        except _AGAIN:
+            sent = 0
+        except OSError:
+            self.conn.close(reset=True)
+            return
+        if sent < n:
+            self.pending = buf[sent:n].tobytes()
+            self.off = 0
+            self._block()
+
+    def _splice(self) -> None:
+        eng = self.eng
+        try:
+            pipe = eng.pipe()
+        except OSError as e:
+            pipe = None
+            if e.errno in FD_ERRORS and eng.use_reserve(f"pipe for {self.conn.backend.label}", e):
+                with contextlib.suppress(OSError):
+                    pipe = eng.pipe()
+            if pipe is None:
+                self.conn.close(reset=True)
+                return
+        try:
+            n = os.splice(self.sfd, pipe[1], eng.pipe_size, flags=_SPLICE_FLAGS)
+        except _AGAIN:
+            return
+        except OSError:
+            self.conn.close(reset=True)
+            return
+        if not n:
+            self._eof()
+            return
+        self._count(n)
         left = n
         try:
             while left:
@@ -615,40 +588,61 @@ class SplicePump:
         except _AGAIN:
             pass
         except OSError:
-            self.eng.take_pipe(pipe)
-            self.eng.release_pipe(pipe, empty=False)
-            conn.close(reset=True)
+            eng.take_pipe(pipe)
+            eng.release_pipe(pipe, empty=False)
+            self.conn.close(reset=True)
             return
-        # dst is full: keep these bytes in this pipe and wait for dst.
-        self.eng.take_pipe(pipe)
+        eng.take_pipe(pipe)  # dst is full: these bytes wait in this pipe
         self.pipe = pipe
         self.pending = left
+        self._block()
+
+    def _block(self) -> None:
         self.loop.remove_reader(self.sfd)
         self.loop.add_writer(self.dfd, self.on_writable)
 
     def on_writable(self) -> None:
         pipe = self.pipe
         try:
-            while self.pending:
-                self.pending -= os.splice(pipe[0], self.dfd, self.pending, flags=_SPLICE_FLAGS)
+            if pipe is not None:
+                left = self.pending
+                while left:
+                    left -= os.splice(pipe[0], self.dfd, left, flags=_SPLICE_FLAGS)
+                    self.pending = left
+            else:
+                data = self.pending
+                self.off += self.dst.send(memoryview(data)[self.off :])
+                if self.off < len(data):
+                    return
         except _AGAIN:
             return
         except OSError:
             self.conn.close(reset=True)
             return
+        if pipe is not None:
+            self.pipe = None
+            self.eng.release_pipe(pipe, empty=True)
+        self.pending = None
         self.loop.remove_writer(self.dfd)
-        self.pipe = None
-        self.eng.release_pipe(pipe, empty=True)
         self.conn.last = _now()
         if self.eof:
             self._finish()
         else:
             self.loop.add_reader(self.sfd, self.on_readable)
 
+    def _eof(self) -> None:
+        self.loop.remove_reader(self.sfd)
+        self.eof = True
+        if self.pending is None:
+            self._finish()
+
     def _finish(self) -> None:
-        if self.pipe is not None:
+        """Everything from src is written: pass the FIN on (half-close)."""
+        self.done = True
+        conn = self.conn
+        other = conn.down if self.up else conn.up
+        if other.done:
+            conn.close()  # both ways finished: close() sends the last FIN itself
             return
         with contextlib.suppress(OSError):
             self.dst.shutdown(socket.SHUT_WR)
-        self.done = True
-        self.conn.pump_done()

@@ -89,6 +89,9 @@ class UdpListener:
                 continue
             sess = sessions.get(addr)
             if sess is None:
+                if not self.backend.allows(addr[0]):  # loadBalancerSourceRanges
+                    st.udp_dropped += 1
+                    continue
                 sess = self._new_session(addr, ())
                 if sess is None:
                     st.udp_dropped += 1

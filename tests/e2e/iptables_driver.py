@@ -64,8 +64,8 @@ class Driver:
         self.texts: dict[int, str] = {}
         dp_mod._timed_render = self._render  # capture (and optionally corrupt) renders
 
-    def _render(self, model, rcfg, changed, previous):
-        res, dt = _real_render(model, rcfg, changed, previous)
+    def _render(self, model, rcfg, changed, previous, chunk_chains=0):
+        res, dt = _real_render(model, rcfg, changed, previous, chunk_chains)
         if self.inject is not None and rcfg.family == 4:
             head, sep, tail = res.text.rpartition("COMMIT")  # the nat table's COMMIT
             res = type(res)(

@@ -208,6 +208,17 @@ def test_endpoint_add_remove_and_service_delete(site, manifests, start_proxy):
     manifests.write("churn-eps", endpoint_slice("churn", [web2, web3], port=8080))
     until_synced(proxy, answered_by({"web-2", "web-3"}), what="endpoint removed")
 
+    # Down to none (its chains go, REJECT comes) and back again, in partial syncs.
+    manifests.write("churn-eps", endpoint_slice("churn", [], port=8080))
+
+    def rejected() -> None:
+        err = refused(site.client, "198.19.10.3", 80, "http")
+        assert isinstance(err, ConnectionRefusedError), f"no endpoints left, got {err!r}"
+
+    until_synced(proxy, rejected, what="last endpoint removed")
+    manifests.write("churn-eps", endpoint_slice("churn", [web1], port=8080))
+    until_synced(proxy, answered_by({"web-1"}, 10), what="endpoint back")
+
     manifests.remove("churn-svc")  # the slice stays behind, as after a kubectl delete svc
 
     def gone() -> None:
@@ -477,6 +488,14 @@ def test_healthz_and_metrics(site, manifests, start_proxy):
         assert "web-3" in spread(site.client, "198.19.10.12", 80, 45)
 
     until_synced(proxy, observed, what="programming latency of an endpoint change")
+    # After that partial sync the rule gauge still matches what the kernel holds.
+    owned = sum(
+        sum(1 for ln in kube_lines(site.node, fam) if ln.startswith("-A KUBE-")) for fam in (4, 6)
+    )
+    text = proxy.metrics()
+    nat_rules = metric(text, "kubeproxy_sync_proxy_rules_iptables_total", table="nat")
+    filter_rules = metric(text, "kubeproxy_sync_proxy_rules_iptables_total", table="filter")
+    assert nat_rules + filter_rules == owned, (nat_rules, filter_rules, owned)
 
 
 # -- 14. masquerading -------------------------------------------------------------------

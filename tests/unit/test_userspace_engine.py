@@ -27,7 +27,7 @@ from proxy.userspace.metrics import STATS
 
 from .factories import endpoint, service, slice_
 
-ENGINES = ["copy", "splice"]
+ENGINES = ["copy", "splice", "auto"]
 
 
 def run(coro: Awaitable) -> None:
