@@ -41,27 +41,43 @@ def objects(n: int, eps: int = EPS_PER_SVC, *, version: int = 0) -> tuple[list, 
     svcs, slices = [], []
     for i in range(n):
         name = f"svc-{i}"
-        svcs.append({
-            "kind": "Service", "apiVersion": "v1",
-            "metadata": {"name": name, "namespace": "bench"},
-            "spec": {"clusterIP": f"198.19.{i // 256}.{i % 256}",
-                     "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
-        })
+        svcs.append(
+            {
+                "kind": "Service",
+                "apiVersion": "v1",
+                "metadata": {"name": name, "namespace": "bench"},
+                "spec": {
+                    "clusterIP": f"198.19.{i // 256}.{i % 256}",
+                    "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
+                },
+            }
+        )
         endpoints = []
         for j in range(eps):
             k = i * eps + j
-            endpoints.append({"addresses": [f"198.18.{(k // 256) % 256}.{k % 256}"],
-                              "conditions": {"ready": True}, "nodeName": "node-a"})
+            endpoints.append(
+                {
+                    "addresses": [f"198.18.{(k // 256) % 256}.{k % 256}"],
+                    "conditions": {"ready": True},
+                    "nodeName": "node-a",
+                }
+            )
         # Pod IPs wrap at 65k; the port keeps every (ip, port) endpoint distinct.
         port = 8080 + (i * eps) // 65536 + version
-        slices.append({
-            "kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
-            "metadata": {"name": f"{name}-abc", "namespace": "bench",
-                         "labels": {"kubernetes.io/service-name": name}},
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
-            "endpoints": endpoints,
-        })
+        slices.append(
+            {
+                "kind": "EndpointSlice",
+                "apiVersion": "discovery.k8s.io/v1",
+                "metadata": {
+                    "name": f"{name}-abc",
+                    "namespace": "bench",
+                    "labels": {"kubernetes.io/service-name": name},
+                },
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+                "endpoints": endpoints,
+            }
+        )
     return svcs, slices
 
 
@@ -78,19 +94,27 @@ def changed_slice(svc_index: int, eps: int = EPS_PER_SVC, generation: int = 1) -
 
 def _restore(binary: str, text: str) -> float:
     t0 = time.perf_counter()
-    r = subprocess.run([binary, "-w", "5", "--noflush", "--counters"], input=text.encode(),
-                       capture_output=True)
+    r = subprocess.run(
+        [binary, "-w", "5", "--noflush", "--counters"], input=text.encode(), capture_output=True
+    )
     dt = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"{binary} failed: {r.stderr.decode()[:500]}")
     return dt
 
 
+def _apply(binary: str, res) -> float:
+    """Restore a RenderResult the way the data plane does: chunks (nft), then the text."""
+    return sum(_restore(binary, part) for part in res.pre) + _restore(binary, res.text)
+
+
 def inner(n: int, repeat: int, backend: str) -> dict:
     from proxy.endpoints.store import ENDPOINT_SLICE, SERVICE, Store
+    from proxy.iptables.dataplane import NFT_CHUNK_CHAINS
     from proxy.iptables.render import RenderConfig, render
 
     binary = f"iptables-{backend}-restore"
+    chunk = NFT_CHUNK_CHAINS if backend == "nft" else 0
     store = Store()
     svcs, slices = objects(n)
     store.replace(SERVICE, svcs)
@@ -103,9 +127,9 @@ def inner(n: int, repeat: int, backend: str) -> dict:
     for _ in range(repeat):
         # Cold render (no previous state, so no fragment reuse): the honest full-sync cost.
         t0 = time.perf_counter()
-        res = render(model, cfg, changed=None, previous=None)
+        res = render(model, cfg, changed=None, previous=None, chunk_chains=chunk)
         renders.append(time.perf_counter() - t0)
-        restores.append(_restore(binary, res.text))
+        restores.append(_apply(binary, res))
         state = res.state
     rules = dict(res.rules)
 
@@ -115,17 +139,23 @@ def inner(n: int, repeat: int, backend: str) -> dict:
         snap = store.snapshot()
         assert snap.changed, "the endpoint change was not tracked"
         t0 = time.perf_counter()
-        res = render(snap.model, cfg, changed=snap.changed, previous=state)
+        res = render(snap.model, cfg, changed=snap.changed, previous=state, chunk_chains=chunk)
         p_render.append(time.perf_counter() - t0)
-        p_restore.append(_restore(binary, res.text))
+        p_restore.append(_apply(binary, res))
         state = res.state
     med = statistics.median
     return {
-        "services": n, "endpoints": n * EPS_PER_SVC, "backend": backend, "rules": rules,
-        "full_render_s": med(renders), "full_restore_s": med(restores),
+        "services": n,
+        "endpoints": n * EPS_PER_SVC,
+        "backend": backend,
+        "rules": rules,
+        "full_render_s": med(renders),
+        "full_restore_s": med(restores),
         "full_restore_first_s": restores[0],
-        "partial_render_s": med(p_render), "partial_restore_s": med(p_restore),
+        "partial_render_s": med(p_render),
+        "partial_restore_s": med(p_restore),
         "partial_text_lines": res.text.count("\n"),
+        "restore_chunks": len(render(model, cfg, chunk_chains=chunk).pre) + 1,
     }
 
 
@@ -138,9 +168,23 @@ def sh(*argv: str, **kw) -> subprocess.CompletedProcess:
 
 def run_inner(ns: str, n: int, repeat: int, backend: str) -> dict:
     r = subprocess.run(
-        ["ip", "netns", "exec", ns, sys.executable, __file__, "--inner", str(n),
-         "--repeat", str(repeat), "--backend", backend],
-        capture_output=True, text=True, timeout=1800,
+        [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            sys.executable,
+            __file__,
+            "--inner",
+            str(n),
+            "--repeat",
+            str(repeat),
+            "--backend",
+            backend,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     if r.returncode != 0:
         raise SystemExit(f"inner benchmark failed:\n{r.stderr[-3000:]}")
@@ -164,9 +208,22 @@ def daemon_latency(ns: str, n: int, repeat: int, workdir: Path) -> dict:
     port = 16443
     api_log = open(workdir / f"apiserver-{n}.log", "w")  # noqa: SIM115
     api = subprocess.Popen(
-        ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.apiserver",
-         "--listen", f"127.0.0.1:{port}", "--load", str(load)],
-        cwd=ROOT, stdout=api_log, stderr=subprocess.STDOUT,
+        [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            sys.executable,
+            "-m",
+            "tests.apiserver",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--load",
+            str(load),
+        ],
+        cwd=ROOT,
+        stdout=api_log,
+        stderr=subprocess.STDOUT,
     )
     daemon = None
     try:
@@ -177,12 +234,25 @@ def daemon_latency(ns: str, n: int, repeat: int, workdir: Path) -> dict:
         dlog_path = workdir / f"daemon-{n}.log"
         dlog = open(dlog_path, "w")  # noqa: SIM115
         daemon = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "proxy",
-             f"--kubeconfig={kubeconfig}", "--hostname-override=node-a",
-             "--cluster-cidr=198.18.0.0/16", "--iptables-min-sync-period=0s",
-             "--healthz-bind-address=127.0.0.1:10256", "--metrics-bind-address=",
-             "--iptables-sync-period=1h"],
-            cwd=ROOT, stdout=dlog, stderr=subprocess.STDOUT,
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                sys.executable,
+                "-m",
+                "proxy",
+                f"--kubeconfig={kubeconfig}",
+                "--hostname-override=node-a",
+                "--cluster-cidr=198.18.0.0/16",
+                "--iptables-min-sync-period=0s",
+                "--healthz-bind-address=127.0.0.1:10256",
+                "--metrics-bind-address=",
+                "--iptables-sync-period=1h",
+            ],
+            cwd=ROOT,
+            stdout=dlog,
+            stderr=subprocess.STDOUT,
         )
         t0 = time.monotonic()
         _wait_log(dlog_path, "synced", 1, 600, daemon)
@@ -198,8 +268,13 @@ def daemon_latency(ns: str, n: int, repeat: int, workdir: Path) -> dict:
             lat.append(_log_time(line) - t0)
             time.sleep(0.3)
         rss_after = rss_mb(_child_pid(daemon.pid))
-        return {"first_sync_s": first_sync, "event_to_applied_s": statistics.median(lat),
-                "event_to_applied_all_s": lat, "rss_mb": rss, "rss_after_changes_mb": rss_after}
+        return {
+            "first_sync_s": first_sync,
+            "event_to_applied_s": statistics.median(lat),
+            "event_to_applied_all_s": lat,
+            "rss_mb": rss,
+            "rss_after_changes_mb": rss_after,
+        }
     finally:
         for p in (daemon, api):
             if p is not None and p.poll() is None:
@@ -250,8 +325,9 @@ def plot(results: list[dict], path: Path) -> None:
     x = range(len(results))
     w = 0.38
     ax[0].bar([i - w / 2 for i in x], [r["full_render_s"] for r in results], w, label="render")
-    ax[0].bar([i + w / 2 for i in x], [r["full_restore_s"] for r in results], w,
-              label="iptables-restore")
+    ax[0].bar(
+        [i + w / 2 for i in x], [r["full_restore_s"] for r in results], w, label="iptables-restore"
+    )
     ax[0].set_xticks(list(x), labels)
     ax[0].set_ylabel("seconds")
     ax[0].set_title("full sync")
@@ -320,8 +396,12 @@ def main() -> int:
                 f"sync), RSS {d['rss_mb']:.0f} MB",
                 flush=True,
             )
-    out = {"machine": os.uname().nodename, "cores": os.cpu_count(),
-           "when": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}
+    out = {
+        "machine": os.uname().nodename,
+        "cores": os.cpu_count(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "results": results,
+    }
     (RESULTS / "control_plane.json").write_text(json.dumps(out, indent=2))
     plot(results, RESULTS / "control_plane.png")
     print(f"wrote {RESULTS / 'control_plane.json'} and control_plane.png")

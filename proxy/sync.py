@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from proxy import metrics
+from proxy import memory, metrics
 from proxy.dataplane import DataPlane
 from proxy.endpoints.store import Snapshot, Store
 from proxy.health import HealthState
@@ -24,6 +24,9 @@ from proxy.model import Model
 log = logging.getLogger("proxy.sync")
 
 ModelListener = Callable[[Model], None]
+
+# Full syncs of clusters this large free a lot of heap (render text, restore input).
+TRIM_AFTER_SERVICES = 1000
 
 
 class SyncRunner:
@@ -147,6 +150,8 @@ class SyncRunner:
         if full:
             self._last_full = now_mono
             metrics.SYNC_FULL_PROXY_RULES_DURATION.observe(dt)
+            if svc_count >= TRIM_AFTER_SERVICES:
+                await asyncio.to_thread(memory.trim)
         else:
             metrics.SYNC_PARTIAL_PROXY_RULES_DURATION.observe(dt)
         metrics.SYNC_PROXY_RULES_DURATION.observe(dt)

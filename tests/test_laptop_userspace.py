@@ -219,9 +219,10 @@ def test_laptop_mode_serves_services_on_loopback_as_a_normal_user():
                 time.sleep(0.2)
             # Nothing in the kernel changed.
             assert addresses_and_links() == before
-            assert "kube-proxy-py0" not in subprocess.run(
-                ["ip", "link"], capture_output=True, text=True
-            ).stdout
+            assert (
+                "kube-proxy-py0"
+                not in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
+            )
         finally:
             if daemon.poll() is None:
                 daemon.send_signal(signal.SIGTERM)

@@ -192,7 +192,11 @@ class Handler:
             return None
         try:
             req = DNSRecord.parse(data)
+            # dnslib reads label lengths 64-191 as lengths; the wire format does not.
+            ok = all(_name_ok(q.qname.label) for q in req.questions)
         except Exception:
+            ok = False
+        if not ok:
             self.stats.query(("other", "FORMERR"), "zone", _monotonic() - t0)
             return formerr(data)
         opts = [rr for rr in req.ar if rr.rtype == OPT]
@@ -200,8 +204,8 @@ class Handler:
         canon = _canonical(req, opts)
         if canon is None:  # protocol errors: answered as they are, never cached
             res = answer(self.zone, req)
-            if not isinstance(res, Reply):
-                return None
+            if not isinstance(res, Reply):  # cannot happen: these are all errors
+                return formerr(data)
             out = bytes(res.record.pack())  # small: header, question, OPT at most
             q = res.record.q if res.record.questions else None
             rcode = res.record.header.rcode
@@ -247,6 +251,10 @@ class Handler:
         return self._forward(key, e, ev, qid, fidx, qwire, limit, t0)  # type: ignore[arg-type]
 
 
+def _name_ok(labels: tuple[bytes, ...]) -> bool:
+    return all(0 < len(lb) <= 63 for lb in labels) and sum(len(lb) + 1 for lb in labels) < 256
+
+
 def _canonical(req: DNSRecord, opts: list) -> tuple[bytes, DNSRecord, bytes, int] | None:
     """(key, canonical request, client's question bytes, EDNS variant), or None when the
     reply depends on more than the question and the EDNS variant (protocol errors)."""
@@ -261,11 +269,7 @@ def _canonical(req: DNSRecord, opts: list) -> tuple[bytes, DNSRecord, bytes, int
         ev = EV_EDNS_DO if o.ttl & 0x8000 else EV_EDNS
     q = req.q
     labels = q.qname.label
-    if any(len(lb) > 63 for lb in labels):
-        return None
-    name = encode_name(labels)
-    if len(name) > 255:
-        return None
+    name = encode_name(labels)  # valid: checked by _name_ok
     tail = struct.pack("!HH", q.qtype, q.qclass)
     lower = tuple(lb.lower() for lb in labels)
     creq = DNSRecord(DNSHeader(id=0, rd=0), q=DNSQuestion(DNSLabel(lower), q.qtype, q.qclass))
@@ -326,7 +330,6 @@ class UdpServer:
                         if ce is not None and ce.expires > t0:
                             e = ce.entry(0, t0)
                             cache.move_to_end(ukey)
-                            stats.cache_hits += 1
                         h_, si = chist, 1
                     else:
                         h_, si = hist, 0
@@ -342,6 +345,8 @@ class UdpServer:
                         except OSError:
                             stats.drop("udp_send_failed")
                         dt = mono() - t0
+                        if si:
+                            stats.cache_hits += 1
                         mk = e.mkey  # type: ignore[union-attr]
                         queries[mk] = queries.get(mk, 0) + 1
                         h_[0 if dt < _B0 else bisect_left(BUCKETS, dt)] += 1

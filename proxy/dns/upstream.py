@@ -181,7 +181,7 @@ class CacheEntry:
         """The reply template; `prefix` (CNAME records) goes before the upstream's answers,
         and `qlabels` (the client's name, when it is not the one asked upstream)."""
         r = self.record
-        hdr = DNSHeader(id=0, qr=1, ra=1, rcode=r.header.rcode)
+        hdr = DNSHeader(id=0, qr=1, rd=0, ra=1, rcode=r.header.rcode)  # RD comes from the query
         q = DNSQuestion(DNSLabel(qlabels or self.labels), self.qtype, self.qclass)
         rec = DNSRecord(hdr, [q])
         for rr in prefix:
@@ -292,6 +292,7 @@ class Forwarder:
         self._channels: dict[Upstream, _UdpChannel] = {}
         self._channel_locks: dict[Upstream, asyncio.Lock] = {}
         self._preferred = 0
+        self._down: dict[str, str] = {}  # upstreams failing since their last answer
 
     # -- cache ---------------------------------------------------------------------------
 
@@ -416,25 +417,33 @@ class Forwarder:
                     data = await self._tcp(up, wire, qsec, min(self.timeout, left))
                     resp = DNSRecord.parse(data)
             except TimeoutError:
-                self.stats.upstream_failure(name, "timeout")
+                self._failed(name, "timeout")
                 continue
             except ConnectionRefusedError:
-                self.stats.upstream_failure(name, "refused")
+                self._failed(name, "refused")
                 continue
             except (OSError, EOFError):
-                self.stats.upstream_failure(name, "error")
+                self._failed(name, "error")
                 continue
             except Exception:  # unparseable reply
-                self.stats.upstream_failure(name, "malformed")
+                self._failed(name, "malformed")
                 continue
             rcode = resp.header.rcode
             if rcode not in (0, 3):  # SERVFAIL, REFUSED, NOTIMP, FORMERR: try the next
-                self.stats.upstream_failure(name, RCODE_NAMES.get(rcode, str(rcode)).lower())
+                self._failed(name, RCODE_NAMES.get(rcode, str(rcode)).lower())
                 continue
             self._preferred = i
+            if self._down.pop(name, None) is not None:
+                log.info("DNS upstream %s answers again", name)
             return resp, len(data)
         log.debug("no upstream answered %s type %d", DNSLabel(labels), qtype)
         return None
+
+    def _failed(self, name: str, reason: str) -> None:
+        self.stats.upstream_failure(name, reason)
+        if name not in self._down:  # one line when an upstream starts failing
+            self._down[name] = reason
+            log.warning("DNS upstream %s failed (%s); trying the next, if any", name, reason)
 
     async def close(self) -> None:
         for ch in self._channels.values():

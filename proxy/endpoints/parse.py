@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
@@ -244,16 +245,9 @@ def parse_service(obj: Any) -> ParsedService:
     return ParsedService(svc, tuple(problems))
 
 
-@dataclass(frozen=True, slots=True)
-class SliceEndpoint:
-    ip: str
-    ready: bool
-    serving: bool
-    terminating: bool
-    node_name: str
-    zone: str
-    hostname: str
-    target_name: str
+# A slice's endpoint is the same record as a merged address: merging then shares the
+# objects instead of copying them (100k endpoints: ~12 MB less).
+SliceEndpoint = EndpointAddress
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,14 +321,17 @@ def parse_slice(obj: Any) -> Slice:
         terminating = bool(cond.get("terminating"))
         ref = ep.get("targetRef") if isinstance(ep.get("targetRef"), dict) else {}
         hostname = ep.get("hostname") if isinstance(ep.get("hostname"), str) else ""
+        node = ep.get("nodeName")
+        zone = ep.get("zone")
         eps.append(
             SliceEndpoint(
                 ip=ip,
                 ready=ready,
                 serving=serving,
                 terminating=terminating,
-                node_name=ep.get("nodeName") if isinstance(ep.get("nodeName"), str) else "",
-                zone=ep.get("zone") if isinstance(ep.get("zone"), str) else "",
+                # A few distinct values repeated 100k times: one copy each.
+                node_name=sys.intern(node) if isinstance(node, str) else "",
+                zone=sys.intern(zone) if isinstance(zone, str) else "",
                 hostname=hostname.lower(),
                 target_name=str(ref.get("name") or ""),
             )
@@ -372,12 +369,7 @@ def merge_slices(slices: list[Slice] | tuple[Slice, ...]) -> ServiceEndpoints:
                 k = (e.ip, port)
                 bucket[k] = _better(bucket[k], e) if k in bucket else e
     # Deterministic order (by address) so rules and answers do not churn on re-lists.
-    addresses = tuple(
-        EndpointAddress(
-            e.ip, e.ready, e.serving, e.terminating, e.node_name, e.zone, e.hostname, e.target_name
-        )
-        for e in sorted(by_ip.values(), key=lambda e: ip_sort_key(e.ip))
-    )
+    addresses = tuple(sorted(by_ip.values(), key=lambda e: ip_sort_key(e.ip)))
     ports: dict[PortKey, tuple[Endpoint, ...]] = {}
     for pk, bucket in by_port.items():
         ports[pk] = tuple(

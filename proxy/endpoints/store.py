@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy import metrics
+from proxy import memory, metrics
 from proxy.endpoints.parse import (
     BadObject,
     Slice,
@@ -34,6 +34,7 @@ log = logging.getLogger("proxy.store")
 SERVICE = "Service"
 ENDPOINT_SLICE = "EndpointSlice"
 KINDS = (SERVICE, ENDPOINT_SLICE)
+TRIM_AFTER_OBJECTS = 2000  # relists at least this large are followed by memory.trim()
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +114,11 @@ class Store:
             for uid in [u for u in current if u not in seen]:
                 changed |= self._delete(kind, uid)
             self._synced.add(kind)
+            big = len(seen) >= TRIM_AFTER_OBJECTS
         self._notify()
         del changed
+        if big:  # the decoded list that fed this is garbage now: give it back
+            memory.trim()
 
     # -- internals (lock held) ---------------------------------------------------------------
 

@@ -201,8 +201,7 @@ class UserspaceDataPlane:
         model = snap.model
         if self.rewriter is not None:
             model = self.rewriter.rewrite(model)
-        elif full or not self._synced_once:
-            assert self.addrs is not None
+        elif self.addrs is not None and (full or not self._synced_once):
             local = await self._netlink(self.addrs.node_addresses)
             self.foreign_ips = set(local)
             self.node_ips = pick_node_addresses(local, self.cfg.nodeport_addresses)

@@ -40,6 +40,7 @@ log = logging.getLogger("proxy.userspace.tcp")
 
 CONNECT_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
 ENGINES = ("auto", "splice", "copy")
+CONNECT_CHECK = 0.05  # seconds between checks of connect deadlines
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE = 0.25  # seconds without accepting after EMFILE/ENFILE
 FD_LOG_INTERVAL = 60.0
@@ -107,6 +108,28 @@ class TcpEngine:
         self.fd_budget = 0
         self.update_budget()
         self.listeners: set[TcpListener] = set()
+        # Connects in progress → deadline; one periodic check instead of a timer per connect.
+        self.connecting: dict[TcpConn, float] = {}
+        self._checking = False
+
+    # -- connect timeouts --------------------------------------------------------------------
+
+    def connect_deadline(self, conn: TcpConn, deadline: float) -> None:
+        self.connecting[conn] = deadline
+        if not self._checking:
+            self._checking = True
+            self.loop.call_later(CONNECT_CHECK, self._check_connects)
+
+    def _check_connects(self) -> None:
+        now = _now()
+        late = [c for c, d in self.connecting.items() if d <= now]
+        for c in late:
+            if self.connecting.pop(c, None) is not None:
+                c.on_timeout()
+        if self.connecting:
+            self.loop.call_later(CONNECT_CHECK, self._check_connects)
+        else:
+            self._checking = False
 
     # -- listeners -------------------------------------------------------------------------
 
@@ -307,7 +330,6 @@ class TcpConn:
         "engine",
         "ep",
         "last",
-        "timer",
         "tried",
         "up",
         "watching",
@@ -322,7 +344,6 @@ class TcpConn:
         self.ep = None
         self.tried: list = []
         self.attempt = 0
-        self.timer: asyncio.TimerHandle | None = None
         self.watching = False
         self.up: Pump | None = None
         self.down: Pump | None = None
@@ -370,9 +391,7 @@ class TcpConn:
             eng.loop.add_writer(bs.fileno(), self._on_connect)
             self.watching = True
             timeouts = eng.connect_timeouts
-            self.timer = eng.loop.call_later(
-                timeouts[min(self.attempt, len(timeouts) - 1)], self._on_timeout
-            )
+            eng.connect_deadline(self, now + timeouts[min(self.attempt, len(timeouts) - 1)])
         elif err == 0:
             self._connected()
         else:
@@ -382,20 +401,19 @@ class TcpConn:
         if self.watching:
             self.engine.loop.remove_writer(self.bsock.fileno())
             self.watching = False
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+            self.engine.connecting.pop(self, None)
 
     def _on_connect(self) -> None:
-        self._stop_watching()
         err = self.bsock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
+            self._stop_watching()
             self._failed(err)
         else:
             self._connected()
+            # After the pumps' add_reader, so the loop keeps this fd's poll handle.
+            self._stop_watching()
 
-    def _on_timeout(self) -> None:
-        self.timer = None
+    def on_timeout(self) -> None:
         self._stop_watching()
         self._failed(errno.ETIMEDOUT)
 

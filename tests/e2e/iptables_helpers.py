@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.testbed import BadReply, Host, Node, ProxyProcess, client_request
+from proxy.testbed import BadReply, Host, Node, ProxyExited, ProxyProcess, client_request
 
 T = TypeVar("T")
 
@@ -233,7 +233,11 @@ def until_synced(
         # Wait for any daemon to log another sync.
         while all(p.sync_count() <= n for p, n in zip(procs, counts, strict=True)):
             for p in procs:
-                p._check_alive("a check waited for it to sync")
+                if not p.alive():
+                    raise ProxyExited(
+                        f"proxy on {p.node.name} exited with {p.returncode} while a check "
+                        f"waited for it to sync:\n{p.log_tail()}"
+                    )
             if time.monotonic() > deadline:
                 tails = "\n".join(f"--- {p.node.name}:\n{p.log_tail(15)}" for p in procs)
                 raise AssertionError(

@@ -76,7 +76,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         proxy = None
         try:
             kubeconfig = api.kubeconfig(work / "kubeconfig")
-            proxy = node.start_proxy(proxy_args(node, kubeconfig=kubeconfig))
+            # 100ms: bursts of watch events coalesce into one sync (the bounded-frequency path).
+            args = proxy_args(node, kubeconfig=kubeconfig, min_sync="100ms")
+            proxy = node.start_proxy(args)
             proxy.wait_ready()
             yield Site(tb, node, webs, client, api, proxy)
         finally:

@@ -17,8 +17,12 @@ def service(
     if ip is not None:
         s["clusterIP"] = ip
     s.update(spec)
-    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
-            "spec": s}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": s,
+    }
 
 
 def endpoint(ip: str, *, ready: bool = True, node: str = "node-a", **extra: Any) -> dict:
@@ -50,6 +54,8 @@ def slice_(
             "annotations": annotations or {},
         },
         "addressType": address_type,
-        "ports": ports if ports is not None else [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "ports": ports
+        if ports is not None
+        else [{"name": "http", "port": 8080, "protocol": "TCP"}],
         "endpoints": endpoints if endpoints is not None else [endpoint("198.18.1.10")],
     }

@@ -20,8 +20,9 @@ def test_defaults_follow_kube_proxy() -> None:
     assert c.masquerade_mark == "0x4000"
 
 
-@pytest.mark.parametrize("text, secs", [("30s", 30), ("1m30s", 90), ("500ms", 0.5), ("2", 2),
-                                        ("1h", 3600)])
+@pytest.mark.parametrize(
+    "text, secs", [("30s", 30), ("1m30s", 90), ("500ms", 0.5), ("2", 2), ("1h", 3600)]
+)
 def test_durations(text: str, secs: float) -> None:
     assert parse_duration(text) == secs
 
@@ -79,8 +80,9 @@ def test_user_errors_are_usage_errors(argv: list[str], msg: str) -> None:
     ],
 )
 def test_cli_errors_are_one_line(argv: list[str], msg: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "proxy", *argv], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "proxy", *argv], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr

@@ -280,3 +280,20 @@ def test_label_case_does_not_leak_between_clients() -> None:
     b = DNSRecord.parse(run(h, query(f"web.default.svc.{Z}")))  # type: ignore[arg-type]
     assert str(a.q.qname).startswith("WEB.") and str(b.q.qname).startswith("web.")
     assert a.rr[0].rname == DNSLabel(f"WEB.default.svc.{Z}")
+
+
+def test_aging_a_template_lowers_every_ttl_but_not_the_opt_flags() -> None:
+    from dnslib import NS, RR, A
+
+    from proxy.dns.wire import entry_from_record
+
+    rec = DNSRecord(DNSHeader(id=0, qr=1, rd=0, ra=1), q=DNSQuestion("a.example.org"))
+    rec.add_answer(RR("a.example.org", QTYPE.A, rdata=A("192.0.2.1"), ttl=30))
+    rec.add_auth(RR("example.org", QTYPE.NS, rdata=NS("ns.example.org"), ttl=5))
+    rec.add_ar(RR("ns.example.org", QTYPE.A, rdata=A("192.0.2.2"), ttl=100))
+    rec.add_ar(EDNS0(udp_len=1232, flags="do"))
+    e = entry_from_record(rec).aged(10)
+    got = DNSRecord.parse(e.full)
+    assert [r.ttl for r in (*got.rr, *got.auth)] == [20, 0]
+    assert [(r.rtype, r.ttl) for r in got.ar] == [(1, 90), (41, 0x8000)]
+    assert DNSRecord.parse(e.noadd).ar[0].ttl == 0x8000  # type: ignore[arg-type]

@@ -174,6 +174,41 @@ def test_upstream_down_gives_servfail() -> None:
     with_server(body)
 
 
+def test_udp_fast_path_serves_cached_upstream_answers_with_aged_ttls(monkeypatch) -> None:
+    """The UDP loop's inlined cache path equals the handler's, and TTLs count down."""
+    import time as _time
+
+    import proxy.dns.server as srv_mod
+    import proxy.dns.upstream as up_mod
+
+    now = [_time.monotonic()]
+
+    class FakeTime:
+        @staticmethod
+        def monotonic() -> float:
+            return now[0]
+
+    monkeypatch.setattr(up_mod, "time", FakeTime)
+    monkeypatch.setattr(srv_mod, "_monotonic", FakeTime.monotonic)
+
+    async def body(srv: DnsServer, stub: StubServer) -> None:
+        assert srv.address is not None
+        first = await udp(srv.address, query("aged.example.org", qid=1))
+        assert first.rr[0].ttl == 60
+        now[0] += 7
+        hits = srv._handler.stats.cache_hits
+        rec = await udp(srv.address, query("AGED.example.org", qid=2, rd=0))
+        assert rec.rr[0].ttl == 53 and str(rec.q.qname) == "AGED.example.org."
+        assert rec.header.rd == 0 and rec.header.id == 2
+        assert srv._handler.stats.cache_hits == hits + 1
+        assert stub.counts["aged.example.org."] == 1
+        # Byte for byte what the handler itself answers.
+        data = query("AGED.example.org", qid=2, rd=0)
+        assert DNSRecord.parse(srv._handler.handle(data)).pack() == rec.pack()  # type: ignore[arg-type]
+
+    with_server(body)
+
+
 def test_only_the_given_address_answers() -> None:
     """Bound to 127.0.0.1: the same port on 127.0.0.2 (also loopback) gets nothing."""
 

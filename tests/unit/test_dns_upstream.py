@@ -98,6 +98,24 @@ def test_forwards_and_caches_with_aging_ttls() -> None:
     scenario(body, clock=clock)
 
 
+def test_forwarded_replies_echo_id_rd_cd_and_question_case() -> None:
+    async def body(h: Handler, stubs: list[StubServer]) -> None:
+        for rd in (0, 1):
+            for cd in (0, 1):
+                for attempt in range(2):  # fresh from upstream, then from the cache
+                    data = query("Flags.Example.org", qid=100 + rd * 2 + cd, rd=rd, cd=cd)
+                    rec = await ask(h, data)
+                    assert (rec.header.id, rec.header.rd, rec.header.cd) == (
+                        100 + rd * 2 + cd,
+                        rd,
+                        cd,
+                    )
+                    assert str(rec.q.qname) == "Flags.Example.org." and rec.rr, attempt
+        assert stubs[0].counts["flags.example.org."] == 2  # CD is part of the cache key
+
+    scenario(body)
+
+
 def test_negative_answers_are_cached_for_the_soa_minimum() -> None:
     clock = Clock()
 

@@ -63,7 +63,7 @@ def test_healthz_http_codes_and_body() -> None:
         await server.stop()
         return out
 
-    (c1, b1), (c2, b2), (c3, b3), (c4, m) = asyncio.run(scenario())
+    (c1, b1), (c2, b2), (c3, _b3), (c4, m) = asyncio.run(scenario())
     assert c1 == 200 and b1["nodeEligible"] is True and "lastUpdated" in b1
     assert c2 == 200 and "nodeEligible" not in b2
     assert c3 == 503
@@ -72,11 +72,29 @@ def test_healthz_http_codes_and_body() -> None:
 
 def test_local_endpoint_counts() -> None:
     store = Store()
-    store.replace(SERVICE, [service("lb", type="LoadBalancer", externalTrafficPolicy="Local",
-                                    healthCheckNodePort=32100), service("plain")])
-    store.replace(ENDPOINT_SLICE, [slice_("lb", endpoints=[
-        endpoint("198.18.1.1", node="a"), endpoint("198.18.1.2", node="a"),
-        endpoint("198.18.2.1", node="b"), endpoint("198.18.1.3", node="a", ready=False)])])
+    store.replace(
+        SERVICE,
+        [
+            service(
+                "lb", type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=32100
+            ),
+            service("plain"),
+        ],
+    )
+    store.replace(
+        ENDPOINT_SLICE,
+        [
+            slice_(
+                "lb",
+                endpoints=[
+                    endpoint("198.18.1.1", node="a"),
+                    endpoint("198.18.1.2", node="a"),
+                    endpoint("198.18.2.1", node="b"),
+                    endpoint("198.18.1.3", node="a", ready=False),
+                ],
+            )
+        ],
+    )
     model = store.snapshot().model
     assert local_endpoint_counts(model, "a") == {("default", "lb"): (32100, 2)}
     assert local_endpoint_counts(model, "c") == {("default", "lb"): (32100, 0)}
@@ -85,8 +103,14 @@ def test_local_endpoint_counts() -> None:
 def test_service_health_server_answers_with_local_count() -> None:
     port = _free_port()
     store = Store()
-    store.replace(SERVICE, [service("lb", type="LoadBalancer", externalTrafficPolicy="Local",
-                                    healthCheckNodePort=port)])
+    store.replace(
+        SERVICE,
+        [
+            service(
+                "lb", type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=port
+            )
+        ],
+    )
     store.replace(ENDPOINT_SLICE, [slice_("lb", endpoints=[endpoint("198.18.1.1", node="a")])])
     model = store.snapshot().model
     store.replace(ENDPOINT_SLICE, [])
@@ -99,8 +123,13 @@ def test_service_health_server_answers_with_local_count() -> None:
             for m in (model, empty):
                 await srv.update(m)
                 async with http.get(f"http://127.0.0.1:{port}/") as r:
-                    out.append((r.status, json.loads(await r.text()),
-                                r.headers["X-Load-Balancing-Endpoint-Weight"]))
+                    out.append(
+                        (
+                            r.status,
+                            json.loads(await r.text()),
+                            r.headers["X-Load-Balancing-Endpoint-Weight"],
+                        )
+                    )
         await srv.stop()
         return out
 

@@ -391,3 +391,30 @@ def test_chunking_splits_whole_services() -> None:
     k = FakeKernel()
     _apply_all(k, r)
     assert k.tables == kernel_after(render(model, CFG4)).tables
+
+
+@SETTINGS
+@given(model_pair_st(), st.sampled_from([CFG4, CFG6]))
+def test_state_without_text_still_renders_exactly(
+    pair: tuple[Model, Model, frozenset[ServiceKey]], cfg: RenderConfig
+) -> None:
+    """Large rulesets keep no chain text in the state; partial and full renders on such
+    a state must still end in exactly the tables of a fresh full render."""
+    import proxy.iptables.render as render_mod
+
+    m0, m1, changed = pair
+    saved = render_mod.TEXT_CACHE_MAX_RULES
+    render_mod.TEXT_CACHE_MAX_RULES = 0
+    try:
+        first = render(m0, cfg)
+        assert all(not f.decl for f in first.state.fragments.values())
+        k = kernel_after(first)
+        part = render(m1, cfg, changed=changed, previous=first.state)
+        k.restore(part.text)
+        full = render(m1, cfg, previous=part.state)
+        k.restore(full.text)
+    finally:
+        render_mod.TEXT_CACHE_MAX_RULES = saved
+    expected = kernel_after(render(m1, cfg)).tables
+    assert k.tables == expected
+    assert full.rules == render(m1, cfg).rules

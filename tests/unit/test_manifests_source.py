@@ -18,8 +18,9 @@ def _write(path, *docs) -> None:
 def test_directory_and_list_kind(tmp_path) -> None:
     _write(tmp_path / "a.yaml", service("web"), slice_("web"))
     (tmp_path / "b.json").write_text(
-        '{"kind": "List", "items": [' + yaml.safe_dump(service("db", ip="198.19.0.11"),
-                                                       default_flow_style=True) + "]}"
+        '{"kind": "List", "items": ['
+        + yaml.safe_dump(service("db", ip="198.19.0.11"), default_flow_style=True)
+        + "]}"
     )
     (tmp_path / "notes.txt").write_text("ignored")
     _write(tmp_path / "deploy.yaml", {"kind": "Deployment", "metadata": {"name": "x"}})
@@ -44,7 +45,8 @@ def test_edits_are_picked_up_and_bad_yaml_keeps_previous(tmp_path, caplog) -> No
     snap = store.snapshot()
     assert snap.changed == {("default", "web")}
     assert [e.ip for e in snap.model.endpoints[("default", "web")].ports[("http", "TCP")]] == [
-        "198.18.1.77"]
+        "198.18.1.77"
+    ]
 
     f.write_text("kind: Service\nmetadata: {name: [unclosed\n")
     with caplog.at_level(logging.WARNING):

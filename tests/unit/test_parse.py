@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,9 +24,7 @@ def test_clusterip_service_defaults() -> None:
 
 
 def test_dual_stack_and_ipv6_normalized() -> None:
-    svc = parse_service(
-        service(ip=None, clusterIPs=["198.19.0.10", "FD00:19:0::000a"])
-    ).service
+    svc = parse_service(service(ip=None, clusterIPs=["198.19.0.10", "FD00:19:0::000a"])).service
     assert svc.cluster_ips == ("198.19.0.10", "fd00:19::a")
 
 
@@ -140,17 +140,22 @@ def test_slice_without_service_label_or_fqdn() -> None:
 
 def test_trigger_time_annotation() -> None:
     sl = parse_slice(
-        slice_(annotations={"endpoints.kubernetes.io/last-change-trigger-time":
-                            "2026-01-02T03:04:05Z"})
+        slice_(
+            annotations={"endpoints.kubernetes.io/last-change-trigger-time": "2026-01-02T03:04:05Z"}
+        )
     )
     assert sl.trigger_time == 1767323045.0
 
 
 def test_merge_dedupes_and_prefers_ready_copy() -> None:
-    a = parse_slice(slice_(name="web-a", endpoints=[endpoint("198.18.1.2", ready=False),
-                                                    endpoint("198.18.1.1")]))
-    b = parse_slice(slice_(name="web-b", endpoints=[endpoint("198.18.1.2"),
-                                                    endpoint("198.18.1.3")]))
+    a = parse_slice(
+        slice_(
+            name="web-a", endpoints=[endpoint("198.18.1.2", ready=False), endpoint("198.18.1.1")]
+        )
+    )
+    b = parse_slice(
+        slice_(name="web-b", endpoints=[endpoint("198.18.1.2"), endpoint("198.18.1.3")])
+    )
     se = merge_slices([b, a])
     eps = se.ports[("http", "TCP")]
     assert [(e.ip, e.port, e.ready) for e in eps] == [
@@ -164,11 +169,23 @@ def test_merge_dedupes_and_prefers_ready_copy() -> None:
 
 def test_usable_endpoints_terminating_fallback_and_local() -> None:
     svc = parse_service(service()).service
-    se = merge_slices([parse_slice(slice_(endpoints=[
-        endpoint("198.18.1.1", ready=False, serving=True, terminating=True, node="n1"),
-        endpoint("198.18.1.2", ready=False, serving=False, terminating=True, node="n1"),
-        endpoint("198.18.2.1", ready=True, node="n2"),
-    ]))])
+    se = merge_slices(
+        [
+            parse_slice(
+                slice_(
+                    endpoints=[
+                        endpoint(
+                            "198.18.1.1", ready=False, serving=True, terminating=True, node="n1"
+                        ),
+                        endpoint(
+                            "198.18.1.2", ready=False, serving=False, terminating=True, node="n1"
+                        ),
+                        endpoint("198.18.2.1", ready=True, node="n2"),
+                    ]
+                )
+            )
+        ]
+    )
     eps = se.for_port(svc.ports[0])
     assert [e.ip for e in usable_endpoints(svc, eps, "n2", local_only=False)] == ["198.18.2.1"]
     # On n1 only local ones count: none ready → the serving+terminating one.
@@ -178,8 +195,9 @@ def test_usable_endpoints_terminating_fallback_and_local() -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=20),
-    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=12), kids,
-                                                              max_size=5),
+    lambda kids: (
+        st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=12), kids, max_size=5)
+    ),
     max_leaves=30,
 )
 
@@ -192,7 +210,5 @@ def test_parsers_never_crash_on_garbage(spec, status, eps, ports) -> None:
     sl = slice_()
     sl["endpoints"], sl["ports"] = eps, ports
     for fn, obj in ((parse_service, svc), (parse_slice, sl)):
-        try:
+        with contextlib.suppress(BadObject):
             fn(obj)
-        except BadObject:
-            pass

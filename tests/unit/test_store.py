@@ -83,19 +83,25 @@ def test_bad_update_keeps_previous_version(store: Store, caplog) -> None:
 def test_multiple_slices_merge_and_relabel() -> None:
     s = Store()
     s.replace(SERVICE, [service("web"), service("api", ip="198.19.0.12")])
-    s.replace(ENDPOINT_SLICE, [
-        slice_("web", "web-1", endpoints=[endpoint("198.18.1.1")]),
-        slice_("web", "web-2", endpoints=[endpoint("198.18.1.2"), endpoint("198.18.1.1")]),
-    ])
+    s.replace(
+        ENDPOINT_SLICE,
+        [
+            slice_("web", "web-1", endpoints=[endpoint("198.18.1.1")]),
+            slice_("web", "web-2", endpoints=[endpoint("198.18.1.2"), endpoint("198.18.1.1")]),
+        ],
+    )
     m = s.snapshot().model
     assert [e.ip for e in m.endpoints[("default", "web")].ports[("http", "TCP")]] == [
-        "198.18.1.1", "198.18.1.2"]
+        "198.18.1.1",
+        "198.18.1.2",
+    ]
     # web-2 now belongs to api: both Services change.
     s.upsert(ENDPOINT_SLICE, slice_("api", "web-2", endpoints=[endpoint("198.18.1.2")]))
     snap = s.snapshot()
     assert snap.changed == {("default", "web"), ("default", "api")}
     assert [e.ip for e in snap.model.endpoints[("default", "web")].ports[("http", "TCP")]] == [
-        "198.18.1.1"]
+        "198.18.1.1"
+    ]
 
 
 def test_orphan_slice_logged_once_and_used_when_service_arrives(caplog) -> None:
@@ -108,8 +114,9 @@ def test_orphan_slice_logged_once_and_used_when_service_arrives(caplog) -> None:
     assert caplog.text.count("Service default/late is unknown") == 1
     s.upsert(SERVICE, service("late"))
     snap = s.snapshot()
-    assert snap.model.endpoints_for(snap.model.services[("default", "late")],
-                                    snap.model.services[("default", "late")].ports[0])
+    assert snap.model.endpoints_for(
+        snap.model.services[("default", "late")], snap.model.services[("default", "late")].ports[0]
+    )
 
 
 def test_trigger_time_is_earliest_pending() -> None:
@@ -119,8 +126,12 @@ def test_trigger_time_is_earliest_pending() -> None:
     s.snapshot()
     ann = "endpoints.kubernetes.io/last-change-trigger-time"
     s.upsert(ENDPOINT_SLICE, slice_("web", annotations={ann: "2026-01-01T00:00:10Z"}))
-    s.upsert(ENDPOINT_SLICE, slice_("web", endpoints=[endpoint("198.18.1.5")],
-                                     annotations={ann: "2026-01-01T00:00:20Z"}))
+    s.upsert(
+        ENDPOINT_SLICE,
+        slice_(
+            "web", endpoints=[endpoint("198.18.1.5")], annotations={ann: "2026-01-01T00:00:20Z"}
+        ),
+    )
     snap = s.snapshot()
     assert snap.trigger_times[("default", "web")] == 1767225610.0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from proxy.endpoints.store import ENDPOINT_SLICE, SERVICE, Snapshot, Store
 from proxy.health import HealthState
@@ -39,10 +40,8 @@ async def _run_for(runner: SyncRunner, seconds: float, during=None) -> None:
         await during()
     await asyncio.sleep(seconds)
     task.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await task
-    except asyncio.CancelledError:
-        pass
 
 
 def test_burst_coalesces_into_few_syncs() -> None:
@@ -98,7 +97,13 @@ def test_periodic_full_resync() -> None:
 def test_listeners_get_every_model() -> None:
     store, plane = _store(), RecordingPlane()
     seen = []
-    runner = SyncRunner(store, plane, period=30, min_period=0.0, health=HealthState(60),
-                        listeners=[lambda m: seen.append(len(m.services))])
+    runner = SyncRunner(
+        store,
+        plane,
+        period=30,
+        min_period=0.0,
+        health=HealthState(60),
+        listeners=[lambda m: seen.append(len(m.services))],
+    )
     asyncio.run(runner.sync_once())
     assert seen == [2]

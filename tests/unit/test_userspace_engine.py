@@ -689,3 +689,39 @@ def test_udp_unreachable_endpoint_fails_over():
         good[0].close()
 
     run(main())
+
+
+def test_load_balancer_source_ranges_apply_to_lb_ip_listeners_only():
+    async def main():
+        a = await Backend("a").start()
+        async with Harness() as h:
+            # Serve the model as is (no laptop rewrite, which drops LB IPs), on loopback
+            # addresses that need no ownership.
+            h.dp.rewriter = None
+            spec = {
+                "type": "LoadBalancer",
+                "loadBalancerSourceRanges": ["10.0.0.0/8"],
+            }
+            svc = service("lb", ip="127.0.0.2", ports=[{"name": "p", "port": 18080}], **spec)
+            svc["status"] = {"loadBalancer": {"ingress": [{"ip": "127.0.0.3"}]}}
+            lb_slice = slice_(
+                "lb",
+                endpoints=[endpoint("127.0.0.1")],
+                ports=[{"name": "p", "port": a.port, "protocol": "TCP"}],
+            )
+            h.set([svc], [lb_slice])
+            await h.sync(full=True)
+            assert (await hello("127.0.0.2", 18080))[0] == "a"  # ClusterIP: no ranges
+            with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+                await hello("127.0.0.3", 18080)  # LB IP: 127.0.0.1 is not in 10.0.0.0/8
+            assert (
+                metric(
+                    "kubeproxy_userspace_rejected_connections_total",
+                    service="default/lb:p",
+                    reason="source_range",
+                )
+                >= 1
+            )
+        await a.stop()
+
+    run(main())
