@@ -329,7 +329,9 @@ def plot(results: list[dict], path: Path) -> None:
         [i + w / 2 for i in x], [r["full_restore_s"] for r in results], w, label="iptables-restore"
     )
     ax[0].set_xticks(list(x), labels)
-    ax[0].set_ylabel("seconds")
+    ax[0].set_ylabel("seconds (log scale)")
+    ax[0].set_yscale("log")
+    ax[1].set_yscale("log")
     ax[0].set_title("full sync")
     ax[0].legend()
     full = [r["full_render_s"] + r["full_restore_s"] for r in results]
@@ -402,9 +404,10 @@ def main() -> int:
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "results": results,
     }
-    (RESULTS / "control_plane.json").write_text(json.dumps(out, indent=2))
-    plot(results, RESULTS / "control_plane.png")
-    print(f"wrote {RESULTS / 'control_plane.json'} and control_plane.png")
+    stem = "control_plane" if a.backend == "nft" else f"control_plane_{a.backend}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2))
+    plot(results, RESULTS / f"{stem}.png")
+    print(f"wrote {RESULTS / stem}.json and {stem}.png")
     return 0
 
 

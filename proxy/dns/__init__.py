@@ -15,6 +15,7 @@ reply templates), server.py (packet handler, UDP and TCP servers), upstream.py
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -150,5 +151,7 @@ class DnsServer:
         if self._tcp_server is not None:
             self._tcp_server.close()
             await self._tcp.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._tcp_server.wait_closed(), 2)
             self._tcp_server = None
         await self._forwarder.close()

@@ -61,6 +61,7 @@ def service_listeners(
     if not proxied(svc):
         return out, ()
     node_port_type = svc.type in ("NodePort", "LoadBalancer")
+    families = {ip_family(ip) for ip in svc.cluster_ips} or {4, 6}
     for p in svc.ports:
         if p.protocol not in SUPPORTED:
             problems.append(f"port {p.port}/{p.protocol}: not supported in userspace mode")
@@ -79,7 +80,9 @@ def service_listeners(
             want(ip, p.port, True, svc.load_balancer_source_ranges)
         if node_port_type and p.node_port:
             for ip in node_ips:
-                want(ip, p.node_port, True)
+                # A single-stack Service has no endpoints of the other family to offer.
+                if any_family or ip_family(ip) in families:
+                    want(ip, p.node_port, True)
     return out, tuple(problems)
 
 

@@ -725,3 +725,43 @@ def test_load_balancer_source_ranges_apply_to_lb_ip_listeners_only():
         await a.stop()
 
     run(main())
+
+
+def test_partial_sync_touches_only_changed_services():
+    def svc_n(i: int, port: int = 8080) -> dict:
+        return service(f"s{i}", ip=f"198.19.1.{i}", ports=[{"name": "p", "port": port}])
+
+    def slice_n(i: int, ips: list[str]) -> dict:
+        return slice_(
+            f"s{i}",
+            endpoints=[endpoint(ip) for ip in ips],
+            ports=[{"name": "p", "port": 8080, "protocol": "TCP"}],
+        )
+
+    async def main():
+        async with Harness() as h:
+            n = 120
+            h.set([svc_n(i) for i in range(n)], [slice_n(i, ["127.0.0.1"]) for i in range(n)])
+            await h.sync(full=True)
+            assert len(h.dp.listeners) == n
+            before = dict(h.dp.listeners)
+            balancers = {t: b.balancer for t, b in h.dp.backends.items()}
+            eps_before = {t: b.balancer.endpoints for t, b in h.dp.backends.items()}
+            # One Service changes port, another gets a second endpoint.
+            svcs = [svc_n(i, 9090 if i == 7 else 8080) for i in range(n)]
+            slices = [
+                slice_n(i, ["127.0.0.1", "127.0.0.2"] if i == 9 else ["127.0.0.1"])
+                for i in range(n)
+            ]
+            h.set(svcs, slices)
+            await h.sync()
+            changed = {k for k in h.dp.listeners if before.get(k) is not h.dp.listeners[k]}
+            assert changed == {(h.addr("s7"), 9090, "TCP")}
+            for t, b in h.dp.backends.items():
+                assert b.balancer is balancers[t]  # balancers (affinity, health) survive
+                if t.service != ("default", "s9"):
+                    assert b.balancer.endpoints == eps_before[t]
+                else:
+                    assert len(b.balancer.endpoints) == 2
+
+    run(main())

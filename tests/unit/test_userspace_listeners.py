@@ -50,6 +50,20 @@ def test_nodeport_listens_on_every_node_address_with_external_scope():
     assert not got[("198.19.0.10", 80, "TCP")].external
 
 
+def test_nodeports_only_on_node_addresses_of_the_service_families():
+    s = svc(type="NodePort", ports=(PortSpec("http", "TCP", 80, node_port=30080),))
+    got, _ = service_listeners(s, ("198.18.200.1", "fd00:200::1"))
+    assert ("fd00:200::1", 30080, "TCP") not in got
+    dual = svc(
+        "dual",
+        type="NodePort",
+        cluster_ips=("198.19.0.11", "fd00:19::11"),
+        ports=(PortSpec("http", "TCP", 80, node_port=30081),),
+    )
+    got, _ = service_listeners(dual, ("198.18.200.1", "fd00:200::1"))
+    assert got[("fd00:200::1", 30081, "TCP")].family == 6
+
+
 def test_external_and_lb_ips_are_external_listeners():
     s = svc(
         type="LoadBalancer",
