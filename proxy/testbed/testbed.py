@@ -42,6 +42,10 @@ POD_GATEWAY = "169.254.1.1"
 POD_GATEWAY6 = "fe80::1"
 
 
+# Service ranges of the testbed (benchmarking ranges, as DESIGN.md asks).
+SERVICE_CIDR = "198.19.0.0/16"
+SERVICE_CIDR_V6 = "fd00:19::/108"
+
 class Testbed:
     """Namespaces for one test; all of them (and tracked processes) go on close()."""
 
@@ -189,6 +193,13 @@ class Testbed:
         # Proxy ARP answers only for targets routed out of another interface; with no
         # default route (Calico relies on it), give the gateway address such a route.
         netns.ip(node.ns, "route", "add", f"{POD_GATEWAY}/32", "dev", "eth0", "scope", "link")
+        # A real node routes Service IPs somewhere (its default route), so traffic that is
+        # not DNATed reaches the FORWARD/OUTPUT hooks (e.g. REJECT for a Service without
+        # endpoints) instead of failing at routing. Here: onto the underlay, which leads
+        # nowhere outside the testbed.
+        netns.ip(node.ns, "route", "add", SERVICE_CIDR, "dev", "eth0", "scope", "link")
+        if underlay_ipv6:
+            netns.ip(node.ns, "-6", "route", "add", SERVICE_CIDR_V6, "dev", "eth0")
         for other in self.nodes.values():
             node.route(other.pod_cidr, via=other.ip)
             other.route(node.pod_cidr, via=node.ip)
