@@ -62,6 +62,12 @@ class _Fwd:
 
 
 class Handler:
+    """The DNS engine between the sockets and the answerer: templates, forwarding, stats.
+
+    `fast` holds a reply template (or a forward marker) per question seen in the current
+    zone; `set_zone` swaps the zone and keeps the templates the change cannot affect.
+    """
+
     def __init__(
         self, zone: Zone, forwarder: Forwarder, *, stats: Stats = STATS, fast_max: int = 50_000
     ) -> None:
