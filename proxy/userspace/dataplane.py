@@ -202,10 +202,12 @@ class UserspaceDataPlane:
         if self.rewriter is not None:
             model = self.rewriter.rewrite(model)
         elif self.addrs is not None and (full or not self._synced_once):
-            local = await self._netlink(self.addrs.node_addresses)
+            # Full syncs re-read the kernel: node addresses change, and someone may have
+            # removed one of ours.
+            ours, local = await self._netlink(self.addrs.survey)
             self.foreign_ips = set(local)
             self.node_ips = pick_node_addresses(local, self.cfg.nodeport_addresses)
-            self.addrs.owned = set(await self._netlink(self.addrs.current))
+            self.addrs.owned = set(ours)
         desired, problems = self.plan.desired(model.services, self.node_ips)
         for key, msg in problems:
             self._once(("problem", key, msg), msg, "%s/%s: %s", key[0], key[1], msg)

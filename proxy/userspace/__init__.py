@@ -1,0 +1,1 @@
+"""--proxy-mode=userspace: Services served by an asyncio proxy in the daemon (docs/userspace.md)."""
