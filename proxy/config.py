@@ -104,13 +104,13 @@ class Config:
     cluster_domain: str = "cluster.local"
     dns_upstream: tuple[str, ...] = ()  # empty: from /etc/resolv.conf
     dns_ttl: int = 5
-    udp_idle_timeout: float = 250e-3 * 1000  # userspace: UDP session idle expiry (s)
+    udp_idle_timeout: float = 250.0  # userspace: UDP session idle expiry (s)
     conntrack_tcp_timeout_established: float = 0.0
     log_level: str = "info"
     # iptables backend: "auto" picks the one the node already uses (as kube-proxy does).
     iptables_backend: str = "auto"
     ipv6: str = "auto"  # "auto": program IPv6 when ip6tables works; "on"/"off"
-    # userspace mode (proxy/userspace; see docs/userspace.md)
+    # userspace mode (proxy/userspace; see proxy/userspace/README.md)
     userspace_laptop: str = "auto"  # "auto": laptop mode when not root; "on"/"off"
     userspace_port_offset: int = 10000  # laptop: ports below the unprivileged start + this
     userspace_engine: str = "auto"  # TCP: auto (copy, splice once bulk) | splice | copy
@@ -156,6 +156,35 @@ def _build_parser() -> argparse.ArgumentParser:
     a("--dns-upstream", help="resolvers for other names, comma separated (default resolv.conf)")
     a("--dns-ttl", type=int, help="TTL of cluster answers in seconds (default 5)")
     a("--udp-timeout", help="userspace mode: idle timeout of a UDP session (default 250s)")
+    a(
+        "--userspace-laptop",
+        choices=("auto", "on", "off"),
+        help="userspace: serve Services on loopback addresses (auto: when not root)",
+    )
+    a(
+        "--userspace-port-offset",
+        type=int,
+        help="userspace laptop mode: ports below 1024 are served at port+N (default 10000)",
+    )
+    a(
+        "--userspace-engine",
+        choices=("auto", "splice", "copy"),
+        help="userspace TCP forwarding: copy, splice, or auto (splice once a stream is bulk)",
+    )
+    a(
+        "--userspace-tcp-idle-timeout",
+        help="userspace: close TCP connections idle this long (default 24h; 0: never)",
+    )
+    a(
+        "--userspace-udp-max-sessions",
+        type=int,
+        help="userspace: UDP sessions per listener, least recently active evicted (4096)",
+    )
+    a(
+        "--userspace-address-mode",
+        choices=("auto", "interface", "local-route"),
+        help="userspace: own Service IPs on an interface or as local routes (auto)",
+    )
     a("--iptables-backend", choices=("auto", "legacy", "nft"), help="default: what the node uses")
     a("--ipv6", choices=("auto", "on", "off"), help="program IPv6 rules (default auto)")
     a("--v", "-v", dest="verbosity", type=int, help="log verbosity (0-4, as klog; 2=info)")
@@ -273,6 +302,24 @@ def parse_args(argv: list[str] | None = None) -> Config:
         cfg.dns_ttl = ns.dns_ttl
     if ns.udp_timeout is not None:
         cfg.udp_idle_timeout = parse_duration(ns.udp_timeout, "--udp-timeout")
+    if ns.userspace_laptop is not None:
+        cfg.userspace_laptop = ns.userspace_laptop
+    if ns.userspace_port_offset is not None:
+        if not 0 < ns.userspace_port_offset < 65535:
+            raise UsageError("--userspace-port-offset: give a number between 1 and 65534")
+        cfg.userspace_port_offset = ns.userspace_port_offset
+    if ns.userspace_engine is not None:
+        cfg.userspace_engine = ns.userspace_engine
+    if ns.userspace_tcp_idle_timeout is not None:
+        cfg.userspace_tcp_idle_timeout = parse_duration(
+            ns.userspace_tcp_idle_timeout, "--userspace-tcp-idle-timeout"
+        )
+    if ns.userspace_udp_max_sessions is not None:
+        if ns.userspace_udp_max_sessions < 1:
+            raise UsageError("--userspace-udp-max-sessions: give a positive number")
+        cfg.userspace_udp_max_sessions = ns.userspace_udp_max_sessions
+    if ns.userspace_address_mode is not None:
+        cfg.userspace_address_mode = ns.userspace_address_mode
     if ns.iptables_backend is not None:
         cfg.iptables_backend = ns.iptables_backend
     if ns.ipv6 is not None:

@@ -31,11 +31,17 @@ except AttributeError:  # pragma: no cover
     _Loader = yaml.SafeLoader
 
 
+def _raise(e: OSError) -> None:
+    raise e
+
+
 def _files(root: Path) -> list[Path]:
+    """The manifest files under root (raises OSError when a directory cannot be read:
+    os.walk would otherwise hide it, and an unreadable directory would look empty)."""
     if root.is_file():
         return [root]
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_raise):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in sorted(filenames):
             if f.endswith(_SUFFIXES) and not f.startswith("."):
@@ -96,7 +102,19 @@ class ManifestsSource:
 
     def reload(self) -> bool:
         """Re-read when anything changed; returns True when it re-read."""
-        files = _files(self.root) if self.root.exists() else []
+        if not self.root.exists():
+            # Deleted or being swapped: empty the directory to remove Services, not this.
+            if self._sig != ("missing",):
+                log.warning("manifests: %s is gone; keeping the previous objects", self.root)
+                self._sig = ("missing",)
+            return False
+        try:
+            files = _files(self.root)
+        except OSError as e:  # EMFILE, EACCES…: keep every object we have
+            log.warning(
+                "manifests: cannot list %s (%s); keeping the previous objects", self.root, e
+            )
+            return False
         sig = _signature(files)
         if sig == self._sig:
             return False

@@ -1,6 +1,6 @@
 """Virtual-node testbed: nodes, pods and outside hosts in network namespaces.
 
-Used by the end-to-end tests, the benchmarks and the README demo. See docs/testbed.md.
+Used by the end-to-end tests, the benchmarks and the README demo. See proxy/testbed/README.md.
 
     with Testbed() as tb:
         node = tb.add_node("node-a", underlay_ip="198.18.200.1", pod_cidr="198.18.1.0/24")

@@ -46,6 +46,7 @@ POD_GATEWAY6 = "fe80::1"
 SERVICE_CIDR = "198.19.0.0/16"
 SERVICE_CIDR_V6 = "fd00:19::/108"
 
+
 class Testbed:
     """Namespaces for one test; all of them (and tracked processes) go on close()."""
 

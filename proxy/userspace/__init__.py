@@ -1,1 +1,1 @@
-"""--proxy-mode=userspace: Services served by an asyncio proxy in the daemon (docs/userspace.md)."""
+"""--proxy-mode=userspace: Services served by an asyncio proxy in the daemon (proxy/userspace/README.md)."""

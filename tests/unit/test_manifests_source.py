@@ -67,3 +67,36 @@ def test_removed_file_removes_its_objects(tmp_path) -> None:
     (tmp_path / "b.yaml").unlink()
     src.reload()
     assert set(store.snapshot().model.services) == {("default", "web")}
+
+
+def test_unreadable_or_vanished_directory_keeps_objects(tmp_path, monkeypatch, caplog) -> None:
+    """Running out of descriptors, or the directory being swapped, must not delete every
+    Service (os.walk would report an unreadable directory as empty)."""
+    import os
+
+    root = tmp_path / "m"
+    root.mkdir()
+    _write(root / "a.yaml", service("web"), slice_("web"))
+    store = Store()
+    src = ManifestsSource(str(root), store)
+    src.reload()
+    store.snapshot()
+
+    def failing_walk(top, onerror=None, **kw):
+        onerror(OSError(24, "Too many open files"))
+        return iter(())
+
+    monkeypatch.setattr(os, "walk", failing_walk)
+    _write(root / "b.yaml", service("db", ip="198.19.0.11"))  # a change, so it re-reads
+    with caplog.at_level(logging.WARNING):
+        assert not src.reload()
+    assert "Too many open files" in caplog.text
+    monkeypatch.undo()
+    assert set(store.snapshot().model.services) == {("default", "web")}
+
+    (root / "a.yaml").unlink()
+    (root / "b.yaml").unlink()
+    root.rmdir()
+    assert not src.reload()
+    assert "is gone" in caplog.text
+    assert ("default", "web") in store.snapshot().model.services
