@@ -139,7 +139,7 @@ async def run(cfg: Config) -> int:
             sync_task.cancel()
             stop_task.cancel()
     finally:
-        log.info("shutting down (rules are left in place)")
+        log.info("shutting down; %s state is left in place", dataplane.name)
         await asyncio.to_thread(source.stop)  # may wait for an in-flight list request
         with contextlib.suppress(Exception):
             await svc_health.stop()

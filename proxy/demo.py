@@ -167,6 +167,10 @@ class Demo:
             self.check(False, "Service without endpoints answered")
         except ConnectionRefusedError:
             outcome = f"connection refused after {(time.perf_counter() - t) * 1000:.1f} ms"
+        except ConnectionResetError:
+            # userspace mode keeps the listener (it holds the port) and resets at once
+            outcome = f"connection reset after {(time.perf_counter() - t) * 1000:.1f} ms"
+            self.check(self.mode == "userspace", "Service without endpoints reset, not refused")
         except OSError as e:
             outcome = f"{e.__class__.__name__} after {time.perf_counter() - t:.1f}s"
             self.check(False, "Service without endpoints was not refused at once")
