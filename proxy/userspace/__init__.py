@@ -1,1 +1,3 @@
-"""--proxy-mode=userspace: Services served by an asyncio proxy in the daemon (proxy/userspace/README.md)."""
+"""--proxy-mode=userspace: Services served by an asyncio proxy in the daemon.
+
+See proxy/userspace/README.md."""
