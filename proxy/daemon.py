@@ -84,11 +84,12 @@ async def run(cfg: Config) -> int:
         return await cleanup(cfg)
     log.info("starting kube-proxy-py: %s", describe(cfg))
     store = Store()
-    dataplane = make_dataplane(cfg)
-    await dataplane.start()  # fails fast on missing binaries / privileges
+    # Every user error (unreadable kubeconfig, port in use, …) must surface before the
+    # data plane touches the node: a daemon that exits on a typo leaves no rules behind.
     source = make_source(cfg, store)
     if hasattr(source, "check"):
-        source.check()  # unreadable kubeconfig etc. → UsageError before anything runs
+        source.check()
+    dataplane = make_dataplane(cfg)
 
     health = HealthState(timeout=2 * cfg.sync_period)
     health_server = HealthServer(health)
@@ -106,6 +107,8 @@ async def run(cfg: Config) -> int:
         else:
             listeners.append(dns.update)
         await dns.start()
+
+    await dataplane.start()  # missing binaries / no privileges: still nothing programmed
 
     # In a worker thread: pyroute2's synchronous API cannot run inside this running loop.
     hosts = await asyncio.to_thread(nodeport_hosts, cfg)
