@@ -111,7 +111,9 @@ class SyncRunner:
         if self._pending_changed:
             changed = frozenset(self._pending_changed | snap.changed)
             triggers = {**self._pending_triggers, **snap.trigger_times}
-            snap = Snapshot(snap.model, changed, triggers)
+            snap = Snapshot(
+                snap.model, changed, triggers, snap.service_changes, snap.endpoint_changes
+            )
         self.model = snap.model
         for listener in self.listeners:
             try:
@@ -161,8 +163,8 @@ class SyncRunner:
             if 0 < trig <= wall:
                 metrics.NETWORK_PROGRAMMING_DURATION.observe(wall - trig)
         n_changed = len(snap.changed)
-        metrics.SERVICE_CHANGES_TOTAL.inc(n_changed)
-        metrics.ENDPOINT_CHANGES_TOTAL.inc(n_changed)
+        metrics.SERVICE_CHANGES_TOTAL.inc(snap.service_changes)
+        metrics.ENDPOINT_CHANGES_TOTAL.inc(snap.endpoint_changes)
         self.health.updated()
         self.syncs += 1
         log.info(

@@ -44,6 +44,8 @@ class Snapshot:
     # Earliest last-change-trigger-time (epoch s) per changed Service, for the
     # network-programming latency metric.
     trigger_times: dict[ServiceKey, float] = field(default_factory=dict)
+    service_changes: int = 0  # Services whose Service object changed
+    endpoint_changes: int = 0  # Services whose endpoints changed
 
 
 def _uid(obj: Any) -> tuple[str, str]:
@@ -62,6 +64,9 @@ class Store:
         self._slices_by_svc: dict[ServiceKey, dict[str, Slice]] = {}
         self._endpoints: dict[ServiceKey, ServiceEndpoints] = {}
         self._changed: set[ServiceKey] = set()
+        # Which kind of object changed, for kube-proxy's *_changes_{total,pending} metrics.
+        self._svc_changed: set[ServiceKey] = set()
+        self._ep_changed: set[ServiceKey] = set()
         self._triggers: dict[ServiceKey, float] = {}
         self._synced: set[str] = set()
         self._generation = 0
@@ -146,7 +151,7 @@ class Store:
         if self._services.get(key) == svc:
             return False
         self._services[key] = svc
-        self._mark(key)
+        self._mark(key, service=True)
         return True
 
     def _upsert_slice(self, obj: Any) -> bool:
@@ -173,7 +178,7 @@ class Store:
         if kind == SERVICE:
             if self._services.pop(uid, None) is None:
                 return False
-            self._mark(uid)
+            self._mark(uid, service=True)
             return True
         sl = self._slices.pop(uid, None)
         if sl is None:
@@ -193,14 +198,20 @@ class Store:
             self._endpoints.pop(key, None)
         else:
             self._endpoints[key] = merged
-        self._mark(key)
+        self._mark(key, service=False)
         if trigger_time:
             prev = self._triggers.get(key)
             self._triggers[key] = trigger_time if prev is None else min(prev, trigger_time)
         return True
 
-    def _mark(self, key: ServiceKey) -> None:
+    def _mark(self, key: ServiceKey, *, service: bool) -> None:
         self._changed.add(key)
+        if service:
+            self._svc_changed.add(key)
+            metrics.SERVICE_CHANGES_PENDING.set(len(self._svc_changed))
+        else:
+            self._ep_changed.add(key)
+            metrics.ENDPOINT_CHANGES_PENDING.set(len(self._ep_changed))
 
     # -- for the sync runner ---------------------------------------------------------------
 
@@ -208,6 +219,8 @@ class Store:
         """A consistent Model and the Services changed since the previous snapshot."""
         with self._lock:
             changed = frozenset(self._changed)
+            n_svc, n_ep = len(self._svc_changed), len(self._ep_changed)
+            self._svc_changed, self._ep_changed = set(), set()
             triggers = self._triggers
             self._changed = set()
             self._triggers = {}
@@ -230,7 +243,9 @@ class Store:
                 sl.service[1],
             )
             metrics.SKIPPED_OBJECTS.labels(kind="OrphanEndpointSlice").inc()
-        return Snapshot(model, changed, triggers)
+        metrics.SERVICE_CHANGES_PENDING.set(0)
+        metrics.ENDPOINT_CHANGES_PENDING.set(0)
+        return Snapshot(model, changed, triggers, n_svc, n_ep)
 
     def counts(self) -> tuple[int, int]:
         with self._lock:

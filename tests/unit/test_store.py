@@ -143,3 +143,13 @@ def test_listeners_are_notified() -> None:
     s.upsert(SERVICE, service("web"))
     s.upsert(SERVICE, service("web"))  # no change: no call
     assert calls == [1]
+
+
+def test_service_and_endpoint_changes_are_counted_apart(store: Store) -> None:
+    store.snapshot()
+    store.upsert(SERVICE, service("web", ip="198.19.0.99"))
+    store.upsert(ENDPOINT_SLICE, slice_("db", endpoints=[endpoint("198.18.9.9")]))
+    store.upsert(ENDPOINT_SLICE, slice_("web", endpoints=[endpoint("198.18.9.8")]))
+    snap = store.snapshot()
+    assert snap.changed == {("default", "web"), ("default", "db")}
+    assert (snap.service_changes, snap.endpoint_changes) == (1, 2)
