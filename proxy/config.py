@@ -145,7 +145,7 @@ def _build_parser() -> argparse.ArgumentParser:
     a("--masquerade-all", action="store_true", default=None, help="SNAT all Service traffic")
     a("--iptables-masquerade-bit", type=int, help="fwmark bit for masquerading (0-31; 14)")
     a("--nodeport-addresses", help="CIDRs of node addresses that accept NodePorts")
-    a("--iptables-sync-period", help="full resync period (default 30s)")
+    a("--iptables-sync-period", help="resync period (default 30s; full syncs hourly)")
     a("--iptables-min-sync-period", help="minimum time between syncs (default 1s)")
     a("--healthz-bind-address", help="HOST:PORT for /healthz and /livez ('' disables)")
     a("--metrics-bind-address", help="HOST:PORT for /metrics ('' disables)")

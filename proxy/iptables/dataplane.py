@@ -1,12 +1,12 @@
 """iptables mode: the DataPlane that renders the model and applies it per IP family.
 
-A sync is: (full syncs only) refresh the node's addresses and make sure the jumps from
-the built-in chains exist; render in a worker thread (pure CPU work, kept off the event
-loop); `iptables-restore --noflush` per family; metrics; then clear stale UDP/SCTP
-conntrack entries. A partial sync renders only the changed Services' chains on top of
-the previous RenderState. Any failure raises and forgets the previous state, so the
-runner's retry is a full sync; rules already in the kernel are never flushed because
-something failed.
+A sync is: (full and periodic syncs) refresh the node's addresses; (full syncs only)
+make sure the jumps from the built-in chains exist; render in a worker thread (pure CPU
+work, kept off the event loop); `iptables-restore --noflush` per family; metrics; then
+clear stale UDP/SCTP conntrack entries. A partial sync renders only the changed
+Services' chains on top of the previous RenderState. Any failure raises and forgets the
+previous state, so the runner's retry is a full sync; rules already in the kernel are
+never flushed because something failed.
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ class IptablesDataPlane:
     async def _sync(self, snap: Snapshot, full: bool, families: tuple[int, ...]) -> None:
         loop = asyncio.get_running_loop()
         model = snap.model
-        if full:
+        if full or not snap.changed:  # full and periodic syncs: node addresses may change
             await self._refresh_addresses()
         results: dict[int, RenderResult] = {}
         render_s = 0.0

@@ -201,9 +201,9 @@ class UserspaceDataPlane:
         model = snap.model
         if self.rewriter is not None:
             model = self.rewriter.rewrite(model)
-        elif self.addrs is not None and (full or not self._synced_once):
-            # Full syncs re-read the kernel: node addresses change, and someone may have
-            # removed one of ours.
+        elif self.addrs is not None and (full or not self._synced_once or not snap.changed):
+            # Full and periodic syncs re-read the kernel: node addresses change, and someone
+            # may have removed one of ours.
             ours, local = await self._netlink(self.addrs.survey)
             self.foreign_ips = set(local)
             self.node_ips = pick_node_addresses(local, self.cfg.nodeport_addresses)

@@ -88,10 +88,24 @@ def test_failure_is_retried_full_and_keeps_changes() -> None:
 
 def test_periodic_full_resync() -> None:
     store, plane = _store(), RecordingPlane()
-    runner = SyncRunner(store, plane, period=0.2, min_period=0.01, health=HealthState(60))
+    runner = SyncRunner(
+        store, plane, period=0.2, min_period=0.01, health=HealthState(60), full_period=0.2
+    )
     asyncio.run(_run_for(runner, 0.75))
     fulls = [c for c in plane.calls if c[0]]
-    assert len(fulls) >= 3  # initial + about one per period
+    assert len(fulls) >= 3  # initial + about one per full period
+
+
+def test_periodic_syncs_are_partial_between_full_syncs() -> None:
+    """Like kube-proxy: the sync-period timer forces a (partial) sync that rewrites the
+    top-level chains; full syncs are hourly (or after a failure)."""
+    store, plane = _store(), RecordingPlane()
+    runner = SyncRunner(store, plane, period=0.15, min_period=0.01, health=HealthState(60))
+    asyncio.run(_run_for(runner, 0.7))
+    assert plane.calls[0][0] is True
+    periodic = plane.calls[1:]
+    assert len(periodic) >= 2, plane.calls  # the timer drove syncs with nothing changed
+    assert all(not full and changed == frozenset() for full, changed in periodic)
 
 
 def test_listeners_get_every_model() -> None:
