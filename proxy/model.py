@@ -81,13 +81,6 @@ class Service:
     def key(self) -> ServiceKey:
         return (self.namespace, self.name)
 
-    @property
-    def has_external(self) -> bool:
-        """True when traffic can arrive from outside the cluster (NodePort, LB, external IPs)."""
-        return self.type in ("NodePort", "LoadBalancer") or bool(
-            self.external_ips or self.load_balancer_ips
-        )
-
     def port_name_string(self, port: PortSpec) -> str:
         """kube-proxy's ServicePortName.String(): ns/name or ns/name:port."""
         base = f"{self.namespace}/{self.name}"
@@ -105,7 +98,6 @@ class EndpointAddress:
     node_name: str = ""
     zone: str = ""
     hostname: str = ""  # endpoints[].hostname, for DNS
-    target_name: str = ""  # endpoints[].targetRef.name (pod name), for DNS fallbacks
 
     @property
     def family(self) -> int:
@@ -148,10 +140,6 @@ class ServiceEndpoints:
     def for_port(self, port: PortSpec) -> tuple[Endpoint, ...]:
         return self.ports.get((port.name, port.protocol), ())
 
-    def port_numbers(self) -> Mapping[PortKey, int]:
-        """(name, protocol) → the endpoint port, for headless SRV records."""
-        return {k: eps[0].port for k, eps in self.ports.items() if eps}
-
 
 EMPTY_ENDPOINTS = ServiceEndpoints()
 
@@ -164,8 +152,6 @@ class Model:
     endpoints: Mapping[ServiceKey, ServiceEndpoints] = field(
         default_factory=lambda: MappingProxyType({})
     )
-    # Monotonic counter; bumps on every snapshot that carries a change.
-    generation: int = 0
 
     def endpoints_of(self, key: ServiceKey) -> ServiceEndpoints:
         return self.endpoints.get(key, EMPTY_ENDPOINTS)
@@ -198,7 +184,6 @@ def usable_endpoints(
 def make_model(
     services: Mapping[ServiceKey, Service],
     endpoints: Mapping[ServiceKey, ServiceEndpoints],
-    generation: int = 0,
 ) -> Model:
     """Freeze two dicts into a Model (copies them; records are shared)."""
-    return Model(MappingProxyType(dict(services)), MappingProxyType(dict(endpoints)), generation)
+    return Model(MappingProxyType(dict(services)), MappingProxyType(dict(endpoints)))

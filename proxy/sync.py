@@ -134,10 +134,6 @@ class SyncRunner:
             except Exception:
                 log.exception("model listener failed")
         svc_count = len(snap.model.services)
-        metrics.SERVICES.set(svc_count)
-        metrics.ENDPOINTS.set(
-            sum(len(eps) for se in snap.model.endpoints.values() for eps in se.ports.values())
-        )
         if not full and not snap.changed and not periodic:
             self.health.updated()  # nothing to do is a successful sync
             return True

@@ -37,23 +37,18 @@ TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 
 # RFC 1123 label / DNS-1035 label: what Kubernetes allows for names and namespaces.
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_PORT_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
 class BadObject(ValueError):
     """The object cannot be programmed at all; the message says why."""
 
 
-def _obj_ref(obj: Any) -> str:
+def object_ref(obj: Any) -> str:
+    """namespace/name of a raw object, for log lines, even when the object is malformed."""
     meta = obj.get("metadata") if isinstance(obj, dict) else None
     if not isinstance(meta, dict):
         return "<no metadata>"
     return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
-
-
-def object_ref(obj: Any) -> str:
-    """namespace/name of a raw object, for log lines, even when the object is malformed."""
-    return _obj_ref(obj)
 
 
 def _meta(obj: Any) -> tuple[str, str, dict, dict]:
@@ -157,7 +152,7 @@ def parse_service(obj: Any) -> ParsedService:
             if not isinstance(p, dict):
                 raise ValueError("not an object")
             pname = p.get("name") or ""
-            if not isinstance(pname, str) or (pname and not _PORT_NAME_RE.match(pname)):
+            if not isinstance(pname, str) or (pname and not _NAME_RE.match(pname)):
                 raise ValueError(f"invalid port name {str(pname)[:40]!r}")
             proto = _protocol(p.get("protocol"))
             port = _port_number(p.get("port"), "port")
@@ -319,7 +314,6 @@ def parse_slice(obj: Any) -> Slice:
         serving = cond.get("serving")
         serving = ready if serving is None else bool(serving)
         terminating = bool(cond.get("terminating"))
-        ref = ep.get("targetRef") if isinstance(ep.get("targetRef"), dict) else {}
         hostname = ep.get("hostname") if isinstance(ep.get("hostname"), str) else ""
         node = ep.get("nodeName")
         zone = ep.get("zone")
@@ -333,7 +327,6 @@ def parse_slice(obj: Any) -> Slice:
                 node_name=sys.intern(node) if isinstance(node, str) else "",
                 zone=sys.intern(zone) if isinstance(zone, str) else "",
                 hostname=hostname.lower(),
-                target_name=str(ref.get("name") or ""),
             )
         )
     return Slice(

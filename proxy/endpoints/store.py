@@ -54,6 +54,10 @@ def _uid(obj: Any) -> tuple[str, str]:
     return (str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
 
 
+def _count(se: ServiceEndpoints) -> int:
+    return sum(len(eps) for eps in se.ports.values())
+
+
 class Store:
     """Thread-safe cache of Services and EndpointSlices with change tracking."""
 
@@ -63,13 +67,15 @@ class Store:
         self._slices: dict[tuple[str, str], Slice] = {}  # (ns, slice name) → Slice
         self._slices_by_svc: dict[ServiceKey, dict[str, Slice]] = {}
         self._endpoints: dict[ServiceKey, ServiceEndpoints] = {}
-        self._changed: set[ServiceKey] = set()
-        # Which kind of object changed, for kube-proxy's *_changes_{total,pending} metrics.
+        # Services changed since the last snapshot, by what changed (kube-proxy's
+        # *_changes_{total,pending} metrics count them apart); their union is `changed`.
         self._svc_changed: set[ServiceKey] = set()
         self._ep_changed: set[ServiceKey] = set()
+        self._n_endpoints = 0  # (address, port) pairs in _endpoints, kept as it changes
+        # Services whose slices may have become orphans (slice written, Service deleted).
+        self._orphan_check: set[ServiceKey] = set()
         self._triggers: dict[ServiceKey, float] = {}
         self._synced: set[str] = set()
-        self._generation = 0
         self._listeners: list[Callable[[], None]] = []
         self._orphans_logged: set[tuple[str, str]] = set()
 
@@ -111,17 +117,15 @@ class Store:
         """A full list of `kind` (initial list or relist): upsert all, delete the rest."""
         with self._lock:
             seen: set[tuple[str, str]] = set()
-            changed = False
             for obj in objs:
                 seen.add(_uid(obj))
-                changed |= self._upsert(kind, obj)
+                self._upsert(kind, obj)
             current = self._services.keys() if kind == SERVICE else self._slices.keys()
             for uid in [u for u in current if u not in seen]:
-                changed |= self._delete(kind, uid)
+                self._delete(kind, uid)
             self._synced.add(kind)
             big = len(seen) >= TRIM_AFTER_OBJECTS
-        self._notify()
-        del changed
+        self._notify()  # always: the kind is synced now, even when nothing changed
         if big:  # the decoded list that fed this is garbage now: give it back
             memory.trim()
 
@@ -172,12 +176,14 @@ class Store:
             self._slices_by_svc.get(old.service, {}).pop(sl.name, None)
             self._remerge(old.service, 0.0)
         self._slices_by_svc.setdefault(sl.service, {})[sl.name] = sl
+        self._orphan_check.add(sl.service)
         return self._remerge(sl.service, sl.trigger_time)
 
     def _delete(self, kind: str, uid: tuple[str, str]) -> bool:
         if kind == SERVICE:
             if self._services.pop(uid, None) is None:
                 return False
+            self._orphan_check.add(uid)
             self._mark(uid, service=True)
             return True
         sl = self._slices.pop(uid, None)
@@ -192,8 +198,10 @@ class Store:
         if not slices:
             self._slices_by_svc.pop(key, None)
         merged = merge_slices(list(slices.values())) if slices else EMPTY_ENDPOINTS
-        if self._endpoints.get(key, EMPTY_ENDPOINTS) == merged:
+        old = self._endpoints.get(key, EMPTY_ENDPOINTS)
+        if old == merged:
             return False
+        self._n_endpoints += _count(merged) - _count(old)
         if merged is EMPTY_ENDPOINTS:
             self._endpoints.pop(key, None)
         else:
@@ -205,7 +213,6 @@ class Store:
         return True
 
     def _mark(self, key: ServiceKey, *, service: bool) -> None:
-        self._changed.add(key)
         if service:
             self._svc_changed.add(key)
             metrics.SERVICE_CHANGES_PENDING.set(len(self._svc_changed))
@@ -218,19 +225,23 @@ class Store:
     def snapshot(self) -> Snapshot:
         """A consistent Model and the Services changed since the previous snapshot."""
         with self._lock:
-            changed = frozenset(self._changed)
+            changed = frozenset(self._svc_changed | self._ep_changed)
             n_svc, n_ep = len(self._svc_changed), len(self._ep_changed)
             self._svc_changed, self._ep_changed = set(), set()
             triggers = self._triggers
-            self._changed = set()
             self._triggers = {}
-            if changed:
-                self._generation += 1
-            model = make_model(self._services, self._endpoints, self._generation)
+            model = make_model(self._services, self._endpoints)
+            metrics.SERVICES.set(len(self._services))
+            metrics.ENDPOINTS.set(self._n_endpoints)
+            # Only Services whose slices were written or which were deleted can have
+            # new orphans: no scan of every slice on every sync.
+            check, self._orphan_check = self._orphan_check, set()
             orphans = [
-                (uid, sl)
-                for uid, sl in self._slices.items()
-                if sl.service not in self._services and uid not in self._orphans_logged
+                ((sl.namespace, sl.name), sl)
+                for key in check
+                if key not in self._services
+                for sl in self._slices_by_svc.get(key, {}).values()
+                if (sl.namespace, sl.name) not in self._orphans_logged
             ]
             for uid, _ in orphans:
                 self._orphans_logged.add(uid)
@@ -246,7 +257,3 @@ class Store:
         metrics.SERVICE_CHANGES_PENDING.set(0)
         metrics.ENDPOINT_CHANGES_PENDING.set(0)
         return Snapshot(model, changed, triggers, n_svc, n_ep)
-
-    def counts(self) -> tuple[int, int]:
-        with self._lock:
-            return len(self._services), len(self._slices)

@@ -20,7 +20,7 @@ def test_clusterip_service_defaults() -> None:
     assert svc.cluster_ips == ("198.19.0.10",)
     assert svc.ports == (PortSpec("http", "TCP", 80, 0, 80),)
     assert svc.session_affinity_timeout == 0
-    assert not svc.headless and not svc.has_external
+    assert not svc.headless and not svc.external_ips and not svc.load_balancer_ips
 
 
 def test_dual_stack_and_ipv6_normalized() -> None:
