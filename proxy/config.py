@@ -98,14 +98,12 @@ class Config:
     min_sync_period: float = 1.0
     healthz_bind: tuple[str, int] | None = ("0.0.0.0", 10256)
     metrics_bind: tuple[str, int] | None = ("127.0.0.1", 10249)
-    config_file: str = ""
     cleanup: bool = False
     dns_bind: tuple[str, int] | None = None
     cluster_domain: str = "cluster.local"
     dns_upstream: tuple[str, ...] = ()  # empty: from /etc/resolv.conf
     dns_ttl: int = 5
     udp_idle_timeout: float = 250.0  # userspace: UDP session idle expiry (s)
-    conntrack_tcp_timeout_established: float = 0.0
     log_level: str = "info"
     # iptables backend: "auto" picks the one the node already uses (as kube-proxy does).
     iptables_backend: str = "auto"
@@ -245,7 +243,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
     if ns.config:
         for k, v in _from_kube_proxy_configuration(ns.config).items():
             setattr(cfg, k, v)
-        cfg.config_file = ns.config
     if ns.kubeconfig is not None:
         cfg.kubeconfig = ns.kubeconfig
     if ns.master is not None:
@@ -355,5 +352,5 @@ def _validate(cfg: Config) -> None:
 
 def describe(cfg: Config) -> str:
     """One line with the effective settings, for the start-up log."""
-    skip = {"kubeconfig", "master", "config_file"}
+    skip = {"kubeconfig", "master"}
     return " ".join(f"{f.name}={getattr(cfg, f.name)!r}" for f in fields(cfg) if f.name not in skip)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import signal
@@ -67,7 +68,7 @@ async def cleanup(cfg: Config) -> int:
     ok = True
     for mode in ("iptables", "userspace"):
         try:
-            dp = make_dataplane(Config(**{**cfg.__dict__, "proxy_mode": mode}))
+            dp = make_dataplane(dataclasses.replace(cfg, proxy_mode=mode))
             await dp.cleanup()
         except UsageError as e:
             # e.g. no iptables binary: there can be nothing of ours to remove there

@@ -55,13 +55,11 @@ class HealthState:
 
 
 async def _start_site(app: web.Application, host: str, port: int, what: str) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
-    except OSError as e:
+    """One listener; a bind failure is the user's to fix (UsageError)."""
+    runner, errors = await _start_sites(app, (host,), port, what)
+    if errors:
         await runner.cleanup()
-        raise UsageError(_bind_error(what, host, port, e)) from None
+        raise UsageError(errors[0])
     return runner
 
 

@@ -119,9 +119,13 @@ class ManifestsSource:
         if sig == self._sig:
             return False
         first = self._sig is None
+        unchanged = set(sig) & set(self._sig or ())  # (path, mtime, size) seen last time
         self._sig = sig
         good: dict[str, list[dict]] = {}
-        for f in files:
+        for f, entry in zip(files, sig, strict=True):
+            if entry in unchanged and str(f) in self._good:
+                good[str(f)] = self._good[str(f)]  # only changed files are parsed again
+                continue
             try:
                 good[str(f)] = load_objects(f)
             except (OSError, UnicodeDecodeError) as e:

@@ -100,3 +100,22 @@ def test_unreadable_or_vanished_directory_keeps_objects(tmp_path, monkeypatch, c
     assert not src.reload()
     assert "is gone" in caplog.text
     assert ("default", "web") in store.snapshot().model.services
+
+
+def test_only_changed_files_are_parsed_again(tmp_path, monkeypatch) -> None:
+    import proxy.endpoints.manifests as manifests
+
+    _write(tmp_path / "a.yaml", service("web"), slice_("web"))
+    _write(tmp_path / "b.yaml", service("db", ip="198.19.0.11"))
+    store = Store()
+    src = ManifestsSource(str(tmp_path), store)
+    src.reload()
+    parsed = []
+    real = manifests.load_objects
+    monkeypatch.setattr(manifests, "load_objects", lambda p: parsed.append(p.name) or real(p))
+    _write(tmp_path / "b.yaml", service("db", ip="198.19.0.12"))
+    assert src.reload()
+    assert parsed == ["b.yaml"]
+    m = store.snapshot().model
+    assert m.services[("default", "db")].cluster_ips == ("198.19.0.12",)
+    assert ("default", "web") in m.services  # a.yaml's objects kept without re-reading
