@@ -36,55 +36,53 @@ EPS_PER_SVC = 10
 # -- objects ------------------------------------------------------------------------------
 
 
-def objects(n: int, eps: int = EPS_PER_SVC, *, version: int = 0) -> tuple[list, list]:
+def _service(i: int) -> dict:
+    return {
+        "kind": "Service",
+        "apiVersion": "v1",
+        "metadata": {"name": f"svc-{i}", "namespace": "bench"},
+        "spec": {
+            "clusterIP": f"198.19.{i // 256}.{i % 256}",
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
+        },
+    }
+
+
+def _slice(i: int, eps: int) -> dict:
+    endpoints = []
+    for j in range(eps):
+        k = i * eps + j
+        endpoints.append(
+            {
+                "addresses": [f"198.18.{(k // 256) % 256}.{k % 256}"],
+                "conditions": {"ready": True},
+                "nodeName": "node-a",
+            }
+        )
+    # Pod IPs wrap at 65k; the port keeps every (ip, port) endpoint distinct.
+    port = 8080 + (i * eps) // 65536
+    return {
+        "kind": "EndpointSlice",
+        "apiVersion": "discovery.k8s.io/v1",
+        "metadata": {
+            "name": f"svc-{i}-abc",
+            "namespace": "bench",
+            "labels": {"kubernetes.io/service-name": f"svc-{i}"},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    }
+
+
+def objects(n: int, eps: int = EPS_PER_SVC) -> tuple[list, list]:
     """n Services (198.19.0.0/16) with `eps` endpoints each, as raw API dicts."""
-    svcs, slices = [], []
-    for i in range(n):
-        name = f"svc-{i}"
-        svcs.append(
-            {
-                "kind": "Service",
-                "apiVersion": "v1",
-                "metadata": {"name": name, "namespace": "bench"},
-                "spec": {
-                    "clusterIP": f"198.19.{i // 256}.{i % 256}",
-                    "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
-                },
-            }
-        )
-        endpoints = []
-        for j in range(eps):
-            k = i * eps + j
-            endpoints.append(
-                {
-                    "addresses": [f"198.18.{(k // 256) % 256}.{k % 256}"],
-                    "conditions": {"ready": True},
-                    "nodeName": "node-a",
-                }
-            )
-        # Pod IPs wrap at 65k; the port keeps every (ip, port) endpoint distinct.
-        port = 8080 + (i * eps) // 65536 + version
-        slices.append(
-            {
-                "kind": "EndpointSlice",
-                "apiVersion": "discovery.k8s.io/v1",
-                "metadata": {
-                    "name": f"{name}-abc",
-                    "namespace": "bench",
-                    "labels": {"kubernetes.io/service-name": name},
-                },
-                "addressType": "IPv4",
-                "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
-                "endpoints": endpoints,
-            }
-        )
-    return svcs, slices
+    return [_service(i) for i in range(n)], [_slice(i, eps) for i in range(n)]
 
 
 def changed_slice(svc_index: int, eps: int = EPS_PER_SVC, generation: int = 1) -> dict:
     """The slice of svc-<i> with its last endpoint replaced (one endpoint changed)."""
-    _, slices = objects(svc_index + 1, eps)
-    sl = slices[svc_index]
+    sl = _slice(svc_index, eps)
     sl["endpoints"][-1]["addresses"] = [f"198.18.255.{generation % 250 + 1}"]
     return sl
 
@@ -258,7 +256,7 @@ def daemon_latency(ns: str, n: int, repeat: int, workdir: Path) -> dict:
         _wait_log(dlog_path, "synced", 1, 600, daemon)
         first_sync = time.monotonic() - t0
         time.sleep(1.0)
-        rss = rss_mb(_child_pid(daemon.pid))
+        rss = rss_mb(daemon.pid)  # ip netns exec execs: the daemon's own PID
         lat = []
         for g in range(repeat):
             before = _count(dlog_path, "(partial")
@@ -267,7 +265,7 @@ def daemon_latency(ns: str, n: int, repeat: int, workdir: Path) -> dict:
             line = _wait_log(dlog_path, "(partial", before + 1, 120, daemon)
             lat.append(_log_time(line) - t0)
             time.sleep(0.3)
-        rss_after = rss_mb(_child_pid(daemon.pid))
+        rss_after = rss_mb(daemon.pid)
         return {
             "first_sync_s": first_sync,
             "event_to_applied_s": statistics.median(lat),
@@ -283,11 +281,6 @@ def daemon_latency(ns: str, n: int, repeat: int, workdir: Path) -> dict:
                     p.wait(15)
                 except subprocess.TimeoutExpired:
                     p.kill()
-
-
-def _child_pid(pid: int) -> int:
-    """`ip netns exec` execs the command, so the PID is the daemon's own."""
-    return pid
 
 
 def _count(path: Path, needle: str) -> int:
