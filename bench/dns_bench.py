@@ -239,11 +239,11 @@ def measure_update(n: int) -> dict:
     """DnsServer.update() cost at n Services (in this process, no sockets)."""
     from proxy.config import Config
     from proxy.dns import DnsServer
-    from proxy.dns.wire import parse_fast
     from proxy.endpoints.store import Store
 
     st = Store()
-    objs = manifests(service_names(n))
+    services = service_names(n)
+    objs = manifests(services)
     st.replace("Service", objs)
     st.replace("EndpointSlice", [])
     m1 = st.snapshot().model
@@ -254,7 +254,7 @@ def measure_update(n: int) -> dict:
     # Fill the template cache as traffic would: every Service's A answer.
     from dnslib import DNSRecord
 
-    for name, ns, _ in service_names(n):
+    for name, ns, _ in services:
         srv._handler.handle(bytes(DNSRecord.question(f"{name}.{ns}.svc.{ZONE}").pack()))
     filled = len(srv._handler.fast)
     obj = dict(objs[0])
@@ -273,7 +273,6 @@ def measure_update(n: int) -> dict:
         t = time.perf_counter()
         srv.update(m)
         times.append(time.perf_counter() - t)
-    del parse_fast
     return {
         "services": n,
         "first_update_ms": first * 1e3,

@@ -109,7 +109,7 @@ class DnsServer:
         if self.cfg.dns_bind is None:
             raise UsageError("--dns-bind-address: not set; give HOST:PORT, e.g. 10.0.0.5:53")
         host, port = self.cfg.dns_bind
-        flag = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        flag = upstream_name(self.cfg.dns_bind)
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         for attempt in range(10):  # port 0: UDP picks one, TCP must get the same
             udp = socket.socket(fam, socket.SOCK_DGRAM)
@@ -140,7 +140,7 @@ class DnsServer:
         log.info(
             "DNS: serving %s on %s (UDP+TCP), upstreams %s",
             self.cfg.cluster_domain,
-            flag if port else f"{host}:{self.address[1] if self.address else 0}",
+            upstream_name(self.address) if self.address else flag,
             ", ".join(upstream_name(u) for u in self.upstreams) or "none (SERVFAIL)",
         )
 

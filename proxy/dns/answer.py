@@ -18,6 +18,7 @@ Both carry the zone's SOA in the authority section, whose MINIMUM is the TTL.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -39,7 +40,7 @@ from dnslib import (
     DNSRecord,
 )
 
-from proxy.model import EMPTY_ENDPOINTS, Model, Service, ServiceKey
+from proxy.model import EMPTY_ENDPOINTS, Model, Service, ServiceKey, normalize_ip
 
 from .wire import UDP_MAX
 
@@ -126,8 +127,8 @@ def ip_from_reverse(labels: Labels) -> str | None:
     if labels[-2:] == _IP6 and len(labels) == 34:
         nib = labels[31::-1]
         if all(len(c) == 1 and c[0] in _HEX for c in nib):
-            h = b"".join(nib).decode()
-            return str(ipaddress.IPv6Address(int(h, 16)))
+            # The model's canonical form (normalize_ip), so the index lookup matches.
+            return socket.inet_ntop(socket.AF_INET6, bytes.fromhex(b"".join(nib).decode()))
     return None
 
 
@@ -323,10 +324,7 @@ class Zone:
         if rel == (b"dns",):
             return self._nodata(r)  # empty non-terminal above ns.dns
         if rel == (b"ns", b"dns"):
-            if qtype in (T_A, T_AAAA):
-                r.answers = self._addr_rrs(name, self.ns_ips, qtype)
-                return r if r.answers else self._nodata(r)
-            return self._typed(r, name, qtype, -1, None)
+            return self._addresses(r, name, self.ns_ips, qtype)
         return self._nx(r)
 
     def _typed(self, r: _Result, name: Labels, qtype: int, rtype: int, make) -> _Result:
@@ -353,19 +351,12 @@ class Zone:
         else:
             text = label.replace("-", ":")
         try:
-            ip = str(ipaddress.ip_address(text))
+            ip = normalize_ip(text)
         except ValueError:
             return self._nx(r)
         if ip.replace(".", "-").replace(":", "-") != label and ":" not in ip:
             return self._nx(r)  # e.g. leading zeros: not the canonical name of an address
-        want = T_AAAA if ":" in ip else T_A
-        if qtype == want:
-            r.answers = self._addr_rrs(name, (ip,), qtype)
-            return r
-        if qtype == T_ANY:
-            r.answers = [self._hinfo(name)]
-            return r
-        return self._nodata(r)
+        return self._addresses(r, name, (ip,), qtype)
 
     def _svc_lookup(
         self, name: Labels, parts: Labels, qtype: int, r: _Result, depth: int
@@ -428,6 +419,10 @@ class Zone:
                 return self._nx(r)  # spec 2.4.1: no ready endpoint → NXDOMAIN
         else:
             ips = list(svc.cluster_ips)
+        return self._addresses(r, name, ips, qtype)
+
+    def _addresses(self, r: _Result, name: Labels, ips: Iterable[str], qtype: int) -> _Result:
+        """A name holding addresses: those of the asked family, HINFO for ANY, else NODATA."""
         if qtype in (T_A, T_AAAA):
             r.answers = self._addr_rrs(name, ips, qtype)
             return r if r.answers else self._nodata(r)
@@ -443,13 +438,7 @@ class Zone:
         ips = self.headless(svc).by_host.get(host)
         if not ips:
             return self._nx(r)
-        if qtype in (T_A, T_AAAA):
-            r.answers = self._addr_rrs(name, ips, qtype)
-            return r if r.answers else self._nodata(r)
-        if qtype == T_ANY:
-            r.answers = [self._hinfo(name)]
-            return r
-        return self._nodata(r)
+        return self._addresses(r, name, ips, qtype)
 
     def _srv_targets(self, svc: Service, pname: str, proto: str) -> list[tuple[int, Labels]]:
         """(port, target) of the SRV records of one named port of a Service."""

@@ -29,6 +29,7 @@ from .wire import (
     EV_EDNS_DO,
     EV_NONE,
     OPT,
+    PLAIN_COUNTS,
     QTYPE_NAMES,
     RCODE_NAMES,
     TCP_MAX,
@@ -47,7 +48,6 @@ log = logging.getLogger("proxy.dns")
 
 Result = bytes | None | Coroutine[Any, Any, bytes | None]
 _monotonic = time.monotonic
-_PLAIN_COUNTS = b"\x00\x01\x00\x00\x00\x00\x00"
 _B0 = BUCKETS[0]
 UDP_RECV = 65535  # read whole datagrams: a cut one would parse as garbage
 
@@ -110,7 +110,7 @@ class Handler:
         n = len(data)
         # The most common query inlined (wire.parse_fast without EDNS), to save the calls
         # and the tuple: no EDNS, answer in the template cache and within 512 octets.
-        if n > 16 and data[11] == 0 and not data[2] & 0xFA and data[4:11] == _PLAIN_COUNTS:
+        if n > 16 and data[11] == 0 and not data[2] & 0xFA and data[4:11] == PLAIN_COUNTS:
             e = self.fast.get(data[12 : n - 4].lower() + data[n - 4 :] + b"\x00")
             if e is not None and e.__class__ is Entry and (e.size <= UDP_CLASSIC or tcp):
                 out = data[:2] + e.heads[(data[2] & 1) | ((data[3] >> 3) & 2)] + data[12:] + e.tail
@@ -127,14 +127,28 @@ class Handler:
             e = self.fast.get(key)
             if e is not None:
                 fidx = (data[2] & 1) | ((data[3] >> 3) & 2)
-                if tcp:
-                    limit = TCP_MAX
-                if e.__class__ is Entry:
-                    out = e.serve(data[:2], fidx, data[12:qe], limit)  # type: ignore[union-attr]
-                    self.stats.query(e.mkey, "zone", _monotonic() - t0)  # type: ignore[union-attr]
-                    return out
-                return self._forward(key, e, ev, data[:2], fidx, data[12:qe], limit, t0)  # type: ignore[arg-type]
+                return self._serve(
+                    key, e, ev, data[:2], fidx, data[12:qe], TCP_MAX if tcp else limit, t0
+                )
         return self._slow(data, tcp, t0)
+
+    def _serve(
+        self,
+        key: bytes,
+        e: Entry | _Fwd,
+        ev: int,
+        qid: bytes,
+        fidx: int,
+        question: bytes,
+        limit: int,
+        t0: float,
+    ) -> Result:
+        """Answer from a template, or via the forwarder for a forward marker."""
+        if e.__class__ is Entry:
+            out = e.serve(qid, fidx, question, limit)  # type: ignore[union-attr]
+            self.stats.query(e.mkey, "zone", _monotonic() - t0)  # type: ignore[union-attr]
+            return out
+        return self._forward(key, e, ev, qid, fidx, question, limit, t0)  # type: ignore[arg-type]
 
     def _forward(
         self,
@@ -250,11 +264,7 @@ class Handler:
                 )
             else:
                 return None
-        if e.__class__ is Entry:
-            out = e.serve(qid, fidx, qwire, limit)  # type: ignore[union-attr]
-            self.stats.query(e.mkey, "zone", _monotonic() - t0)  # type: ignore[union-attr]
-            return out
-        return self._forward(key, e, ev, qid, fidx, qwire, limit, t0)  # type: ignore[arg-type]
+        return self._serve(key, e, ev, qid, fidx, qwire, limit, t0)
 
 
 def _name_ok(labels: tuple[bytes, ...]) -> bool:
@@ -281,7 +291,8 @@ def _canonical(req: DNSRecord, opts: list) -> tuple[bytes, DNSRecord, bytes, int
     creq = DNSRecord(DNSHeader(id=0, rd=0), q=DNSQuestion(DNSLabel(lower), q.qtype, q.qclass))
     if ev != EV_NONE:
         creq.add_ar(EDNS0(udp_len=UDP_MAX, flags="do" if ev == EV_EDNS_DO else ""))
-    return encode_name(lower) + tail + bytes((ev,)), creq, name + tail, ev
+    # Length octets (<= 63) are below "A": lower() of the wire name is the lower-cased name.
+    return name.lower() + tail + bytes((ev,)), creq, name + tail, ev
 
 
 # -- sockets ---------------------------------------------------------------------------------
@@ -325,7 +336,7 @@ class UdpServer:
                 continue  # e.g. an ICMP error queued on the socket
             t0 = mono()
             n = len(data)
-            if n > 16 and data[11] == 0 and not data[2] & 0xFA and data[4:11] == _PLAIN_COUNTS:
+            if n > 16 and data[11] == 0 and not data[2] & 0xFA and data[4:11] == PLAIN_COUNTS:
                 key = data[12 : n - 4].lower() + data[n - 4 :] + b"\x00"
                 e = fast.get(key)
                 if e is not None:

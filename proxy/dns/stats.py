@@ -26,6 +26,7 @@ BUCKETS = (
     0.512, 1.024, 2.048, 4.096, 8.192,
 )  # fmt: skip
 SOURCES = ("zone", "cache", "upstream")
+_SOURCE_INDEX = {s: i for i, s in enumerate(SOURCES)}
 
 
 class Stats:
@@ -46,7 +47,7 @@ class Stats:
         q = self.queries
         q[mkey] = q.get(mkey, 0) + 1
         self.hist[source][bisect.bisect_left(BUCKETS, seconds)] += 1
-        self.sums[SOURCES.index(source)] += seconds
+        self.sums[_SOURCE_INDEX[source]] += seconds
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1

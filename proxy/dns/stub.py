@@ -21,11 +21,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import socket
 import sys
 from collections import Counter
 
 from dnslib import AAAA, QTYPE, RR, SOA, A, DNSLabel, DNSRecord
+
+from proxy.config import parse_hostport
 
 
 class StubServer:
@@ -118,9 +121,20 @@ class StubServer:
             self._clients.discard(task)
 
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._udp, _ = await loop.create_datagram_endpoint(Udp, local_addr=(host, port), family=fam)
-        self.port = self._udp.get_extra_info("sockname")[1]
-        self._tcp = await asyncio.start_server(tcp_client, host, self.port, reuse_address=True)
+        for attempt in range(10):  # port 0: UDP picks one, TCP must get the same
+            self._udp, _ = await loop.create_datagram_endpoint(
+                Udp, local_addr=(host, port), family=fam
+            )
+            self.port = self._udp.get_extra_info("sockname")[1]
+            try:
+                self._tcp = await asyncio.start_server(
+                    tcp_client, host, self.port, reuse_address=True
+                )
+                break
+            except OSError as e:
+                self._udp.close()
+                if port or e.errno != errno.EADDRINUSE or attempt == 9:
+                    raise
         return self.port
 
     async def stop(self) -> None:
@@ -135,10 +149,12 @@ class StubServer:
 
 
 async def _main(args: argparse.Namespace) -> None:
-    host, _, port = args.listen.rpartition(":")
+    hp = parse_hostport(args.listen, "--listen")
+    assert hp is not None
+    host, port = hp
     stub = StubServer(args.address, args.address6, args.ttl)
     stub.verbose = not args.quiet
-    await stub.start(host.strip("[]"), int(port))
+    await stub.start(host, port)
     print(f"stub DNS listening on {args.listen}", flush=True)
     await asyncio.Event().wait()
 

@@ -59,7 +59,7 @@ def opt_rr(ev: int, ext_rcode: int = 0) -> bytes:
     )
 
 
-_PLAIN_COUNTS = b"\x00\x01\x00\x00\x00\x00\x00"
+PLAIN_COUNTS = b"\x00\x01\x00\x00\x00\x00\x00"  # QD=1, AN=NS=0, AR high octet 0
 _OPT_HEAD = b"\x00\x00\x29"
 _ZERO2 = b"\x00\x00"
 _EV_BYTES = (b"\x00", b"\x01", b"\x02")
@@ -78,7 +78,7 @@ def parse_fast(data: bytes) -> tuple[bytes, int, int, int] | None:
     invalid length octet, >63, into a valid one). A miss takes the dnslib path.
     """
     n = len(data)
-    if n < 17 or data[2] & 0xFA or data[4:11] != _PLAIN_COUNTS:
+    if n < 17 or data[2] & 0xFA or data[4:11] != PLAIN_COUNTS:
         return None
     ar = data[11]
     if ar == 0:
@@ -151,14 +151,13 @@ class Entry:
         Patches the TTL fields in place (their offsets found by walking the message once)
         instead of rendering again: a cached upstream answer is re-aged every second.
         """
-        out = Entry(
+        return Entry(
             _age(self.full, age),
             self.qlen,
             noadd=_age(self.noadd, age) if self.noadd is not None else None,
             deps=self.deps,
             mkey=self.mkey,
         )
-        return out
 
 
 def _skip_name(msg: bytes, i: int) -> int:

@@ -118,7 +118,7 @@ def _netns_etc(ns: str, resolv: str) -> Path:
     return d
 
 
-def _start_stub(site_tb: Testbed, upstream: Host, log: Path) -> subprocess.Popen:
+def _start_stub(upstream: Host, log: Path) -> subprocess.Popen:
     out = open(log, "ab")  # noqa: SIM115 - kept open for the child's lifetime
     p = upstream.python(
         ["-m", "proxy.dns.stub", "--listen", f"{UPSTREAM_IP}:53"],
@@ -152,7 +152,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                 )
             )
             stub_log = work / "stub.log"
-            stub = _start_stub(tb, upstream, stub_log)
+            stub = _start_stub(upstream, stub_log)
             manifests = work / "manifests.yaml"
             write_manifests(manifests, objects())
             px = node.start_proxy(

@@ -173,7 +173,8 @@ def test_ptr_of_cluster_ips_v4_and_v6(zone: Zone) -> None:
 
 
 def test_reverse_helpers_round_trip() -> None:
-    for ip in ("198.19.0.10", "fd00:19::30", "::1", "0.0.0.0"):
+    # "::192.168.0.1": the model's canonical text (inet_ntop), not ipaddress's "::c0a8:1".
+    for ip in ("198.19.0.10", "fd00:19::30", "::1", "0.0.0.0", "::192.168.0.1"):
         assert ip_from_reverse(reverse_labels(ip)) == ip
     assert ip_from_reverse((b"010", b"0", b"19", b"198", b"in-addr", b"arpa")) is None
     assert ip_from_reverse((b"0", b"19", b"198", b"in-addr", b"arpa")) is None
@@ -344,6 +345,7 @@ def test_deprecated_pod_records(zone: Zone) -> None:
     assert rdatas(ask(zone, f"fd00-18--7.default.pod.{Z}", "AAAA")) == ["fd00:18::7"]
     assert_nxdomain(ask(zone, f"not-an-ip.default.pod.{Z}"))
     assert_nxdomain(ask(zone, f"198-18-1-999.default.pod.{Z}"))
+    assert_nxdomain(ask(zone, f"fe80--1%eth0.default.pod.{Z}", "AAAA"))  # no scope IDs
     assert_nodata(ask(zone, f"198-18-1-7.default.pod.{Z}", "AAAA"))
 
 

@@ -13,12 +13,10 @@ from dnslib import EDNS0, QTYPE, DNSHeader, DNSQuestion, DNSRecord, EDNSOption
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from proxy.dns.answer import Zone
 from proxy.dns.server import Handler
-from proxy.dns.stats import Stats
-from proxy.dns.upstream import Forwarder
 from proxy.endpoints.store import Store
 from tests.unit.factories import endpoint, service, slice_
+from tests.unit.test_dns_handler import handler
 
 Z = "cluster.local"
 _LOOP = asyncio.new_event_loop()
@@ -45,9 +43,7 @@ def _handler() -> Handler:
         ],
     )
     # No upstreams: forwarded names end in SERVFAIL without any socket.
-    return Handler(
-        Zone(s.snapshot().model, Z, search_suffixes=["example.com"]), Forwarder([]), stats=Stats()
-    )
+    return handler(s.snapshot().model)
 
 
 H = _handler()
