@@ -213,10 +213,6 @@ class AddressOwner:
                 errors[ip] = str(e)
         return errors
 
-    def node_addresses(self) -> list[str]:
-        """Every address of this netns except ours (and IPv6 link-local ones)."""
-        return self.survey()[1]
-
     def survey(self) -> tuple[list[str], list[str]]:
         """(ours, the node's) from one address dump; with local routes, ours from routes.
         One dump because parsing is what costs (~0.1 ms per address with pyroute2)."""

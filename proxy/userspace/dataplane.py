@@ -30,7 +30,7 @@ from proxy.model import Model, PortSpec, Service, usable_endpoints
 from proxy.userspace import metrics as umetrics
 from proxy.userspace.addresses import AddressOwner, pick_node_addresses
 from proxy.userspace.backend import Backend
-from proxy.userspace.balancer import Balancer
+from proxy.userspace.balancer import Balancer, ep_key
 from proxy.userspace.laptop import LAPTOP_NODE_IP, LaptopRewriter
 from proxy.userspace.listeners import (
     ListenerKey,
@@ -280,7 +280,7 @@ class UserspaceDataPlane:
                 bal = Balancer(usable, affinity_timeout=float(svc.session_affinity_timeout))
                 b = self.backends[t] = Backend(t, bal, umetrics.stats_for(t.label, t.protocol))
             elif b.balancer.update(usable, float(svc.session_affinity_timeout)) and b.udp:
-                keep = {(e.ip, e.port) for e in usable}
+                keep = {ep_key(e) for e in usable}
                 for u in b.udp:
                     u.purge(keep)
             if not usable and t not in self._empty:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+from collections import Counter
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -51,9 +52,7 @@ def serves_on_laptop(svc: Service) -> bool:
 def laptop_addresses(services: Mapping[ServiceKey, Service]) -> dict[ServiceKey, str]:
     """Collision-free Service → loopback address for a whole model (deterministic)."""
     wanted = {k: laptop_address(s) for k, s in services.items() if serves_on_laptop(s)}
-    counts: dict[str, int] = {}
-    for a in wanted.values():
-        counts[a] = counts.get(a, 0) + 1
+    counts = Counter(wanted.values())
     out: dict[ServiceKey, str] = {k: a for k, a in wanted.items() if counts[a] == 1}
     used = set(out.values())
     for key in sorted(k for k, a in wanted.items() if counts[a] > 1):

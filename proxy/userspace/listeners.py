@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from proxy.model import Service, ServiceKey, ip_family
@@ -146,12 +146,6 @@ def diff_listeners(
     remove = tuple(k for k in current if k not in desired)
     retarget = {k: t for k, t in desired.items() if k in current and current[k] != t}
     return Diff(add, remove, retarget)
-
-
-def addresses_of(keys: Iterable[ListenerKey], exclude: Iterable[str] = ()) -> set[str]:
-    """The IPs the listeners need to be local, minus those that already are."""
-    skip = set(exclude)
-    return {ip for ip, _, _ in keys if ip not in skip}
 
 
 # -- I/O -------------------------------------------------------------------------------------

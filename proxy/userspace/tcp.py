@@ -33,6 +33,7 @@ import time
 from typing import Any
 
 from proxy.userspace.backend import Backend
+from proxy.userspace.balancer import ep_key
 from proxy.userspace.listeners import ListenerKey, fmt_key
 from proxy.userspace.metrics import GLOBAL
 
@@ -139,6 +140,12 @@ class TcpEngine:
         lst.resume()
         return lst
 
+    def stop_accepting(self, where: str, e: OSError | None) -> None:
+        """Descriptors ran out: pause every listener for ACCEPT_PAUSE."""
+        self.out_of_fds(where, e)
+        for lst in list(self.listeners):
+            lst.pause(ACCEPT_PAUSE)
+
     def out_of_fds(self, where: str, e: OSError | None) -> None:
         """Descriptors ran out: counted always, logged once a minute at most."""
         GLOBAL.accept_pauses += 1
@@ -175,9 +182,7 @@ class TcpEngine:
     def use_reserve(self, where: str, e: OSError) -> bool:
         """Out of descriptors while serving an accepted connection: stop accepting and
         free the reserve; True when the caller may retry."""
-        self.out_of_fds(where, e)
-        for lst in list(self.listeners):
-            lst.pause(ACCEPT_PAUSE)
+        self.stop_accepting(where, e)
         if not self._reserve:
             return False
         for fd in self._reserve:
@@ -257,9 +262,8 @@ class TcpListener:
         if len(eng._reserve) < FD_RESERVE and not eng.fill_reserve():
             self._handle = eng.loop.call_later(ACCEPT_PAUSE, self.resume)
             return
-        if not self.listening:
-            self.engine.loop.add_reader(self.fd, self._on_accept)
-            self.listening = True
+        eng.loop.add_reader(self.fd, self._on_accept)
+        self.listening = True
 
     def pause(self, seconds: float) -> None:
         if self.listening:
@@ -274,9 +278,7 @@ class TcpListener:
         for _ in range(ACCEPT_BATCH):
             if eng.nfds + 2 > eng.fd_budget:
                 used = eng.nfds + eng.base_fds
-                eng.out_of_fds(f"{used} in use, the rest kept for the daemon", None)
-                for lst in list(eng.listeners):
-                    lst.pause(ACCEPT_PAUSE)
+                eng.stop_accepting(f"{used} in use, the rest kept for the daemon", None)
                 return
             try:
                 fd, addr = sock._accept()
@@ -284,9 +286,7 @@ class TcpListener:
                 return
             except OSError as e:
                 if e.errno in FD_ERRORS:
-                    eng.out_of_fds(f"accept on {fmt_key(self.key)}", e)
-                    for lst in list(eng.listeners):
-                        lst.pause(ACCEPT_PAUSE)
+                    eng.stop_accepting(f"accept on {fmt_key(self.key)}", e)
                     return
                 continue  # ECONNABORTED & co: that client gave up; the next may not have
             # The C socket type: socket.socket's Python __init__ and enum conversions cost
@@ -370,7 +370,7 @@ class TcpConn:
             self.reject("no_endpoints" if not bal.endpoints else "endpoints_failed")
             return
         self.ep = ep
-        self.tried.append((ep.ip, ep.port))
+        self.tried.append(ep_key(ep))
         fam = socket.AF_INET6 if ":" in ep.ip else socket.AF_INET
         typ = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
         try:

@@ -16,9 +16,9 @@ import sys
 import threading
 
 
-def bulk_payload(n: int) -> tuple[bytes, int]:
-    block = random.Random(7).randbytes(1 << 20)
-    return block, n
+def bulk_block() -> bytes:
+    """The 1 MiB block the bulk backend repeats."""
+    return random.Random(7).randbytes(1 << 20)
 
 
 def serve_bulk(conn: socket.socket, n: int) -> None:
@@ -31,7 +31,7 @@ def serve_bulk(conn: socket.socket, n: int) -> None:
         h.update(data)
         got += len(data)
     conn.sendall(h.hexdigest().encode() + b"\n")
-    block, _ = bulk_payload(n)
+    block = bulk_block()
     out = hashlib.sha256()
     left = n
     while left:

@@ -98,18 +98,24 @@ class Harness:
         model = self.dp.model_for_dns(self.store.snapshot().model)
         return model.services[(ns, name)].cluster_ips[0]
 
+    async def serve(self, *ports: int, port: int = 8080, proto: str = "TCP", **spec) -> str:
+        """`web` on `port`, one endpoint per backend port, fully synced; its address."""
+        self.set([web(port, proto, **spec)], slices(*ports, proto=proto))
+        await self.sync(full=True)
+        return self.addr("web")
+
 
 def web(port: int = 8080, proto: str = "TCP", **spec) -> dict:
     return service("web", ports=[{"name": "p", "port": port, "protocol": proto}], **spec)
 
 
-def eps(*ports: int, proto: str = "TCP", name: str = "web-abc") -> dict:
-    """One slice with one endpoint per port, all on 127.0.0.1 (ports differ)."""
+def eps(port: int, proto: str = "TCP", name: str = "web-abc") -> dict:
+    """One slice with one endpoint on 127.0.0.1:`port`."""
     return slice_(
         "web",
         name=name,
         endpoints=[endpoint("127.0.0.1")],
-        ports=[{"name": "p", "port": ports[0], "protocol": proto}],
+        ports=[{"name": "p", "port": port, "protocol": proto}],
     )
 
 
@@ -131,12 +137,10 @@ async def hello(ip: str, port: int, payload: bytes = b"ping") -> tuple[str, byte
 
 def metric(name: str, **labels: str) -> float:
     text = generate_latest().decode()
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
-    assert want is not None
     return total
 
 
@@ -147,9 +151,7 @@ def test_round_robin_over_ready_endpoints_and_metrics():
     async def main():
         bs = [await Backend(f"web-{i}").start() for i in range(3)]
         async with Harness() as h:
-            h.set([web()], slices(*(b.port for b in bs)))
-            await h.sync(full=True)
-            ip = h.addr("web")
+            ip = await h.serve(*(b.port for b in bs))
             assert ip == laptop_address(h.store.snapshot().model.services[("default", "web")])
             got = Counter([(await hello(ip, 8080))[0] for _ in range(30)])
             assert got == {"web-0": 10, "web-1": 10, "web-2": 10}
@@ -224,8 +226,7 @@ def test_bulk_transfer_intact_both_ways(engine):
     async def main():
         b = await Backend("bulk", sink_then_send).start()
         async with Harness(userspace_engine=engine) as h:
-            h.set([web()], slices(b.port))
-            await h.sync(full=True)
+            await h.serve(b.port)
             r, w = await asyncio.open_connection(h.addr("web"), 8080)
             data = os.urandom(size)
 
@@ -266,8 +267,7 @@ def test_half_close_keeps_the_other_direction_open(engine):
     async def main():
         b = await Backend("hc", read_all_then_answer).start()
         async with Harness(userspace_engine=engine) as h:
-            h.set([web()], slices(b.port))
-            await h.sync(full=True)
+            await h.serve(b.port)
             r, w = await asyncio.open_connection(h.addr("web"), 8080)
             w.write(b"x" * 300000)
             w.write_eof()  # FIN toward the endpoint; its answer must still arrive
@@ -286,9 +286,7 @@ def test_refusing_endpoint_fails_over_and_is_backed_off():
         dead_port = dead.getsockname()[1]
         dead.close()  # nothing listens there: connection refused
         async with Harness() as h:
-            h.set([web()], slices(dead_port, good.port))
-            await h.sync(full=True)
-            ip = h.addr("web")
+            ip = await h.serve(dead_port, good.port)
             names = [(await hello(ip, 8080))[0] for _ in range(10)]
             assert names == ["good"] * 10
             label = "default/web:p"
@@ -340,9 +338,7 @@ def test_all_endpoints_failing_resets_the_client_and_keeps_serving():
         dead_port = s.getsockname()[1]
         s.close()
         async with Harness() as h:
-            h.set([web()], slices(dead_port))
-            await h.sync(full=True)
-            ip = h.addr("web")
+            ip = await h.serve(dead_port)
             with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
                 await hello(ip, 8080)
             assert (
@@ -383,8 +379,7 @@ def test_endpoint_reset_is_passed_to_the_client():
     async def main():
         bad = await Backend("rst", reset).start()
         async with Harness() as h:
-            h.set([web()], slices(bad.port))
-            await h.sync(full=True)
+            await h.serve(bad.port)
             r, w = await asyncio.open_connection(h.addr("web"), 8080)
             w.write(b"ping")
             with pytest.raises(ConnectionResetError):
@@ -402,9 +397,7 @@ def test_endpoint_removal_drains_established_connections():
         a = await Backend("a").start()
         b = await Backend("b").start()
         async with Harness() as h:
-            h.set([web()], slices(a.port, b.port))
-            await h.sync(full=True)
-            ip = h.addr("web")
+            ip = await h.serve(a.port, b.port)
             # Find a connection on "a" and keep it open.
             while True:
                 r, w = await asyncio.open_connection(ip, 8080)
@@ -428,9 +421,7 @@ def test_service_removal_closes_listener_and_connections():
     async def main():
         a = await Backend("a").start()
         async with Harness() as h:
-            h.set([web()], slices(a.port))
-            await h.sync(full=True)
-            ip = h.addr("web")
+            ip = await h.serve(a.port)
             r, _w = await asyncio.open_connection(ip, 8080)
             await r.readline()
             h.set([], [])
@@ -454,9 +445,8 @@ def test_session_affinity_client_ip():
                 "sessionAffinity": "ClientIP",
                 "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}},
             }
-            h.set([web(**spec)], slices(*(b.port for b in bs)))
-            await h.sync(full=True)
-            names = {(await hello(h.addr("web"), 8080))[0] for _ in range(9)}
+            ip = await h.serve(*(b.port for b in bs), **spec)
+            names = {(await hello(ip, 8080))[0] for _ in range(9)}
             assert len(names) == 1
         for b in bs:
             await b.stop()
@@ -468,9 +458,7 @@ def test_idle_timeout_closes_only_idle_connections():
     async def main():
         a = await Backend("a").start()
         async with Harness(userspace_tcp_idle_timeout=0.6) as h:
-            h.set([web()], slices(a.port))
-            await h.sync(full=True)
-            ip = h.addr("web")
+            ip = await h.serve(a.port)
             r1, w1 = await asyncio.open_connection(ip, 8080)
             r2, w2 = await asyncio.open_connection(ip, 8080)
             await r1.readline()
@@ -493,9 +481,7 @@ def test_silent_clients_do_not_block_others():
     async def main():
         a = await Backend("a").start()
         async with Harness() as h:
-            h.set([web()], slices(a.port))
-            await h.sync(full=True)
-            ip = h.addr("web")
+            ip = await h.serve(a.port)
             silent = [socket.create_connection((ip, 8080)) for _ in range(200)]
             assert (await hello(ip, 8080))[0] == "a"
             assert metric("kubeproxy_userspace_active_connections", service="default/web:p") >= 200
@@ -543,9 +529,7 @@ def test_listeners_follow_port_changes_and_retarget():
     async def main():
         a = await Backend("a").start()
         async with Harness() as h:
-            h.set([web(8080)], slices(a.port))
-            await h.sync(full=True)
-            ip = h.addr("web")
+            ip = await h.serve(a.port)
             h.set([web(9090)], slices(a.port))
             await h.sync()
             assert (await hello(ip, 9090))[0] == "a"
@@ -620,9 +604,7 @@ def test_udp_sessions_spread_expire_and_follow_endpoint_changes():
         b1 = await udp_backend("u1")
         b2 = await udp_backend("u2")
         async with Harness(udp_idle_timeout=0.5) as h:
-            h.set([web(5353, "UDP")], slices(b1[2], b2[2], proto="UDP"))
-            await h.sync(full=True)
-            ip = h.addr("web")
+            ip = await h.serve(b1[2], b2[2], port=5353, proto="UDP")
             answers = {await udp_ask(ip, 5353, b"q") for _ in range(6)}
             assert answers == {b"u1:q", b"u2:q"}  # six clients, round robin
             # One client keeps its session (same endpoint) across datagrams.
@@ -654,9 +636,7 @@ def test_udp_session_table_is_bounded():
     async def main():
         b = await udp_backend("u")
         async with Harness(userspace_udp_max_sessions=5) as h:
-            h.set([web(5353, "UDP")], slices(b[2], proto="UDP"))
-            await h.sync(full=True)
-            ip = h.addr("web")
+            ip = await h.serve(b[2], port=5353, proto="UDP")
             for i in range(12):
                 assert await udp_ask(ip, 5353, str(i).encode()) == f"u:{i}".encode()
             (lst,) = h.dp.listeners.values()
@@ -675,9 +655,7 @@ def test_udp_unreachable_endpoint_fails_over():
         dead = s.getsockname()[1]
         s.close()
         async with Harness() as h:
-            h.set([web(5353, "UDP")], slices(dead, good[2], proto="UDP"))
-            await h.sync(full=True)
-            ip = h.addr("web")
+            ip = await h.serve(dead, good[2], port=5353, proto="UDP")
             got = []
             c = await UdpClient.open()
             for i in range(6):
