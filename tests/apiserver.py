@@ -44,7 +44,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -883,6 +883,17 @@ def write_kubeconfig(path: str | Path, url: str, namespace: str = "default") -> 
     p = Path(path)
     p.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     return p
+
+
+def wait_for(
+    pred: Callable[[], Any], what: str, timeout: float = 10.0, interval: float = 0.01
+) -> None:
+    """Poll `pred` until it is true; AssertionError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
 
 
 class AdminClient:

@@ -39,7 +39,7 @@ from proxy.iptables.render import (
     saved_chains,
     state_from_chains,
 )
-from proxy.model import Model
+from proxy.model import Model, ip_family
 
 # Chains per iptables-nft-restore transaction on big writes: --noflush is quadratic in the
 # chains of one transaction on iptables 1.8.9 (measured: 32k chains 20 s in one restore,
@@ -47,10 +47,6 @@ from proxy.model import Model
 NFT_CHUNK_CHAINS = 4000
 
 log = logging.getLogger("proxy.iptables")
-
-
-def _family_of(cidr_or_ip: str) -> int:
-    return 6 if ":" in cidr_or_ip else 4
 
 
 def local_addresses() -> tuple[tuple[str, ...], dict[int, str]]:
@@ -170,11 +166,11 @@ class IptablesDataPlane:
         return RenderConfig(
             family=family,
             node_name=cfg.hostname,
-            cluster_cidrs=tuple(c for c in cfg.cluster_cidrs if _family_of(c) == family),
+            cluster_cidrs=tuple(c for c in cfg.cluster_cidrs if ip_family(c) == family),
             masquerade_all=cfg.masquerade_all,
             masquerade_mark=cfg.masquerade_mark,
-            nodeport_addresses=tuple(c for c in cfg.nodeport_addresses if _family_of(c) == family),
-            local_ips=tuple(ip for ip in self.local_ips if _family_of(ip) == family),
+            nodeport_addresses=tuple(c for c in cfg.nodeport_addresses if ip_family(c) == family),
+            local_ips=tuple(ip for ip in self.local_ips if ip_family(ip) == family),
             node_ip=self.node_ips.get(family, ""),
             random_fully=self.random_fully,
             conntrack_tcp_be_liberal=self.tcp_be_liberal,

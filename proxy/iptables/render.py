@@ -36,7 +36,7 @@ from proxy.iptables.names import (
     local_chain,
     service_chain,
 )
-from proxy.model import Model, Service, ServiceKey, usable_endpoints
+from proxy.model import Model, Service, ServiceKey, ip_family, usable_endpoints
 
 FILTER = "filter"
 NAT = "nat"
@@ -99,13 +99,6 @@ BASE_JUMPS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     _jump(NAT, "PREROUTING", KUBE_SERVICES, "kubernetes service portals"),
     _jump(NAT, "POSTROUTING", KUBE_POSTROUTING, "kubernetes postrouting rules"),
 )
-
-# kubelet's jumps to KUBE-FIREWALL (no comment); only relevant with localhost NodePorts.
-KUBELET_JUMPS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
-    (FILTER, "INPUT", KUBELET_FIREWALL, ("-j", KUBELET_FIREWALL)),
-    (FILTER, "OUTPUT", KUBELET_FIREWALL, ("-j", KUBELET_FIREWALL)),
-)
-
 
 # Above this many nat rules the render state keeps no chain text (memory over speed).
 TEXT_CACHE_MAX_RULES = 100_000
@@ -180,15 +173,18 @@ def probability(n: int) -> str:
     return _PROBS[n]
 
 
-def _is_v6(ip: str) -> bool:
-    return ":" in ip
+def _cluster_cidr(cfg: RenderConfig) -> str:
+    """This family's cluster CIDR (kube-proxy's detector uses the first), "" if none."""
+    return next((c for c in cfg.cluster_cidrs if ip_family(c) == cfg.family), "")
 
 
 def _nodeport_destinations(cfg: RenderConfig) -> tuple[list[str], bool]:
     """(matches for the KUBE-SERVICES → KUBE-NODEPORTS rules, localhost NodePorts on)."""
     v6 = cfg.family == 6
     nets = [
-        ipaddress.ip_network(c, strict=False) for c in cfg.nodeport_addresses if _is_v6(c) == v6
+        ipaddress.ip_network(c, strict=False)
+        for c in cfg.nodeport_addresses
+        if ip_family(c) == cfg.family
     ]
     match_all = not nets or any(n.prefixlen == 0 for n in nets)
     loopback = ipaddress.ip_address("127.0.0.1")
@@ -202,7 +198,7 @@ def _nodeport_destinations(cfg: RenderConfig) -> tuple[list[str], bool]:
         elif not localhost:
             dest += " ! -d 127.0.0.0/8"
         return [dest], localhost
-    ips = {ipaddress.ip_address(ip) for ip in cfg.local_ips if _is_v6(ip) == v6}
+    ips = {ipaddress.ip_address(ip) for ip in cfg.local_ips if ip_family(ip) == cfg.family}
     out = []
     for ip in sorted(ips):
         if not any(ip in n for n in nets):
@@ -295,8 +291,8 @@ class _Renderer:
 
     def __init__(self, cfg: RenderConfig) -> None:
         self.cfg = cfg
-        self.v6 = v6 = cfg.family == 6
-        self.cidr = next((c for c in cfg.cluster_cidrs if _is_v6(c) == v6), "")
+        self.v6 = cfg.family == 6
+        self.cidr = _cluster_cidr(cfg)
         self.node = cfg.node_name
         node_ip = ipaddress.ip_address(cfg.node_ip) if cfg.node_ip else None
         self.node_ip = node_ip if node_ip is not None and node_ip.version == cfg.family else None
@@ -308,13 +304,14 @@ class _Renderer:
         if svc.proxy_name or svc.headless or svc.type == "ExternalName":
             return None
         v6 = self.v6
-        cip = next((ip for ip in svc.cluster_ips if _is_v6(ip) == v6), None)
+        fam = self.cfg.family
+        cip = next((ip for ip in svc.cluster_ips if ip_family(ip) == fam), None)
         if cip is None:
             return None  # kube-proxy's change tracker drops it for this family
         f = _Fragment(svc, svc_eps)
-        ext_ips = [ip for ip in svc.external_ips if _is_v6(ip) == v6]
-        lb_ips = [ip for ip in svc.load_balancer_ips if _is_v6(ip) == v6]
-        ranges = [c for c in svc.load_balancer_source_ranges if _is_v6(c) == v6]
+        ext_ips = [ip for ip in svc.external_ips if ip_family(ip) == fam]
+        lb_ips = [ip for ip in svc.load_balancer_ips if ip_family(ip) == fam]
+        ranges = [c for c in svc.load_balancer_source_ranges if ip_family(c) == fam]
         if any(c.endswith("/0") for c in ranges):
             ranges = []  # a zero CIDR allows everything, like no ranges at all
         ports = svc.ports
@@ -424,6 +421,8 @@ class _Renderer:
                 f"-A KUBE-SERVICES -m comment --comment {comment} {mpp} -d {cip} {dport} "
                 f"-j {target}"
             )
+        # External and load-balancer IPs without a (local) endpoint are rejected or dropped.
+        no_ext = f"-A KUBE-EXTERNAL-SERVICES -m comment --comment {comment} {mpp} -d"
         for ip in ext_ips:
             if has_endpoints:
                 top[N_SERVICES].append(
@@ -431,10 +430,7 @@ class _Renderer:
                     f"{dport} -j {ext}"
                 )
             if not has_external:
-                top[F_EXTERNAL].append(
-                    f"-A KUBE-EXTERNAL-SERVICES -m comment --comment {comment} {mpp} -d {ip} "
-                    f"{dport} -j {target}"
-                )
+                top[F_EXTERNAL].append(f"{no_ext} {ip} {dport} -j {target}")
         for ip in lb_ips:
             if has_endpoints:
                 top[N_SERVICES].append(
@@ -446,12 +442,8 @@ class _Renderer:
                     f'-A KUBE-PROXY-FIREWALL -m comment --comment "{spn} traffic not accepted '
                     f'by {fw}" {mpp} -d {ip} {dport} -j DROP'
                 )
-        if not has_external:
-            for ip in lb_ips:
-                top[F_EXTERNAL].append(
-                    f"-A KUBE-EXTERNAL-SERVICES -m comment --comment {comment} {mpp} -d {ip} "
-                    f"{dport} -j {target}"
-                )
+            if not has_external:
+                top[F_EXTERNAL].append(f"{no_ext} {ip} {dport} -j {target}")
         if port.node_port:
             # NodePorts are not subject to loadBalancerSourceRanges (as upstream).
             if has_endpoints:
@@ -632,9 +624,7 @@ def _dispatch(out: list[str], p: _Port, chain: str, eps: list, comments: bool) -
 def _chain_inputs(cfg: RenderConfig) -> tuple:
     """The config that per-Service chains depend on. Other settings (marks, NodePort
     addresses, local IPs, …) only touch top-level chains, which every render rewrites."""
-    v6 = cfg.family == 6
-    cidr = next((c for c in cfg.cluster_cidrs if _is_v6(c) == v6), "")
-    return (cfg.family, cfg.node_name, cidr, cfg.masquerade_all, cfg.node_ip)
+    return (cfg.family, cfg.node_name, _cluster_cidr(cfg), cfg.masquerade_all, cfg.node_ip)
 
 
 def _same(f: _Fragment, svc: Service, eps: object) -> bool:

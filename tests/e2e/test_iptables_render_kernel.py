@@ -19,6 +19,7 @@ import pytest
 
 from proxy.iptables.render import BASE_JUMPS, RenderConfig, RenderResult, render, saved_chains
 from proxy.model import Endpoint, Model, PortSpec, Service, ServiceEndpoints, make_model
+from proxy.testbed import netns as tb_netns
 
 pytestmark = pytest.mark.kernel
 
@@ -35,11 +36,11 @@ if shutil.which("iptables-legacy-restore") and shutil.which("ip6tables-legacy-re
 @contextmanager
 def netns() -> Iterator[str]:
     name = PREFIX + uuid.uuid4().hex[:8]
-    subprocess.run(["ip", "netns", "add", name], check=True)
+    tb_netns.add(name)
     try:
         yield name
     finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+        tb_netns.delete(name)
 
 
 def run(ns: str, argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:

@@ -8,15 +8,15 @@ uses its own Services (198.19.30.0/24).
 
 from __future__ import annotations
 
+import functools
 import socket
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
 from proxy.testbed import Host, Node, ProxyProcess, Testbed, client_request, start_backend
-from tests.apiserver import ApiServer
+from tests.apiserver import ApiServer, wait_for
 
 from .iptables_helpers import (
     cleanup_node,
@@ -96,13 +96,8 @@ def counts(api: ApiServer) -> tuple[dict[str, int], dict[str, int]]:
     )
 
 
-def wait_until(cond, what: str, timeout: float = 15.0) -> None:
-    """Wait for an API-server-side condition (requests the daemon makes)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+# Wait for an API-server-side condition (requests the daemon makes).
+wait_until = functools.partial(wait_for, timeout=15.0, interval=0.05)
 
 
 def test_initial_list_is_programmed(site):

@@ -9,7 +9,6 @@ import select
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from tests.apiserver import (
     ApiServerClient,
     parse_selector,
     selector_matches,
+    wait_for,
     write_kubeconfig,
 )
 
@@ -98,14 +98,6 @@ class Watch:
 
 def summary(events: list[dict]) -> list[tuple[str, str]]:
     return [(e["type"], e["object"]["metadata"].get("name", "")) for e in events]
-
-
-def wait_for(pred: Any, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 # -- list --------------------------------------------------------------------------------

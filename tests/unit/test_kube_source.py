@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from proxy.config import Config, UsageError
 from proxy.endpoints.kube import NOT_IN_POD, Backoff, KubeSource
 from proxy.endpoints.store import ENDPOINT_SLICE, SERVICE, Store
 from proxy.model import Model
+from tests import apiserver
 from tests.apiserver import ApiServer, write_kubeconfig
 
 PROXY_NAME = "service.kubernetes.io/service-proxy-name"
@@ -56,12 +57,7 @@ def skipped(kind: str) -> float:
     return REGISTRY.get_sample_value("kubeproxy_py_skipped_objects_total", {"kind": kind}) or 0.0
 
 
-def wait_for(pred: Callable[[], Any], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+wait_for = functools.partial(apiserver.wait_for, timeout=20.0, interval=0.02)
 
 
 def model(store: Store) -> Model:
