@@ -24,6 +24,10 @@ class UsageError(Exception):
     """A mistake the user can fix; printed as one line, exit code 2."""
 
 
+class PrivilegeError(UsageError):
+    """Missing root/CAP_NET_ADMIN: unlike a missing binary, never "nothing to do"."""
+
+
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|ns)")
 _UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 

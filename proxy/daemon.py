@@ -15,7 +15,7 @@ import logging
 import signal
 from typing import Any
 
-from proxy.config import Config, UsageError, describe
+from proxy.config import Config, PrivilegeError, UsageError, describe
 from proxy.dataplane import DataPlane, NoDataPlane
 from proxy.endpoints.store import Snapshot, Store
 from proxy.health import HealthServer, HealthState, ServiceHealthServers
@@ -70,6 +70,8 @@ async def cleanup(cfg: Config) -> int:
         try:
             dp = make_dataplane(dataclasses.replace(cfg, proxy_mode=mode))
             await dp.cleanup()
+        except PrivilegeError:
+            raise  # "cleanup done" without the rights to look would be a lie
         except UsageError as e:
             # e.g. no iptables binary: there can be nothing of ours to remove there
             log.info("cleanup of %s mode skipped: %s", mode, e)

@@ -20,7 +20,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from proxy.config import Config, UsageError
+from proxy.config import Config, PrivilegeError, UsageError
 
 log = logging.getLogger("proxy.iptables")
 
@@ -195,7 +195,7 @@ def has_net_admin() -> bool:
 
 def check_privileges() -> None:
     if not has_net_admin():
-        raise UsageError(PRIVILEGE_HINT)
+        raise PrivilegeError(PRIVILEGE_HINT)
 
 
 async def ipv6_works(backend: Backend) -> bool:

@@ -34,3 +34,14 @@ def test_user_error_exits_2_before_programming_anything(
     for save in ("iptables-save", "ip6tables-save"):
         out = node.exec([save], check=False).stdout
         assert "KUBE-" not in out, f"{save} in the node after a failed start:\n{out}"
+
+
+def test_cleanup_without_privileges_fails_instead_of_claiming_success(testbed: Testbed) -> None:
+    node = testbed.add_node("node-a", underlay_ip="198.18.200.1", pod_cidr="198.18.1.0/24")
+    # Not root; dac_read_search only so the interpreter under /root can be read.
+    drop = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+            "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]  # fmt: skip
+    r = node.exec([*drop, sys.executable, "-m", "proxy", "--cleanup"], check=False, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "needs CAP_NET_ADMIN" in r.stderr.strip().splitlines()[-1]
+    assert "cleanup done" not in r.stderr
