@@ -198,7 +198,7 @@ def rss_mb(pid: int) -> float:
 
 def daemon_latency(ns: str, n: int, repeat: int, workdir: Path) -> dict:
     """Real daemon + list/watch API server in namespace `ns`: event → rules applied."""
-    from tests.apiserver import ApiServerClient  # admin client of the process mode
+    from proxy.testbed.apiserver import ApiServerClient  # admin client of the process mode
 
     svcs, slices = objects(n)
     load = workdir / f"objects-{n}.json"
@@ -213,7 +213,7 @@ def daemon_latency(ns: str, n: int, repeat: int, workdir: Path) -> dict:
             ns,
             sys.executable,
             "-m",
-            "tests.apiserver",
+            "proxy.testbed.apiserver",
             "--listen",
             f"127.0.0.1:{port}",
             "--load",

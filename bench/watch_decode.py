@@ -13,7 +13,7 @@ Measured, each the median of --repeat runs:
   * list decode in process: a ServiceList / EndpointSliceList body → objects;
   * watch decode in process: one event line per object → events (the client's
     `Watch.unmarshal_event` vs one `json.loads` per line);
-  * list through HTTP from tests/apiserver with the client (models vs raw), end to end;
+  * list through HTTP from proxy/testbed/apiserver with the client (models vs raw), end to end;
   * for scale: the store's own parse of the raw list (Store.replace);
   * peak Python heap while decoding the slice list (tracemalloc), models vs raw.
 """
@@ -38,7 +38,7 @@ from kubernetes import client as k8s  # noqa: E402
 from kubernetes import watch as k8s_watch  # noqa: E402
 
 from proxy.endpoints.store import ENDPOINT_SLICE, SERVICE, Store  # noqa: E402
-from tests.apiserver import ApiServer  # noqa: E402
+from proxy.testbed.apiserver import ApiServer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 PER_SLICE = 100  # the EndpointSlice controller's default maximum
@@ -212,7 +212,7 @@ def run(n_svc: int, n_eps: int, repeat: int) -> dict[str, Any]:
 
 
 def http_lists(svcs: list[dict], sls: list[dict], repeat: int) -> dict[str, Any]:
-    """The same lists fetched from tests/apiserver over loopback, end to end."""
+    """The same lists fetched from proxy/testbed/apiserver over loopback, end to end."""
     api = ApiServer()
     for o in svcs + sls:
         api.apply(o)

@@ -119,6 +119,21 @@ class Config:
     userspace_tcp_idle_timeout: float = 86400.0  # close TCP connections idle this long; 0: never
     userspace_udp_max_sessions: int = 4096  # per UDP listener; least recently active evicted
     userspace_address_mode: str = "auto"  # auto (interface, else routes) | interface | local-route
+    # userspace: reach endpoints directly, through the API server's pods/portforward, or
+    # probe which works (auto)
+    userspace_endpoint_access: str = "auto"
+    # NodePorts also answer on 127.0.0.1 (kube-proxy's --iptables-localhost-nodeports)
+    localhost_nodeports: bool = True
+    # kube-proxy's conntrack settings (KubeProxyConntrackConfiguration); 0 leaves the
+    # kernel's value alone, as kube-proxy does
+    conntrack_max_per_core: int = 32768
+    conntrack_min: int = 131072
+    conntrack_tcp_timeout_established: float = 86400.0
+    conntrack_tcp_timeout_close_wait: float = 3600.0
+    conntrack_tcp_be_liberal: bool = False
+    conntrack_udp_timeout: float = 0.0
+    conntrack_udp_timeout_stream: float = 0.0
+    init_only: bool = False  # privileged node set-up (sysctls, conntrack), then exit
 
     @property
     def masquerade_mark(self) -> str:
@@ -130,6 +145,16 @@ class _OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parse_bool_flag(text: str) -> bool:
+    """Go-style boolean flag values (`--flag`, `--flag=false`), as kube-proxy accepts."""
+    v = text.strip().lower()
+    if v in ("1", "t", "true"):
+        return True
+    if v in ("0", "f", "false"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true or false)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -186,6 +211,37 @@ def _build_parser() -> argparse.ArgumentParser:
         "--userspace-address-mode",
         choices=("auto", "interface", "local-route"),
         help="userspace: own Service IPs on an interface or as local routes (auto)",
+    )
+    a(
+        "--userspace-endpoint-access",
+        choices=("auto", "direct", "port-forward"),
+        help="userspace: endpoints directly, through the API server's port-forward, or auto",
+    )
+    a(
+        "--iptables-localhost-nodeports",
+        nargs="?",
+        const="true",
+        type=_parse_bool_flag,
+        help="NodePorts also answer on 127.0.0.1 (default true)",
+    )
+    a("--conntrack-max-per-core", type=int, help="conntrack entries per CPU (32768; 0: leave)")
+    a("--conntrack-min", type=int, help="minimum conntrack table size (131072)")
+    a("--conntrack-tcp-timeout-established", help="idle timeout of TCP flows (24h; 0: leave)")
+    a("--conntrack-tcp-timeout-close-wait", help="CLOSE_WAIT timeout (1h; 0: leave)")
+    a(
+        "--conntrack-tcp-be-liberal",
+        nargs="?",
+        const="true",
+        type=_parse_bool_flag,
+        help="liberal TCP conntrack; INVALID packets are then not dropped (default false)",
+    )
+    a("--conntrack-udp-timeout", help="idle timeout of UDP flows (0: leave the kernel's)")
+    a("--conntrack-udp-timeout-stream", help="timeout of UDP streams (0: leave the kernel's)")
+    a(
+        "--init-only",
+        action="store_true",
+        default=None,
+        help="do the privileged node set-up (sysctls, conntrack) and exit",
     )
     a("--iptables-backend", choices=("auto", "legacy", "nft"), help="default: what the node uses")
     a("--ipv6", choices=("auto", "on", "off"), help="program IPv6 rules (default auto)")
@@ -321,6 +377,29 @@ def parse_args(argv: list[str] | None = None) -> Config:
         cfg.userspace_udp_max_sessions = ns.userspace_udp_max_sessions
     if ns.userspace_address_mode is not None:
         cfg.userspace_address_mode = ns.userspace_address_mode
+    if ns.userspace_endpoint_access is not None:
+        cfg.userspace_endpoint_access = ns.userspace_endpoint_access
+    if ns.iptables_localhost_nodeports is not None:
+        cfg.localhost_nodeports = ns.iptables_localhost_nodeports
+    for name in ("conntrack_max_per_core", "conntrack_min"):
+        value = getattr(ns, name)
+        if value is not None:
+            if value < 0:
+                raise UsageError(f"--{name.replace('_', '-')}: must not be negative")
+            setattr(cfg, name, value)
+    for name in (
+        "conntrack_tcp_timeout_established",
+        "conntrack_tcp_timeout_close_wait",
+        "conntrack_udp_timeout",
+        "conntrack_udp_timeout_stream",
+    ):
+        value = getattr(ns, name)
+        if value is not None:
+            setattr(cfg, name, parse_duration(value, f"--{name.replace('_', '-')}"))
+    if ns.conntrack_tcp_be_liberal is not None:
+        cfg.conntrack_tcp_be_liberal = ns.conntrack_tcp_be_liberal
+    if ns.init_only:
+        cfg.init_only = True
     if ns.iptables_backend is not None:
         cfg.iptables_backend = ns.iptables_backend
     if ns.ipv6 is not None:

@@ -1,6 +1,6 @@
 """iptables mode fed by an API server: watch recovery proven with traffic.
 
-The test API server (tests/apiserver.py) runs in this process but listens inside the
+The test API server (proxy/testbed/apiserver.py) runs in this process but listens inside the
 node's namespace (a socket made there with `node.socket()`), so the daemon reaches it at
 127.0.0.1 through a kubeconfig. One server and one daemon serve the module; each test
 uses its own Services (198.19.30.0/24).
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pytest
 
 from proxy.testbed import Host, Node, ProxyProcess, Testbed, client_request, start_backend
-from tests.apiserver import ApiServer, wait_for
+from proxy.testbed.apiserver import ApiServer, wait_for
 
 from .iptables_helpers import (
     cleanup_node,

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.apiserver import (
+from proxy.testbed.apiserver import (
     AdminClient,
     ApiServer,
     ApiServerClient,
@@ -414,7 +414,7 @@ def test_admin_api_and_process_mode(tmp_path: Path) -> None:
     kc = tmp_path / "kubeconfig"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.apiserver", "--listen", "127.0.0.1:0",
+        [sys.executable, "-m", "proxy.testbed.apiserver", "--listen", "127.0.0.1:0",
          "--load", str(objs), "--kubeconfig", str(kc)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip

@@ -16,8 +16,8 @@ from proxy.config import Config, UsageError
 from proxy.endpoints.kube import NOT_IN_POD, Backoff, KubeSource
 from proxy.endpoints.store import ENDPOINT_SLICE, SERVICE, Store
 from proxy.model import Model
-from tests import apiserver
-from tests.apiserver import ApiServer, write_kubeconfig
+from proxy.testbed import apiserver
+from proxy.testbed.apiserver import ApiServer, write_kubeconfig
 
 PROXY_NAME = "service.kubernetes.io/service-proxy-name"
 

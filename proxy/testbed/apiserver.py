@@ -23,7 +23,7 @@ process or network namespace): create/update/apply/delete objects, `compact(keep
 `inject_event()` (a raw line to the open streams), and counts of list and watch requests.
 
 In a test:   with ApiServer().start() as api: api.apply(svc); ... api.url
-As a process: python -m tests.apiserver --listen 127.0.0.1:8080 --load objs.yaml
+As a process: python -m proxy.testbed.apiserver --listen 127.0.0.1:8080 --load objs.yaml
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-log = logging.getLogger("tests.apiserver")
+log = logging.getLogger("proxy.testbed.apiserver")
 
 
 @dataclass(frozen=True)
@@ -997,7 +997,7 @@ class ApiServerClient(AdminClient):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m tests.apiserver", description=__doc__.split("\n")[0]
+        prog="python -m proxy.testbed.apiserver", description=__doc__.split("\n")[0]
     )
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any)")
     p.add_argument("--load", action="append", default=[], help="YAML file of objects")
