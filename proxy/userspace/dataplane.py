@@ -26,7 +26,8 @@ from typing import Any
 
 from proxy.config import Config, UsageError
 from proxy.endpoints.store import Snapshot
-from proxy.model import Model, PortSpec, Service, usable_endpoints
+from proxy.model import UNKNOWN_NODE, Model, NodeInfo, PortSpec, Service
+from proxy.selection import usable_endpoints
 from proxy.userspace import metrics as umetrics
 from proxy.userspace.addresses import AddressOwner, pick_node_addresses
 from proxy.userspace.backend import Backend
@@ -107,6 +108,7 @@ class UserspaceDataPlane:
         self._logged: dict[Any, str] = {}  # what is currently broken → reason (log once)
         self._empty: set[Target] = set()  # backends with no usable endpoint (logged)
         self._synced_once = False
+        self._node: NodeInfo = UNKNOWN_NODE  # the node's zone decides topology
 
     # -- DNS hook (daemon.py): the model as served, in laptop mode -----------------------------
 
@@ -212,7 +214,10 @@ class UserspaceDataPlane:
         for key, msg in problems:
             self._once(("problem", key, msg), msg, "%s/%s: %s", key[0], key[1], msg)
 
-        wanted = self._sync_backends(model, desired, snap.changed, full or not self._synced_once)
+        # A new zone can change every Service's endpoints: refresh every backend.
+        refresh = full or not self._synced_once or model.node.zone != self._node.zone
+        self._node = model.node
+        wanted = self._sync_backends(model, desired, snap.changed, refresh)
 
         bad_ips: set[str] = set()
         release: set[str] = set()
@@ -272,10 +277,10 @@ class UserspaceDataPlane:
             svc = model.services[t.service]
             port = _port_spec(svc, t)
             eps = model.endpoints_for(svc, port) if port is not None else ()
+            if t.family:  # topology is decided per family, as kube-proxy's proxiers do
+                eps = tuple(e for e in eps if e.family == t.family)
             local = svc.external_traffic_local if t.external else svc.internal_traffic_local
-            usable = usable_endpoints(svc, eps, host, local_only=local)
-            if t.family:
-                usable = tuple(e for e in usable if e.family == t.family)
+            usable = usable_endpoints(eps, host, local_only=local, zone=model.node.zone)
             if b is None:
                 bal = Balancer(usable, affinity_timeout=float(svc.session_affinity_timeout))
                 b = self.backends[t] = Backend(t, bal, umetrics.stats_for(t.label, t.protocol))
