@@ -115,6 +115,7 @@ class EndpointAddress:
     node_name: str = ""
     zone: str = ""
     hostname: str = ""  # endpoints[].hostname, for DNS
+    pod: str = ""  # endpoints[].targetRef "namespace/name" when it is a Pod (port-forward)
     # hints.forZones / hints.forNodes names (sorted, shared between equal endpoints)
     zone_hints: tuple[str, ...] = ()
     node_hints: tuple[str, ...] = ()
@@ -135,6 +136,7 @@ class Endpoint:
     terminating: bool = False
     node_name: str = ""
     zone: str = ""
+    pod: str = ""  # "namespace/name" of the Pod behind it (targetRef), for port-forward
     zone_hints: tuple[str, ...] = ()  # hints.forZones: the zones that should use it
     node_hints: tuple[str, ...] = ()  # hints.forNodes: the nodes that should use it
 
