@@ -29,11 +29,9 @@ from .wire import (
     EV_EDNS_DO,
     EV_NONE,
     OPT,
-    PLAIN_COUNTS,
     QTYPE_NAMES,
     RCODE_NAMES,
     TCP_MAX,
-    UDP_CLASSIC,
     UDP_MAX,
     Entry,
     encode_name,
@@ -104,23 +102,16 @@ class Handler:
     # -- the hot path ----------------------------------------------------------------------
 
     def handle(self, data: bytes, tcp: bool = False) -> Result:
+        """The reply bytes, None (send nothing), or a coroutine that yields the reply.
+
+        This is the one fast path, for UDP and TCP alike: a plain query (wire.parse_fast)
+        whose question has a template or a cached upstream answer is served by patching
+        bytes, with no dnslib object. Everything else takes the slow path, which is also
+        what makes the templates.
+        """
         t0 = _monotonic()
         if data.__class__ is not bytes:
             data = bytes(data)
-        n = len(data)
-        # The most common query inlined (wire.parse_fast without EDNS), to save the calls
-        # and the tuple: no EDNS, answer in the template cache and within 512 octets.
-        if n > 16 and data[11] == 0 and not data[2] & 0xFA and data[4:11] == PLAIN_COUNTS:
-            e = self.fast.get(data[12 : n - 4].lower() + data[n - 4 :] + b"\x00")
-            if e is not None and e.__class__ is Entry and (e.size <= UDP_CLASSIC or tcp):
-                out = data[:2] + e.heads[(data[2] & 1) | ((data[3] >> 3) & 2)] + data[12:] + e.tail
-                dt = _monotonic() - t0
-                q = self._queries
-                mk = e.mkey
-                q[mk] = q.get(mk, 0) + 1
-                self._zone_hist[0 if dt < _B0 else bisect_left(BUCKETS, dt)] += 1
-                self._sums[0] += dt
-                return out
         fp = parse_fast(data)
         if fp is not None:
             key, qe, ev, limit = fp
@@ -143,34 +134,28 @@ class Handler:
         limit: int,
         t0: float,
     ) -> Result:
-        """Answer from a template, or via the forwarder for a forward marker."""
-        if e.__class__ is Entry:
-            out = e.serve(qid, fidx, question, limit)  # type: ignore[union-attr]
-            self.stats.query(e.mkey, "zone", _monotonic() - t0)  # type: ignore[union-attr]
-            return out
-        return self._forward(key, e, ev, qid, fidx, question, limit, t0)  # type: ignore[arg-type]
-
-    def _forward(
-        self,
-        key: bytes,
-        f: _Fwd,
-        ev: int,
-        qid: bytes,
-        fidx: int,
-        question: bytes,
-        limit: int,
-        t0: float,
-    ) -> Result:
-        ukey = key[:-1] + bytes(((ev == EV_EDNS_DO) | (fidx & 2),))
-        now = _monotonic()
-        ce = self.fwd.get(ukey, now)
-        if ce is not None:
+        """Answer from a template, or from the upstream cache for a forward marker, else
+        ask upstream."""
+        hist, si = self._zone_hist, 0
+        if e.__class__ is not Entry:
+            f: _Fwd = e  # type: ignore[assignment]
+            ukey = key[:-1] + bytes(((ev == EV_EDNS_DO) | (fidx & 2),))
+            ce = self.fwd.get(ukey, t0)
+            if ce is None:
+                return self._upstream(ukey, f, ev, qid, fidx, question, limit, t0)
             self.stats.cache_hits += 1
-            e = ce.entry(ev, now)
-            out = e.serve(qid, fidx, question, limit)
-            self.stats.query(e.mkey, "cache", _monotonic() - t0)
-            return out
-        return self._upstream(ukey, f, ev, qid, fidx, question, limit, t0)
+            e = ce.entry(ev, t0)
+            hist, si = self._cache_hist, 1
+        if e.size <= limit:  # type: ignore[union-attr]
+            out = qid + e.heads[fidx] + question + e.tail  # type: ignore[union-attr]
+        else:
+            out = e.serve(qid, fidx, question, limit)  # type: ignore[union-attr]
+        dt = _monotonic() - t0
+        q, mk = self._queries, e.mkey  # type: ignore[union-attr]
+        q[mk] = q.get(mk, 0) + 1
+        hist[0 if dt < _B0 else bisect_left(BUCKETS, dt)] += 1
+        self._sums[si] += dt
+        return out
 
     async def _upstream(
         self,
@@ -321,12 +306,8 @@ class UdpServer:
         self._loop.add_reader(self.sock.fileno(), self._readable)
 
     def _readable(self) -> None:
-        recv, send, h = self.sock.recvfrom, self.sock.sendto, self.h
-        # Handler.handle's first branch, inlined once more: this loop is the whole cost
-        # of a cached answer (no method call, locals instead of attributes).
-        fast, queries, hist, sums = h.fast, h._queries, h._zone_hist, h._sums
-        cache, chist, stats = h.fwd.cache, h._cache_hist, h.stats
-        mono, entry_cls = _monotonic, Entry
+        recv, send, handle = self.sock.recvfrom, self.sock.sendto, self.h.handle
+        stats = self.h.stats
         for _ in range(self.batch):
             try:
                 data, addr = recv(UDP_RECV)
@@ -334,46 +315,11 @@ class UdpServer:
                 return
             except OSError:
                 continue  # e.g. an ICMP error queued on the socket
-            t0 = mono()
-            n = len(data)
-            if n > 16 and data[11] == 0 and not data[2] & 0xFA and data[4:11] == PLAIN_COUNTS:
-                key = data[12 : n - 4].lower() + data[n - 4 :] + b"\x00"
-                e = fast.get(key)
-                if e is not None:
-                    if e.__class__ is not entry_cls:  # forwarded: the cache may have it
-                        ukey = key[:-1] + (b"\x02" if data[3] & 0x10 else b"\x00")
-                        ce = cache.get(ukey)
-                        e = None
-                        if ce is not None and ce.expires > t0:
-                            e = ce.entry(0, t0)
-                            cache.move_to_end(ukey)
-                        h_, si = chist, 1
-                    else:
-                        h_, si = hist, 0
-                    if e is not None and e.size <= UDP_CLASSIC:
-                        try:
-                            send(
-                                data[:2]
-                                + e.heads[(data[2] & 1) | ((data[3] >> 3) & 2)]  # type: ignore[union-attr]
-                                + data[12:]
-                                + e.tail,  # type: ignore[union-attr]
-                                addr,
-                            )
-                        except OSError:
-                            stats.drop("udp_send_failed")
-                        dt = mono() - t0
-                        if si:
-                            stats.cache_hits += 1
-                        mk = e.mkey  # type: ignore[union-attr]
-                        queries[mk] = queries.get(mk, 0) + 1
-                        h_[0 if dt < _B0 else bisect_left(BUCKETS, dt)] += 1
-                        sums[si] += dt
-                        continue
             try:
-                out = h.handle(data, False)
+                out = handle(data, False)
             except Exception:  # a bug must cost one answer, never the server
-                log.exception("DNS: internal error answering a %d-byte query", n)
-                h.stats.drop("internal_error")
+                log.exception("DNS: internal error answering a %d-byte query", len(data))
+                stats.drop("internal_error")
                 continue
             if out is None:
                 continue
@@ -381,11 +327,11 @@ class UdpServer:
                 try:
                     send(out, addr)  # type: ignore[arg-type]
                 except OSError:
-                    h.stats.drop("udp_send_failed")
+                    stats.drop("udp_send_failed")
                 continue
             if len(self.tasks) >= self.max_pending:
                 out.close()  # type: ignore[union-attr]
-                h.stats.drop("udp_pending_limit")
+                stats.drop("udp_pending_limit")
                 continue
             t = asyncio.ensure_future(self._later(out, addr))  # type: ignore[arg-type]
             self.tasks.add(t)

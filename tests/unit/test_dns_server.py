@@ -175,7 +175,7 @@ def test_upstream_down_gives_servfail() -> None:
 
 
 def test_udp_fast_path_serves_cached_upstream_answers_with_aged_ttls(monkeypatch) -> None:
-    """The UDP loop's inlined cache path equals the handler's, and TTLs count down."""
+    """The UDP loop serves cached upstream answers as the handler does, TTLs counting down."""
     import time as _time
 
     import proxy.dns.server as srv_mod
