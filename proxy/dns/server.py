@@ -16,6 +16,7 @@ import socket
 import struct
 import time
 from bisect import bisect_left
+from collections import OrderedDict
 from collections.abc import Coroutine
 from typing import Any
 
@@ -356,60 +357,146 @@ class UdpServer:
             t.cancel()
 
 
+def client_key(peer: Any) -> bytes:
+    """Whose connection this is, for the per-client limit: an IPv4 address, an IPv6 /64
+    (one host's share of a network; it can pick any address inside it)."""
+    host = peer[0] if isinstance(peer, tuple) and peer else ""
+    try:
+        if ":" in host:
+            return socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])[:8]
+        return socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        return b""
+
+
+class _Conn:
+    """One TCP client connection, as the server's limits see it."""
+
+    __slots__ = ("client", "closed", "deadline", "pending", "writer")
+
+    def __init__(self, client: bytes, writer: asyncio.StreamWriter) -> None:
+        self.client = client
+        self.writer = writer
+        self.pending: set[asyncio.Task] = set()  # answers being fetched upstream
+        self.deadline: asyncio.Timeout | None = None  # of the read in progress
+        self.closed = False
+
+
 class TcpServer:
-    """DNS over TCP (RFC 7766): pipelined queries, bounded connections and work."""
+    """DNS over TCP (RFC 7766): pipelined queries, bounded connections and work.
+
+    Connection slots are what an idle client can hoard (RFC 7766 §6.2.3, §10), so:
+    - one client (an IPv4 address, an IPv6 /64) holds at most `max_per_client` of them;
+    - once more than half of `max_connections` are open, the idle timeout drops from
+      `idle_timeout` to `busy_idle_timeout`, for the reads already waiting too (unbound
+      shrinks its tcp-idle-timeout under pressure the same way);
+    - when every slot is taken, a new connection displaces the least recently active one
+      that has no answer in progress (unbound and BIND shed idle connections likewise);
+      only when every connection is busy is the new one refused.
+    """
 
     def __init__(
         self,
         handler: Handler,
         *,
         max_connections: int = 256,
+        max_per_client: int = 32,
         idle_timeout: float = 10.0,
+        busy_idle_timeout: float = 0.5,
         max_pending: int = 32,
         write_buffer: int = 256 << 10,
     ) -> None:
         self.h = handler
         self.max_connections = max_connections
+        self.max_per_client = max_per_client
         self.idle_timeout = idle_timeout
+        self.busy_idle_timeout = busy_idle_timeout
         self.max_pending = max_pending
         self.write_buffer = write_buffer
-        self.clients: set[asyncio.Task] = set()
-        self.writers: set[asyncio.StreamWriter] = set()
+        # Open connections, least recently active first (a query read or sent moves one
+        # to the end): the shedding order.
+        self.conns: OrderedDict[_Conn, asyncio.Task] = OrderedDict()
+        self.per_client: dict[bytes, int] = {}
+        self.busy = False
 
-    async def client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self.writers) >= self.max_connections:
-            self.h.stats.drop("tcp_connection_limit")
-            writer.close()
-            return
+    def _admit(self, conn: _Conn) -> str | None:
+        """Take a slot for `conn`, shedding an idle connection if need be; else why not."""
+        if self.per_client.get(conn.client, 0) >= self.max_per_client:
+            return "tcp_client_limit"
+        if len(self.conns) >= self.max_connections:
+            victim = next((c for c in self.conns if not c.pending), None)
+            if victim is None:
+                return "tcp_connection_limit"
+            self._release(victim)
+            victim.writer.close()  # its reader sees EOF; its task ends by itself
+            self.h.stats.drop("tcp_shed_idle")
         task = asyncio.current_task()
         assert task is not None
-        self.clients.add(task)
-        self.writers.add(writer)
-        pending: set[asyncio.Task] = set()
+        self.conns[conn] = task
+        self.per_client[conn.client] = self.per_client.get(conn.client, 0) + 1
+        self._pressure()
+        return None
+
+    def _release(self, conn: _Conn) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        del self.conns[conn]
+        left = self.per_client[conn.client] - 1
+        if left:
+            self.per_client[conn.client] = left
+        else:
+            del self.per_client[conn.client]
+        self._pressure()
+
+    def _pressure(self) -> None:
+        """Switch between the normal and the busy idle timeout as slots fill and free."""
+        busy = len(self.conns) * 2 > self.max_connections
+        if busy and not self.busy:  # cut the waits already running short as well
+            when = asyncio.get_running_loop().time() + self.busy_idle_timeout
+            for c in self.conns:
+                d = c.deadline
+                if d is not None and (d.when() or when) > when:
+                    d.reschedule(when)
+        self.busy = busy
+
+    async def client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = _Conn(client_key(writer.get_extra_info("peername")), writer)
+        refused = self._admit(conn)
+        if refused is not None:
+            self.h.stats.drop(refused)
+            writer.close()
+            return
         try:
-            await self._serve(reader, writer, pending)
+            await self._serve(reader, writer, conn)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
         finally:
-            if pending:  # let answers already being fetched reach the client
+            pending = conn.pending
+            if pending and not conn.closed:  # let answers being fetched reach the client
                 with contextlib.suppress(Exception):
                     await asyncio.wait(pending, timeout=self.idle_timeout)
             for t in pending:
                 t.cancel()
-            self.writers.discard(writer)
-            self.clients.discard(task)
+            self._release(conn)
             writer.close()
 
     async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pending: set
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Conn
     ) -> None:
-        while True:
+        pending = conn.pending
+        while not conn.closed:
             if len(pending) >= self.max_pending:  # stop reading until one is answered
                 await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 continue
-            async with asyncio.timeout(self.idle_timeout):
+            timeout = self.busy_idle_timeout if self.busy else self.idle_timeout
+            async with asyncio.timeout(timeout) as conn.deadline:
                 n = int.from_bytes(await reader.readexactly(2), "big")
                 msg = await reader.readexactly(n)
+            conn.deadline = None
+            if conn.closed:  # shed while the message was arriving
+                return
+            self.conns.move_to_end(conn)
             try:
                 out = self.h.handle(msg, True)
             except Exception:
@@ -440,7 +527,8 @@ class TcpServer:
             writer.write(len(out).to_bytes(2, "big") + out)
 
     async def close(self) -> None:
-        for t in list(self.clients):
+        tasks = list(self.conns.values())
+        for t in tasks:
             t.cancel()
-        if self.clients:
-            await asyncio.wait(list(self.clients), timeout=2)
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
