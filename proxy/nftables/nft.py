@@ -11,6 +11,7 @@ plane runs it in a worker thread and the event loop keeps serving.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import shutil
@@ -80,10 +81,8 @@ class LibNftables:
             self._ctx = None
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
 
 class NftCommand:

@@ -89,6 +89,7 @@ EXTERNAL_LOCAL = "external-local"
 NODEPORT_MASQ = "nodeport-masquerade"
 NODEPORT_LOCAL = "nodeport-local"
 REJECT_CHAIN = "reject-chain"
+FW_CHECK = "firewall-check"
 
 # Picker chains: prefix → the endpoint map they read and whether the key is a NodePort.
 PICKERS = {
@@ -133,8 +134,9 @@ class NftConfig:
         if not nets or any(n.prefixlen == 0 for n in nets):
             return None
         out = []
-        for ip in sorted({ipaddress.ip_address(i) for i in self.local_ips}):
-            if ip.version == self.family and not ip.is_loopback and any(ip in n for n in nets):
+        ips = {ipaddress.ip_address(i) for i in self.local_ips if ip_family(i) == self.family}
+        for ip in sorted(ips):
+            if not ip.is_loopback and any(ip in n for n in nets):
                 out.append(str(ip))
         return tuple(out)
 
@@ -169,7 +171,8 @@ def service_chain_base(svc: Service, port: PortSpec) -> str:
 
 def endpoint_chain_base(svc: Service, port: PortSpec, ep: Endpoint) -> str:
     ip = ep.ip.replace(":", ".")
-    return _hashed(f"{svc.namespace}/{svc.name}/{port.protocol.lower()}/{port.name}__{ip}/{ep.port}")
+    proto = port.protocol.lower()
+    return _hashed(f"{svc.namespace}/{svc.name}/{proto}/{port.name}__{ip}/{ep.port}")
 
 
 # -- per-Service contributions ------------------------------------------------------------
@@ -366,9 +369,7 @@ class _Planner:
         for e in eps_:
             eb = endpoint_chain_base(svc, port, e)
             ep_chain, aff = f"endpoint-{eb}", f"affinity-{eb}"
-            sets[aff] = (
-                f"type {self.cfg.addr_type}; flags dynamic,timeout; timeout {timeout}s;"
-            )
+            sets[aff] = f"type {self.cfg.addr_type}; flags dynamic,timeout; timeout {timeout}s;"
             rules.append(f"{ipx} saddr @{aff} goto {ep_chain}")
             chains[ep_chain] = (
                 f"update @{aff} {{ {ipx} saddr }}",
@@ -500,7 +501,7 @@ def _fixed(cfg: NftConfig) -> tuple[list[str], dict[str, tuple[str, ...]], dict[
         forward.insert(0, "ct state invalid drop")
     base = {
         # name: (type, hook, priority, rules)
-        "filter-prerouting": ("filter", "prerouting", "-110", ("ct state new jump firewall-check",)),
+        "filter-prerouting": ("filter", "prerouting", "-110", (f"ct state new jump {FW_CHECK}",)),
         "filter-input": ("filter", "input", "-110", ("ct state new jump endpoints-check",)),
         "filter-forward": ("filter", "forward", "-110", tuple(forward)),
         "filter-output": ("filter", "output", "-110", ("ct state new jump firewall-check",)),
@@ -610,9 +611,7 @@ def _render(model, cfg, changed, previous) -> RenderResult:
             continue
         c = old.get(key)
         eps = endpoints.get(key)
-        if c is None:
-            touched[key] = planner.plan(svc, eps)
-        elif not _same(c, svc, eps):
+        if c is None or not _same(c, svc, eps):
             touched[key] = planner.plan(svc, eps)
     return _render_partial(model, cfg, previous, touched)
 
@@ -714,7 +713,8 @@ def _element_lines(lines: list[str], fam: str, items, *, add: bool) -> None:
         els = by_map[m]
         name = MAP_NAMES[m]
         for i in range(0, len(els), _CHUNK):
-            lines.append(f"{verb} element {fam} {TABLE} {name} {{ {', '.join(els[i : i + _CHUNK])} }}")
+            chunk = ", ".join(els[i : i + _CHUNK])
+            lines.append(f"{verb} element {fam} {TABLE} {name} {{ {chunk} }}")
 
 
 def _render_partial(model, cfg, previous: RenderState, touched) -> RenderResult:
@@ -821,7 +821,7 @@ def _render_partial(model, cfg, previous: RenderState, touched) -> RenderResult:
         lines.extend(f"add rule {t} {name} {r}" for r in rules)
     _element_lines(lines, fam, dels, add=False)
     _element_lines(lines, fam, adds, add=True)
-    for name in stale_chains:
+    for name in (*stale_chains, *gone_pickers):
         lines.append(f"flush chain {t} {name}")
     for name in stale_chains:
         lines.append(f"delete chain {t} {name}")
