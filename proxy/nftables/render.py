@@ -187,7 +187,11 @@ class _Contrib:
 
     svc: Service
     eps: object
-    elements: tuple[Element, ...]
+    # Elements by frontend ("ip <addr . proto . port>" or "np <proto . port>"): the unit
+    # of ownership when two Services claim one frontend (bad input; the least
+    # namespace/name wins, as a full render's first one would).
+    groups: Mapping[str, tuple[Element, ...]]
+    hairpin: frozenset[str]  # endpoint IPs (hairpin-endpoints, refcounted)
     pickers: frozenset[str]
     chains: Mapping[str, tuple[str, ...]]  # own chains: name → rules
     sets: Mapping[str, str]  # own sets: name → declaration body
@@ -227,7 +231,8 @@ class _Planner:
         ranges = [c for c in svc.load_balancer_source_ranges if ip_family(c) == fam]
         if any(c.endswith("/0") for c in ranges):
             ranges = []
-        out: list[Element] = []
+        out: dict[str, list[Element]] = {}
+        hairpin: set[str] = set()
         pickers: set[str] = set()
         chains: dict[str, tuple[str, ...]] = {}
         sets: dict[str, str] = {}
@@ -240,13 +245,13 @@ class _Planner:
             n_eps += self._port(
                 svc, port, cip, ext_ips, lb_ips, ranges, items, out, pickers, chains, sets
             )
-        uniq: dict[tuple[int, str], str] = {}
-        for m, k, v in out:  # hairpin elements repeat across ports: keep one
-            uniq.setdefault((m, k), v)
+            for _, e in items:
+                hairpin.add(e.ip)
         return _Contrib(
             svc,
             svc_eps,
-            tuple((m, k, v) for (m, k), v in uniq.items()),
+            MappingProxyType({g: tuple(els) for g, els in out.items()}),
+            frozenset(hairpin),
             frozenset(pickers),
             MappingProxyType(chains) if chains else _EMPTY,
             MappingProxyType(sets) if sets else _EMPTY,
@@ -283,42 +288,34 @@ class _Planner:
             pickers.add(name)
             return f"goto {name}"
 
-        def endpoints(map_idx: int, key: str, eps_: list[Endpoint]) -> None:
+        before = set(out)  # a frontend repeated by a later port (bad input) is skipped
+
+        def group(name: str) -> list[Element]:
+            return [] if name in before else out.setdefault(name, [])
+
+        def endpoints(els: list[Element], map_idx: int, key: str, eps_: list[Endpoint]) -> None:
             nonlocal n_eps
             if affinity:
                 return  # the affinity chains DNAT themselves
             n_eps += len(eps_)
-            for i, e in enumerate(eps_):
-                out.append((map_idx, f"{key} . {i}", f"{e.ip} . {e.port}"))
+            els.extend((map_idx, f"{key} . {i}", f"{e.ip} . {e.port}") for i, e in enumerate(eps_))
 
         # ClusterIP
         key = f"{cip} . {pp}"
+        els = group("ip " + key)
         if has_internal:
             if self.masq_policy:
-                out.append((IP_POLICIES, key, f"jump {MASQ_OFF_CLUSTER}"))
+                els.append((IP_POLICIES, key, f"jump {MASQ_OFF_CLUSTER}"))
             kind = "local-" if itp_local else ""
-            out.append((SERVICE_IPS, key, chooser(kind, internal)))
-            endpoints(SERVICE_LOCAL_ENDPOINTS if itp_local else SERVICE_ENDPOINTS, key, internal)
+            els.append((SERVICE_IPS, key, chooser(kind, internal)))
+            endpoints(
+                els, SERVICE_LOCAL_ENDPOINTS if itp_local else SERVICE_ENDPOINTS, key, internal
+            )
         else:
-            out.append((NO_ENDPOINT_SERVICES, key, refuse))
+            els.append((NO_ENDPOINT_SERVICES, key, refuse))
 
         # external IPs and load-balancer IPs
-        for ip in (*ext_ips, *lb_ips):
-            key = f"{ip} . {pp}"
-            if uses_ext:
-                if etp_local:
-                    out.append((IP_POLICIES, key, f"jump {EXTERNAL_LOCAL}"))
-                    out.append((EXTERNAL_FALLBACK, key, chooser("", cluster)))
-                    endpoints(SERVICE_ENDPOINTS, key, cluster)
-                    if local:
-                        out.append((SERVICE_IPS, key, chooser("local-", local)))
-                        endpoints(SERVICE_LOCAL_ENDPOINTS, key, local)
-                else:
-                    out.append((IP_POLICIES, key, f"jump {EXTERNAL_MASQ}"))
-                    out.append((SERVICE_IPS, key, chooser("", cluster)))
-                    endpoints(SERVICE_ENDPOINTS, key, cluster)
-            if not has_external:
-                out.append((NO_ENDPOINT_SERVICES, key, refuse))
+        allowed: list[str] = []
         if uses_fw:
             allowed = list(ranges)
             if self.node_ip is not None and any(
@@ -326,32 +323,45 @@ class _Planner:
             ):
                 allowed += lb_ips  # a local VIP loops back with itself as the source
             allowed = _collapse(allowed)
-            for ip in lb_ips:
-                key = f"{ip} . {pp}"
-                out.append((FIREWALL_IPS, key, ""))
-                out.extend((FIREWALL_ALLOW, f"{key} . {c}", "") for c in allowed)
+        for ip in dict.fromkeys((*ext_ips, *lb_ips)):
+            key = f"{ip} . {pp}"
+            els = group("ip " + key)
+            if uses_ext:
+                if etp_local:
+                    els.append((IP_POLICIES, key, f"jump {EXTERNAL_LOCAL}"))
+                    els.append((EXTERNAL_FALLBACK, key, chooser("", cluster)))
+                    endpoints(els, SERVICE_ENDPOINTS, key, cluster)
+                    if local:
+                        els.append((SERVICE_IPS, key, chooser("local-", local)))
+                        endpoints(els, SERVICE_LOCAL_ENDPOINTS, key, local)
+                else:
+                    els.append((IP_POLICIES, key, f"jump {EXTERNAL_MASQ}"))
+                    els.append((SERVICE_IPS, key, chooser("", cluster)))
+                    endpoints(els, SERVICE_ENDPOINTS, key, cluster)
+            if not has_external:
+                els.append((NO_ENDPOINT_SERVICES, key, refuse))
+            if allowed and ip in lb_ips:
+                els.append((FIREWALL_IPS, key, ""))
+                els.extend((FIREWALL_ALLOW, f"{key} . {c}", "") for c in allowed)
 
         # NodePort (not subject to source ranges, as upstream)
         if port.node_port:
             key = f"{proto} . {port.node_port}"
+            els = group("np " + key)
             if uses_ext:
                 if etp_local:
-                    out.append((NODEPORT_POLICIES, key, f"jump {NODEPORT_LOCAL}"))
-                    out.append((NODEPORT_FALLBACK, key, chooser("nodeport-", cluster)))
-                    endpoints(NODEPORT_ENDPOINTS, key, cluster)
+                    els.append((NODEPORT_POLICIES, key, f"jump {NODEPORT_LOCAL}"))
+                    els.append((NODEPORT_FALLBACK, key, chooser("nodeport-", cluster)))
+                    endpoints(els, NODEPORT_ENDPOINTS, key, cluster)
                     if local:
-                        out.append((SERVICE_NODEPORTS, key, chooser("nodeport-local-", local)))
-                        endpoints(NODEPORT_LOCAL_ENDPOINTS, key, local)
+                        els.append((SERVICE_NODEPORTS, key, chooser("nodeport-local-", local)))
+                        endpoints(els, NODEPORT_LOCAL_ENDPOINTS, key, local)
                 else:
-                    out.append((NODEPORT_POLICIES, key, f"jump {NODEPORT_MASQ}"))
-                    out.append((SERVICE_NODEPORTS, key, chooser("nodeport-", cluster)))
-                    endpoints(NODEPORT_ENDPOINTS, key, cluster)
+                    els.append((NODEPORT_POLICIES, key, f"jump {NODEPORT_MASQ}"))
+                    els.append((SERVICE_NODEPORTS, key, chooser("nodeport-", cluster)))
+                    endpoints(els, NODEPORT_ENDPOINTS, key, cluster)
             if not has_external:
-                out.append((NO_ENDPOINT_NODEPORTS, key, refuse))
-
-        # Hairpin: an endpoint reaching itself through the Service is masqueraded.
-        for e in {*cluster, *local}:
-            out.append((HAIRPIN, f"{e.ip} . {e.ip}", ""))
+                els.append((NO_ENDPOINT_NODEPORTS, key, refuse))
         return n_eps
 
     def _affinity(self, svc, port, kind, eps_, chains, sets) -> str:
@@ -533,23 +543,19 @@ class RenderState:
 
     config: NftConfig | None = None
     contribs: Mapping[ServiceKey, _Contrib] = field(default_factory=lambda: _EMPTY)
-    # (map, key) → (owning Service, value); the owner is the least Service key among
-    # those contributing the key (several may: shared hairpin endpoints, bad input).
-    elements: Mapping[tuple[int, str], tuple[ServiceKey | None, str]] = field(
-        default_factory=lambda: _EMPTY
-    )
-    # (map, key) → every contributor's value, only for keys with more than one.
-    shared: Mapping[tuple[int, str], Mapping[ServiceKey | None, str]] = field(
-        default_factory=lambda: _EMPTY
-    )
+    owners: Mapping[str, ServiceKey] = field(default_factory=lambda: _EMPTY)  # frontend →
+    shadows: Mapping[str, frozenset[ServiceKey]] = field(default_factory=lambda: _EMPTY)
+    hairpin: Mapping[str, int] = field(default_factory=lambda: _EMPTY)  # ip → Services
+    nodeport_ips: tuple[str, ...] = ()
     pickers: Mapping[str, int] = field(default_factory=lambda: _EMPTY)  # chain → users
     chains: frozenset[str] = frozenset()  # per-Service chains in the kernel
     sets: frozenset[str] = frozenset()  # per-Service sets in the kernel
+    elements: int = 0
 
 
 @dataclass(frozen=True)
 class RenderResult:
-    text: str  # `nft -f` input: one transaction
+    text: str  # `nft -f` input: one transaction ("" when nothing changed)
     state: RenderState
     full: bool
     elements: int  # elements in the kernel after this transaction
@@ -581,9 +587,6 @@ def _same(c: _Contrib, svc: Service, eps: object) -> bool:
     return (c.svc is svc or c.svc == svc) and (c.eps is eps or c.eps == eps)
 
 
-_NODE_KEY = None  # owner of config-derived elements (nodeport-ips)
-
-
 def _render(model, cfg, changed, previous) -> RenderResult:
     full = (
         changed is None
@@ -592,20 +595,18 @@ def _render(model, cfg, changed, previous) -> RenderResult:
         or previous.config.chain_inputs() != cfg.chain_inputs()
     )
     planner = _Planner(cfg)
-    old: Mapping[ServiceKey, _Contrib] = previous.contribs if previous and not full else _EMPTY
     if full:
         return _render_full(model, cfg, planner, previous)
-    assert previous is not None and changed is not None
-    services = model.services
-    endpoints = model.endpoints
+    old = previous.contribs.copy()  # plain dicts: lookups on mappingproxy are slower
+    services = model.services.copy()
+    endpoints = model.endpoints.copy()
     # Which Services to look at: the changed ones, plus any whose records differ.
     touched: dict[ServiceKey, _Contrib | None] = {}
     for key in changed:
         svc = services.get(key)
         touched[key] = planner.plan(svc, endpoints.get(key)) if svc is not None else None
-    if len(services) != len(old) or any(k not in old for k in touched):
-        for key in old.keys() - services.keys():
-            touched.setdefault(key, None)
+    for key in old.keys() - services.keys():
+        touched.setdefault(key, None)
     for key, svc in services.items():
         if key in touched:
             continue
@@ -613,43 +614,53 @@ def _render(model, cfg, changed, previous) -> RenderResult:
         eps = endpoints.get(key)
         if c is None or not _same(c, svc, eps):
             touched[key] = planner.plan(svc, eps)
-    return _render_partial(model, cfg, previous, touched)
+    return _render_partial(cfg, previous, touched)
+
+
+def _element_text(m: int, k: str, v: str) -> str:
+    return f"{k} : {v}" if v else k
 
 
 def _render_full(model, cfg, planner, previous) -> RenderResult:
     contribs: dict[ServiceKey, _Contrib] = {}
     old = previous.contribs if previous is not None and previous.config == cfg else _EMPTY
-    for key in sorted(model.services):
-        svc = model.services[key]
-        eps = model.endpoints.get(key)
+    services = model.services
+    endpoints = model.endpoints
+    for key in sorted(services):
+        svc = services[key]
+        eps = endpoints.get(key)
         c = old.get(key)
         if c is None or not _same(c, svc, eps):
             c = planner.plan(svc, eps)
         if c is not None:
             contribs[key] = c
-    elements: dict[tuple[int, str], tuple[ServiceKey | None, str]] = {}
-    shared: dict[tuple[int, str], dict[ServiceKey | None, str]] = {}
+    owners: dict[str, ServiceKey] = {}
+    shadows: dict[str, set[ServiceKey]] = {}
+    per_map: list[list[str]] = [[] for _ in MAP_NAMES]
+    hairpin: dict[str, int] = {}
     pickers: dict[str, int] = {}
     chains: dict[str, tuple[str, ...]] = {}
     sets: dict[str, str] = {}
-    np_ips = cfg.nodeport_ips()
-    for ip in np_ips or ():
-        elements[(NODEPORT_IPS, ip)] = (_NODE_KEY, "")
-    for key, c in contribs.items():  # sorted: the first contributor owns a key
-        for m, k, v in c.elements:
-            mk = (m, k)
-            have = elements.get(mk)
-            if have is None:
-                elements[mk] = (key, v)
-            else:
-                sh = shared.setdefault(mk, {have[0]: have[1]})
-                sh[key] = v
+    for key, c in contribs.items():  # sorted: the first claimant owns a frontend
+        for g, els in c.groups.items():
+            if g in owners:
+                shadows.setdefault(g, set()).add(key)
+                continue
+            owners[g] = key
+            for m, k, v in els:
+                per_map[m].append(f"{k} : {v}" if v else k)
+        for ip in c.hairpin:
+            hairpin[ip] = hairpin.get(ip, 0) + 1
         for p in c.pickers:
             pickers[p] = pickers.get(p, 0) + 1
-        chains.update(c.chains)
-        sets.update(c.sets)
+        if c.chains:
+            chains.update(c.chains)
+            sets.update(c.sets)
+    per_map[HAIRPIN] = [f"{ip} . {ip}" for ip in hairpin]
+    np_ips = cfg.nodeport_ips()
+    per_map[NODEPORT_IPS] = list(np_ips or ())
 
-    fam = "ip6" if cfg.family == 6 else "ip"
+    fam = cfg.ipx
     decls, fixed_chains, base_rules = _fixed(cfg)
     lines = [
         f"add table {fam} {TABLE}",
@@ -676,69 +687,50 @@ def _render_full(model, cfg, planner, previous) -> RenderResult:
         lines.extend(f"\t\t{r}" for r in rules)
         lines.append("\t}")
     lines.append("}")
-    _element_lines(lines, fam, elements.items(), add=True)
-    text = "\n".join(lines) + "\n"
+    n_elements = 0
+    for m, els in enumerate(per_map):
+        n_elements += len(els)
+        _chunked(lines, f"add element {fam} {TABLE} {MAP_NAMES[m]}", els)
     state = RenderState(
         config=cfg,
         contribs=MappingProxyType(contribs),
-        elements=MappingProxyType(elements),
-        shared=MappingProxyType({k: MappingProxyType(v) for k, v in shared.items()}),
+        owners=MappingProxyType(owners),
+        shadows=MappingProxyType({g: frozenset(v) for g, v in shadows.items()}),
+        hairpin=MappingProxyType(hairpin),
+        nodeport_ips=np_ips or (),
         pickers=MappingProxyType(pickers),
         chains=frozenset(chains),
         sets=frozenset(sets),
+        elements=n_elements,
     )
     return RenderResult(
-        text=text,
+        text="\n".join(lines) + "\n",
         state=state,
         full=True,
-        elements=len(elements),
-        elements_written=len(elements),
+        elements=n_elements,
+        elements_written=n_elements,
         chains=len(all_chains) + len(base_rules),
     )
 
 
-_CHUNK = 2000  # elements per `add element` command: long lines parse no faster
+_CHUNK = 2000  # elements per `add element` command
 
 
-def _element_lines(lines: list[str], fam: str, items, *, add: bool) -> None:
-    """`add element` / `delete element` commands, grouped per map, in map order."""
-    by_map: dict[int, list[str]] = {}
-    for (m, k), (_, v) in items:
-        if add and v:
-            by_map.setdefault(m, []).append(f"{k} : {v}")
-        else:
-            by_map.setdefault(m, []).append(k)
-    verb = "add" if add else "delete"
-    for m in sorted(by_map):
-        els = by_map[m]
-        name = MAP_NAMES[m]
-        for i in range(0, len(els), _CHUNK):
-            chunk = ", ".join(els[i : i + _CHUNK])
-            lines.append(f"{verb} element {fam} {TABLE} {name} {{ {chunk} }}")
+def _chunked(lines: list[str], head: str, els: list[str]) -> None:
+    for i in range(0, len(els), _CHUNK):
+        lines.append(f"{head} {{ {', '.join(els[i : i + _CHUNK])} }}")
 
 
-def _render_partial(model, cfg, previous: RenderState, touched) -> RenderResult:
-    fam = "ip6" if cfg.family == 6 else "ip"
-    contribs = dict(previous.contribs)
-    elements = dict(previous.elements)
-    shared = {k: dict(v) for k, v in previous.shared.items()} if previous.shared else {}
-    pickers = dict(previous.pickers)
-    before: dict[tuple[int, str], tuple[ServiceKey | None, str] | None] = {}
-
-    def remember(mk):
-        if mk not in before:
-            before[mk] = elements.get(mk)
-
-    # config-derived elements: nodeport-ips
-    np_now = {(NODEPORT_IPS, ip) for ip in cfg.nodeport_ips() or ()}
-    np_was = {mk for mk in elements if mk[0] == NODEPORT_IPS}
-    for mk in np_was - np_now:
-        remember(mk)
-        del elements[mk]
-    for mk in np_now - np_was:
-        remember(mk)
-        elements[mk] = (_NODE_KEY, "")
-
+def _render_partial(cfg, previous: RenderState, touched) -> RenderResult:
+    fam = cfg.ipx
+    t = f"{fam} {TABLE}"
+    old_contribs = previous.contribs
+    contribs = old_contribs.copy()
+    owners = previous.owners.copy()
+    shadows = previous.shadows.copy()
+    pickers = previous.pickers.copy()
+    hair_delta: dict[str, int] = {}
+    groups: set[str] = set()
     old_chains: dict[str, tuple[str, ...]] = {}
     new_chains: dict[str, tuple[str, ...]] = {}
     old_sets: set[str] = set()
@@ -746,67 +738,92 @@ def _render_partial(model, cfg, previous: RenderState, touched) -> RenderResult:
     for key, c in touched.items():
         prev = contribs.pop(key, None)
         if prev is not None:
+            groups.update(prev.groups)
             old_chains.update(prev.chains)
             old_sets.update(prev.sets)
             for p in prev.pickers:
                 pickers[p] -= 1
-            for m, k, _ in prev.elements:
-                mk = (m, k)
-                remember(mk)
-                sh = shared.get(mk)
-                if sh is not None:
-                    sh.pop(key, None)
-                    if len(sh) == 1:
-                        del shared[mk]
-                    owner = min(sh, key=_owner_order)
-                    elements[mk] = (owner, sh[owner])
-                else:
-                    elements.pop(mk, None)
+            for ip in prev.hairpin:
+                hair_delta[ip] = hair_delta.get(ip, 0) - 1
         if c is not None:
             contribs[key] = c
+            groups.update(c.groups)
             new_chains.update(c.chains)
             new_sets.update(c.sets)
             for p in c.pickers:
                 pickers[p] = pickers.get(p, 0) + 1
-            for m, k, v in c.elements:
-                mk = (m, k)
-                remember(mk)
-                have = elements.get(mk)
-                if have is None or have[0] == key:
-                    elements[mk] = (key, v)
-                else:
-                    sh = shared.setdefault(mk, {have[0]: have[1]})
-                    sh[key] = v
-                    owner = min(sh, key=_owner_order)
-                    elements[mk] = (owner, sh[owner])
-    # Diff each touched key: what the kernel held → what it must hold.
-    dels, adds = [], []
-    for mk, was in before.items():
-        now = elements.get(mk)
-        if was == now or (was is not None and now is not None and was[1] == now[1]):
+            for ip in c.hairpin:
+                hair_delta[ip] = hair_delta.get(ip, 0) + 1
+
+    # Per frontend: who owns it now, and which elements leave and enter the kernel.
+    gone: dict[tuple[int, str], str] = {}
+    came: dict[tuple[int, str], str] = {}
+    for g in groups:
+        was = owners.get(g)
+        claim = set(shadows.get(g, ()))
+        if was is not None:
+            claim.add(was)
+        claim = {k for k in claim if k not in touched}
+        claim.update(k for k in touched if (c := contribs.get(k)) is not None and g in c.groups)
+        now = min(claim) if claim else None
+        if now is None:
+            owners.pop(g, None)
+        else:
+            owners[g] = now
+        rest = claim - {now} if now is not None else set()
+        if rest:
+            shadows[g] = frozenset(rest)
+        else:
+            shadows.pop(g, None)
+        if was == now and now not in touched:
             continue
         if was is not None:
-            dels.append((mk, was))
+            for m, k, v in old_contribs[was].groups[g]:
+                gone[(m, k)] = v
         if now is not None:
-            adds.append((mk, now))
+            for m, k, v in contribs[now].groups[g]:
+                came[(m, k)] = v
+
+    hairpin = previous.hairpin.copy() if hair_delta else previous.hairpin
+    for ip, d in hair_delta.items():
+        if not d:
+            continue
+        n = hairpin.get(ip, 0) + d  # type: ignore[union-attr]
+        mk = (HAIRPIN, f"{ip} . {ip}")
+        if n > 0:
+            hairpin[ip] = n  # type: ignore[index]
+            if n == d:
+                came[mk] = ""
+        else:
+            del hairpin[ip]  # type: ignore[attr-defined]
+            gone[mk] = ""
+    np_ips = cfg.nodeport_ips() or ()
+    for ip in set(previous.nodeport_ips) - set(np_ips):
+        gone[(NODEPORT_IPS, ip)] = ""
+    for ip in set(np_ips) - set(previous.nodeport_ips):
+        came[(NODEPORT_IPS, ip)] = ""
+
+    dels = {mk: v for mk, v in gone.items() if came.get(mk) != v}
+    adds = {mk: v for mk, v in came.items() if gone.get(mk) != v}
 
     new_pickers = sorted(p for p, n in pickers.items() if n > 0 and not previous.pickers.get(p))
     gone_pickers = sorted(p for p, n in pickers.items() if n <= 0)
     for p in gone_pickers:
         del pickers[p]
-
     kernel_chains = set(previous.chains)
     kernel_sets = set(previous.sets)
     # Own chains/sets of touched Services: rewrite those still wanted, drop the others.
-    wanted_chains = {n for c in contribs.values() for n in c.chains} if old_chains else set()
-    wanted_chains |= set(new_chains)
+    wanted_chains = set(new_chains)
+    wanted_sets = set(new_sets)
+    if old_chains or old_sets:
+        for c in contribs.values():
+            if c.chains:
+                wanted_chains.update(c.chains)
+                wanted_sets.update(c.sets)
     stale_chains = sorted((set(old_chains) & kernel_chains) - wanted_chains)
-    wanted_sets = {n for c in contribs.values() for n in c.sets} if old_sets else set()
-    wanted_sets |= set(new_sets)
     stale_sets = sorted((old_sets & kernel_sets) - wanted_sets)
 
     lines: list[str] = []
-    t = f"{fam} {TABLE}"
     for name in sorted(set(new_sets) - kernel_sets):
         lines.append(f"add set {t} {name} {{ {new_sets[name]} }}")
     for p in new_pickers:
@@ -819,39 +836,39 @@ def _render_partial(model, cfg, previous: RenderState, touched) -> RenderResult:
     for name, rules in new_chains.items():
         lines.append(f"flush chain {t} {name}")
         lines.extend(f"add rule {t} {name} {r}" for r in rules)
-    _element_lines(lines, fam, dels, add=False)
-    _element_lines(lines, fam, adds, add=True)
+    for m in range(len(MAP_NAMES)):
+        _chunked(lines, f"delete element {t} {MAP_NAMES[m]}", [k for (mm, k) in dels if mm == m])
+    for m in range(len(MAP_NAMES)):
+        els = [_element_text(mm, k, v) for (mm, k), v in adds.items() if mm == m]
+        _chunked(lines, f"add element {t} {MAP_NAMES[m]}", els)
     for name in (*stale_chains, *gone_pickers):
         lines.append(f"flush chain {t} {name}")
-    for name in stale_chains:
+    for name in (*stale_chains, *gone_pickers):
         lines.append(f"delete chain {t} {name}")
-    for p in gone_pickers:
-        lines.append(f"delete chain {t} {p}")
     for name in stale_sets:
         lines.append(f"delete set {t} {name}")
 
     chains_now = (kernel_chains - set(stale_chains)) | set(new_chains)
     sets_now = (kernel_sets - set(stale_sets)) | set(new_sets)
+    n_elements = previous.elements + len(adds) - len(dels)
     state = RenderState(
         config=cfg,
         contribs=MappingProxyType(contribs),
-        elements=MappingProxyType(elements),
-        shared=MappingProxyType({k: MappingProxyType(v) for k, v in shared.items()}),
+        owners=MappingProxyType(owners),
+        shadows=MappingProxyType(shadows),
+        hairpin=MappingProxyType(hairpin) if hairpin is not previous.hairpin else hairpin,
+        nodeport_ips=np_ips,
         pickers=MappingProxyType(pickers),
         chains=frozenset(chains_now),
         sets=frozenset(sets_now),
+        elements=n_elements,
     )
     _, fixed_chains, base_rules = _fixed(cfg)
-    n_fixed = len(fixed_chains) + len(base_rules)
     return RenderResult(
         text="\n".join(lines) + "\n" if lines else "",
         state=state,
         full=False,
-        elements=len(elements),
+        elements=n_elements,
         elements_written=len(dels) + len(adds),
-        chains=n_fixed + len(pickers) + len(chains_now),
+        chains=len(fixed_chains) + len(base_rules) + len(pickers) + len(chains_now),
     )
-
-
-def _owner_order(k: ServiceKey | None) -> tuple:
-    return () if k is None else (1, *k)
