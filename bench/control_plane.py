@@ -189,15 +189,17 @@ def run_inner(ns: str, n: int, repeat: int, backend: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS:") -> float:
+    """Resident memory of PID in MB (VmRSS; VmHWM for the peak)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def daemon_latency(ns: str, n: int, repeat: int, workdir: Path) -> dict:
-    """Real daemon + list/watch API server in namespace `ns`: event → rules applied."""
+def daemon_latency(ns: str, n: int, repeat: int, workdir: Path, mode: str = "iptables") -> dict:
+    """Real daemon (--proxy-mode=MODE) + list/watch API server in namespace `ns`: first
+    full sync, watch event → rules applied, resident memory (now and peak)."""
     from proxy.testbed.apiserver import ApiServerClient  # admin client of the process mode
 
     svcs, slices = objects(n)
@@ -229,7 +231,7 @@ def daemon_latency(ns: str, n: int, repeat: int, workdir: Path) -> dict:
         client.wait_ready(60)
         kubeconfig = workdir / "kubeconfig"
         client.write_kubeconfig(kubeconfig)
-        dlog_path = workdir / f"daemon-{n}.log"
+        dlog_path = workdir / f"daemon-{mode}-{n}.log"
         dlog = open(dlog_path, "w")  # noqa: SIM115
         daemon = subprocess.Popen(
             [
@@ -241,6 +243,7 @@ def daemon_latency(ns: str, n: int, repeat: int, workdir: Path) -> dict:
                 "-m",
                 "proxy",
                 f"--kubeconfig={kubeconfig}",
+                f"--proxy-mode={mode}",
                 "--hostname-override=node-a",
                 "--cluster-cidr=198.18.0.0/16",
                 "--iptables-min-sync-period=0s",
@@ -253,8 +256,10 @@ def daemon_latency(ns: str, n: int, repeat: int, workdir: Path) -> dict:
             stderr=subprocess.STDOUT,
         )
         t0 = time.monotonic()
-        _wait_log(dlog_path, "synced", 1, 600, daemon)
+        first_line = _wait_log(dlog_path, "synced", 1, 1800, daemon)
         first_sync = time.monotonic() - t0
+        # "synced N services (full, N changed) in X.XXXs": the sync's own duration
+        full_sync = float(first_line.rsplit(" in ", 1)[1].rstrip("s"))
         time.sleep(1.0)
         rss = rss_mb(daemon.pid)  # ip netns exec execs: the daemon's own PID
         lat = []
@@ -267,7 +272,10 @@ def daemon_latency(ns: str, n: int, repeat: int, workdir: Path) -> dict:
             time.sleep(0.3)
         rss_after = rss_mb(daemon.pid)
         return {
+            "mode": mode,
             "first_sync_s": first_sync,
+            "full_sync_s": full_sync,
+            "peak_rss_mb": rss_mb(daemon.pid, "VmHWM:"),
             "event_to_applied_s": statistics.median(lat),
             "event_to_applied_all_s": lat,
             "rss_mb": rss,

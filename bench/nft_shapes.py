@@ -12,6 +12,8 @@ alternating within a round, and times (a) the full load and (b) a one-Service ch
                64 slots per Service (slot k -> endpoint k mod M: NOT an equal share)
   grouped      this project's shape (proxy/nftables/render.py): picker chains per endpoint
                count, every Service an element of named maps, exact shares
+  grouped-mixed  the same with every feature in use (NodePorts, LoadBalancers with Local
+               policy or source ranges, internalTrafficPolicy Local, affinity, two nodes)
 
 The three reference shapes follow /work/shared/nft-shapes/shapes.py (the issue's).
 Loaders compared on the grouped shape: `nft -f` (a process per transaction), libnftables
@@ -161,30 +163,58 @@ def flat64(n: int, m: int, change: int | None = None, slots: int = 64) -> str:
 # -- this project's shape -----------------------------------------------------------------
 
 
-def model(n: int, m: int, changed: int | None = None):
+def _mixed(s: int) -> dict:
+    """Every feature somewhere: per 100 Services, 30 NodePorts, 10 LoadBalancers (half
+    externalTrafficPolicy Local, half with source ranges), 10 internalTrafficPolicy Local,
+    1 with session affinity; endpoints split over two nodes."""
+    from proxy.model import PortSpec
+
+    k = s % 100
+    spec: dict = {"ports": (PortSpec("http", "TCP", 80, 30000 + s % 2700 if k < 40 else 0),)}
+    if k < 10:
+        spec["type"] = "LoadBalancer"
+        spec["load_balancer_ips"] = (f"198.19.{200 + s // 250 % 50}.{s % 250 + 1}",)
+        if k < 5:
+            spec["external_traffic_local"] = True
+        else:
+            spec["load_balancer_source_ranges"] = ("10.0.0.0/8", "192.168.0.0/16")
+    elif k < 40:
+        spec["type"] = "NodePort"
+    elif k < 50:
+        spec["internal_traffic_local"] = True
+    elif k == 50:
+        spec["session_affinity_timeout"] = 10800
+    return spec
+
+
+def model(n: int, m: int, changed: int | None = None, mixed: bool = False):
     from proxy.model import Endpoint, PortSpec, Service, ServiceEndpoints, make_model
 
     services, endpoints = {}, {}
     for s in range(n):
         key = ("bench", f"svc-{s}")
-        services[key] = Service(
-            "bench", f"svc-{s}", cluster_ips=(svc_ip(s),), ports=(PortSpec("http", "TCP", 80),)
-        )
-        eps = [Endpoint(ep_ip(s, e, m), ep_port(s, m), node_name="node-a") for e in range(m)]
+        spec = _mixed(s) if mixed else {"ports": (PortSpec("http", "TCP", 80),)}
+        services[key] = Service("bench", f"svc-{s}", cluster_ips=(svc_ip(s),), **spec)
+        node = ("node-a", "node-b")
+        eps = [
+            Endpoint(ep_ip(s, e, m), ep_port(s, m), node_name=node[e % 2 if mixed else 0])
+            for e in range(m)
+        ]
         if s == changed:
             eps[-1] = Endpoint("198.18.255.1", ep_port(s, m), node_name="node-a")
         endpoints[key] = ServiceEndpoints(ports=MappingProxyType({("http", "TCP"): tuple(eps)}))
     return make_model(services, endpoints)
 
 
-def grouped(n: int, m: int) -> tuple[str, str]:
+def grouped(n: int, m: int, mixed: bool = False) -> tuple[str, str]:
     """(full transaction, one-Service change on top of it) from the real renderer."""
     from proxy.nftables.render import NftConfig, render
 
     cfg = NftConfig(family=4, node_name="node-a", cluster_cidrs=("198.18.0.0/16",))
-    full = render(model(n, m), cfg)
+    full = render(model(n, m, mixed=mixed), cfg)
     key = ("bench", f"svc-{n // 2}")
-    part = render(model(n, m, changed=n // 2), cfg, changed=frozenset({key}), previous=full.state)
+    changed = model(n, m, changed=n // 2, mixed=mixed)
+    part = render(changed, cfg, changed=frozenset({key}), previous=full.state)
     return full.text, part.text
 
 
@@ -271,6 +301,7 @@ SHAPES: dict[str, Callable[[int, int], tuple[str, str]]] = {
     "anon-map": lambda n, m: (anon_map(n, m), anon_map(n, m, change=n // 2)),
     "flat64": lambda n, m: (flat64(n, m), flat64(n, m, change=n // 2)),
     "grouped": grouped,
+    "grouped-mixed": lambda n, m: grouped(n, m, mixed=True),
 }
 
 
@@ -279,7 +310,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="1000,10000")
     ap.add_argument("--endpoints", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--shapes", default="kube-proxy,anon-map,flat64,grouped")
+    ap.add_argument("--shapes", default="kube-proxy,anon-map,flat64,grouped,grouped-mixed")
     ap.add_argument("--loaders", default="cli,lib,json", help="loaders for the grouped shape")
     ap.add_argument("--out", default=str(RESULTS / "nft_shapes.json"))
     a = ap.parse_args()
@@ -293,7 +324,7 @@ def main() -> int:
         texts = {s: SHAPES[s](n, a.endpoints) for s in a.shapes.split(",")}
         for r in range(a.rounds):
             for shape, (full, change) in texts.items():  # alternate within a round
-                loaders = a.loaders.split(",") if shape == "grouped" else ["cli"]
+                loaders = a.loaders.split(",") if shape.startswith("grouped") else ["cli"]
                 for loader in loaders:
                     try:
                         res = measure(work, f"{shape}-{n}", full, change, loader)

@@ -101,6 +101,7 @@ class NftablesDataPlane:
         self.last_render_seconds = 0.0
         self.last_apply_seconds = 0.0
         self.last_restore_seconds = 0.0  # same as last_apply_seconds (bench compatibility)
+        self.last_conntrack_seconds = 0.0
         self.syncs = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -216,16 +217,25 @@ class NftablesDataPlane:
             CHAINS.labels(ip_family=str(fam)).set(res.chains)
         self.last_apply_seconds = self.last_restore_seconds = time.perf_counter() - t0
         self.syncs += 1
-        log.debug(
-            "nftables %s sync: render %.3fs, apply %.3fs",
-            "full" if full else "partial",
-            self.last_render_seconds,
-            self.last_apply_seconds,
-        )
+        t0 = time.perf_counter()
         if not self._took_over:
             self._took_over = True
             await self._remove_iptables_leftovers()
+        takeover = time.perf_counter() - t0
+        t0 = time.perf_counter()
         await self._clear_conntrack(model, None if full else snap.changed)
+        self.last_conntrack_seconds = time.perf_counter() - t0
+        (log.info if full else log.debug)(
+            "nftables %s sync: render %.3fs, nft %.3fs, %d elements in %d chains%s, "
+            "conntrack %.3fs",
+            "full" if full else "partial",
+            self.last_render_seconds,
+            self.last_apply_seconds,
+            sum(r.elements for r in results.values()),
+            sum(r.chains for r in results.values()),
+            f", iptables leftovers check {takeover:.3f}s" if takeover > 0.0005 else "",
+            self.last_conntrack_seconds,
+        )
 
     async def _remove_iptables_leftovers(self) -> None:
         """Takeover: the iptables mode's (or kube-proxy's) chains go once ours are in."""
