@@ -86,6 +86,7 @@ class NftablesDataPlane:
     """The nftables data plane (`--proxy-mode=nftables`)."""
 
     name = "nftables"
+    forwards = True
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -103,6 +104,9 @@ class NftablesDataPlane:
         self.last_restore_seconds = 0.0  # same as last_apply_seconds (bench compatibility)
         self.last_conntrack_seconds = 0.0
         self.syncs = 0
+
+    def served(self, model: Model) -> Model:
+        return model  # rules for the Services as they are
 
     # -- lifecycle -------------------------------------------------------------------------
 
