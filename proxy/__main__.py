@@ -11,6 +11,7 @@ from proxy.config import UsageError, parse_args
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
+        force=True,
         format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -20,6 +21,7 @@ def _setup_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _setup_logging("info")  # the config file's warnings are logged while it is read
     try:
         cfg = parse_args(argv)
     except UsageError as e:

@@ -1,8 +1,12 @@
-"""Command line and KubeProxyConfiguration → Config.
+"""Command line and configuration file → Config, from one table.
 
 Flag names and meanings follow kube-proxy so a kube-proxy DaemonSet's arguments work
 unchanged where they apply. Precedence: defaults < --config file < flags given.
-Every user error raises `UsageError` with a one-line message that says what to do.
+`SETTINGS` is the one place that lists each setting: its Config field, its flag, its
+path in the file (a KubeProxyConfiguration, kubeproxy.config.k8s.io/v1alpha1, or this
+proxy's own KubeProxyPyConfiguration document in the same file) and its type. The file
+loader is proxy/configfile.py. Every user error raises `UsageError` with a one-line
+message that says what to do.
 """
 
 from __future__ import annotations
@@ -11,11 +15,10 @@ import argparse
 import ipaddress
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 MODES = ("iptables", "userspace", "none")
 
@@ -87,6 +90,22 @@ def parse_cidrs(text: str | list[str], what: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def parse_upstreams(text: str | list[str], what: str) -> tuple[str, ...]:
+    """Resolvers "IP", "IP:PORT" or "[v6]:PORT" (port 53 when left out) → "H:P" strings."""
+    items = text if isinstance(text, list) else str(text).split(",")
+    ups = []
+    for u in items:
+        u = str(u).strip()
+        if not u:
+            continue
+        if not u.startswith("[") and u.count(":") != 1:  # bare IPv4 or IPv6: port 53
+            u = f"[{u}]:53" if ":" in u else f"{u}:53"
+        hp = parse_hostport(u, what)
+        assert hp is not None
+        ups.append(f"{hp[0]}:{hp[1]}" if ":" not in hp[0] else f"[{hp[0]}]:{hp[1]}")
+    return tuple(ups)
+
+
 @dataclass
 class Config:
     kubeconfig: str = ""
@@ -94,6 +113,7 @@ class Config:
     manifests: str = ""
     proxy_mode: str = "iptables"
     hostname: str = field(default_factory=lambda: socket.gethostname().lower())
+    bind_address: str = "0.0.0.0"  # kube-proxy's bindAddress: an IPv6 one means IPv6 too
     cluster_cidrs: tuple[str, ...] = ()
     masquerade_all: bool = False
     masquerade_bit: int = 14
@@ -140,6 +160,230 @@ class Config:
         return f"{1 << self.masquerade_bit:#x}"
 
 
+# -- the table ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    """How one type of setting is read from a flag (text) and from the file (YAML value)."""
+
+    name: str  # for type errors: "a duration string such as 30s"
+    yaml_types: tuple[type, ...]  # what the file may hold (bool is never an int here)
+    convert: Callable[[Any, str], Any]  # (flag text or file value, what) → Config value
+    choices: tuple[str, ...] | None = None
+    boolean: bool = False
+
+    def from_flag(self, text: Any, what: str) -> Any:
+        return self.convert(text, what)
+
+    def from_file(self, value: Any, what: str) -> Any:
+        ok = isinstance(value, self.yaml_types) and not (
+            isinstance(value, bool) and bool not in self.yaml_types
+        )
+        if not ok:
+            got = type(value).__name__ if value is not None else "null"
+            raise UsageError(f"{what}: expected {self.name}, got {got} {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise UsageError(f"{what}: {value!r} is not one of {', '.join(self.choices)}")
+        return self.convert(value, what)
+
+
+def _str(v: Any, what: str) -> str:
+    return str(v).strip()
+
+
+def _bool(v: Any, what: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "t", "true"):
+        return True
+    if s in ("0", "f", "false"):
+        return False
+    raise UsageError(f"{what}: {v!r} is not a boolean (true or false)")
+
+
+def _int(v: Any, what: str) -> int:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise UsageError(f"{what}: {v!r} is not a whole number") from None
+
+
+def _choice(*choices: str) -> Kind:
+    return Kind(f"one of {', '.join(choices)}", (str,), _str, choices)
+
+
+STR = Kind("a string", (str,), _str)
+HOSTNAME = Kind("a string", (str,), lambda v, w: str(v).strip().lower())
+BOOL = Kind("true or false", (bool,), _bool, boolean=True)
+INT = Kind("a whole number", (int,), _int)
+DURATION = Kind('a duration string such as "30s"', (str,), lambda v, w: parse_duration(v, w))
+HOSTPORT = Kind(
+    'an address such as "0.0.0.0:10256"',
+    (str,),
+    lambda v, w: parse_hostport(str(v), w, allow_empty=True),
+)
+CIDRS = Kind('CIDRs such as "10.244.0.0/16"', (str, list), lambda v, w: parse_cidrs(v, w))
+UPSTREAMS = Kind("a list of resolver addresses", (str, list), lambda v, w: parse_upstreams(v, w))
+
+
+def _ip(v: Any, what: str) -> str:
+    try:
+        return str(ipaddress.ip_address(str(v).strip()))
+    except ValueError:
+        raise UsageError(f"{what}: {v!r} is not an IP address") from None
+
+
+IP = Kind("an IP address", (str,), _ip)
+
+
+def _verbosity(v: Any, what: str) -> str:
+    return "debug" if _int(v, what) >= 4 else "info"
+
+
+VERBOSITY = Kind("a whole number", (int,), _verbosity)
+
+KUBE = "KubeProxyConfiguration"  # kubeproxy.config.k8s.io/v1alpha1
+OWN = "KubeProxyPyConfiguration"  # this proxy's settings (OWN_API_VERSION), same file
+OWN_API_VERSION = "config.kube-proxy-py.io/v1alpha1"
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    field: str  # Config attribute
+    kind: Kind
+    flag: str | None = None  # command-line flag
+    path: str | None = None  # dotted path in the KubeProxyConfiguration document
+    own: str | None = None  # dotted path in the KubeProxyPyConfiguration document
+    help: str = ""
+    # kube-proxy's defaulting: "" / 0s / 0 in its file mean "use the default" (kubeadm
+    # writes every field that way). Pointer fields (null = default) set this False.
+    zero_is_default: bool = True
+    nft_path: str | None = None  # the nftables.* twin, used in nftables mode
+
+
+S = Setting
+SETTINGS: tuple[Setting, ...] = (
+    S("kubeconfig", STR, "--kubeconfig", "clientConnection.kubeconfig",
+      help="kubeconfig file of the API server to watch (default: in-cluster)"),
+    S("master", STR, "--master", help="API server URL (overrides the kubeconfig's server)"),
+    S("manifests", STR, "--manifests", own="manifests",
+      help="YAML file or directory of Services/EndpointSlices instead of an API"),
+    S("proxy_mode", _choice(*MODES), "--proxy-mode", "mode",
+      help="iptables (default), userspace or none"),
+    S("hostname", HOSTNAME, "--hostname-override", "hostnameOverride",
+      help="this node's name (default: the hostname)"),
+    S("bind_address", IP, "--bind-address", "bindAddress",
+      help="the node's IP (as kube-proxy: an IPv6 address turns IPv6 rules on)"),
+    S("cluster_cidrs", CIDRS, "--cluster-cidr", "clusterCIDR",
+      help="pod CIDR(s), comma separated; others are masqueraded"),
+    S("masquerade_all", BOOL, "--masquerade-all", "iptables.masqueradeAll",
+      help="SNAT all Service traffic", nft_path="nftables.masqueradeAll"),
+    S("masquerade_bit", INT, "--iptables-masquerade-bit", "iptables.masqueradeBit",
+      help="fwmark bit for masquerading (0-31; 14)", zero_is_default=False,
+      nft_path="nftables.masqueradeBit"),
+    S("nodeport_addresses", CIDRS, "--nodeport-addresses", "nodePortAddresses",
+      help="CIDRs of node addresses that accept NodePorts"),
+    S("sync_period", DURATION, "--iptables-sync-period", "iptables.syncPeriod",
+      help="resync period (default 30s; full syncs hourly)", nft_path="nftables.syncPeriod"),
+    S("min_sync_period", DURATION, "--iptables-min-sync-period", "iptables.minSyncPeriod",
+      help="minimum time between syncs (default 1s)", nft_path="nftables.minSyncPeriod"),
+    S("healthz_bind", HOSTPORT, "--healthz-bind-address", "healthzBindAddress",
+      help="HOST:PORT for /healthz and /livez ('' disables)"),
+    S("metrics_bind", HOSTPORT, "--metrics-bind-address", "metricsBindAddress",
+      help="HOST:PORT for /metrics ('' disables)"),
+    S("cleanup", BOOL, "--cleanup", help="remove what this proxy made, exit"),
+    S("localhost_nodeports", BOOL, "--iptables-localhost-nodeports",
+      "iptables.localhostNodePorts", help="NodePorts also answer on 127.0.0.1 (default true)",
+      zero_is_default=False),
+    S("conntrack_max_per_core", INT, "--conntrack-max-per-core", "conntrack.maxPerCore",
+      help="conntrack entries per CPU (32768; 0: leave)", zero_is_default=False),
+    S("conntrack_min", INT, "--conntrack-min", "conntrack.min",
+      help="minimum conntrack table size (131072)", zero_is_default=False),
+    S("conntrack_tcp_timeout_established", DURATION, "--conntrack-tcp-timeout-established",
+      "conntrack.tcpEstablishedTimeout", help="idle timeout of TCP flows (24h; 0: leave)",
+      zero_is_default=False),
+    S("conntrack_tcp_timeout_close_wait", DURATION, "--conntrack-tcp-timeout-close-wait",
+      "conntrack.tcpCloseWaitTimeout", help="CLOSE_WAIT timeout (1h; 0: leave)",
+      zero_is_default=False),
+    S("conntrack_tcp_be_liberal", BOOL, "--conntrack-tcp-be-liberal", "conntrack.tcpBeLiberal",
+      help="liberal TCP conntrack; INVALID packets are then not dropped (default false)"),
+    S("conntrack_udp_timeout", DURATION, "--conntrack-udp-timeout", "conntrack.udpTimeout",
+      help="idle timeout of UDP flows (0: leave the kernel's)"),
+    S("conntrack_udp_timeout_stream", DURATION, "--conntrack-udp-timeout-stream",
+      "conntrack.udpStreamTimeout", help="timeout of UDP streams (0: leave the kernel's)"),
+    S("init_only", BOOL, "--init-only",
+      help="do the privileged node set-up (sysctls, conntrack) and exit"),
+    S("log_level", VERBOSITY, "--v", "logging.verbosity",
+      help="log verbosity (0-4, as klog; 4 and up: debug)"),
+    S("log_level", _choice("debug", "info", "warning", "error"), "--log-level", own="logLevel",
+      help="log level (overrides --v)"),
+    # -- this proxy's own settings (KubeProxyPyConfiguration) --
+    S("dns_bind", HOSTPORT, "--dns-bind-address", own="dns.bindAddress",
+      help="HOST:PORT to serve cluster DNS on (default: off)"),
+    S("cluster_domain", STR, "--cluster-domain", own="dns.clusterDomain",
+      help="DNS zone (default cluster.local)"),
+    S("dns_upstream", UPSTREAMS, "--dns-upstream", own="dns.upstreams",
+      help="resolvers for other names, comma separated (default resolv.conf)"),
+    S("dns_ttl", INT, "--dns-ttl", own="dns.ttl", help="TTL of cluster answers in seconds (5)"),
+    S("udp_idle_timeout", DURATION, "--udp-timeout", own="userspace.udpIdleTimeout",
+      help="userspace mode: idle timeout of a UDP session (default 250s)"),
+    S("userspace_laptop", _choice("auto", "on", "off"), "--userspace-laptop",
+      own="userspace.laptop", help="userspace: serve Services on loopback addresses (auto: "
+      "when not root)"),
+    S("userspace_port_offset", INT, "--userspace-port-offset", own="userspace.portOffset",
+      help="userspace laptop mode: ports below 1024 are served at port+N (default 10000)"),
+    S("userspace_engine", _choice("auto", "splice", "copy"), "--userspace-engine",
+      own="userspace.engine",
+      help="userspace TCP forwarding: copy, splice, or auto (splice once a stream is bulk)"),
+    S("userspace_tcp_idle_timeout", DURATION, "--userspace-tcp-idle-timeout",
+      own="userspace.tcpIdleTimeout",
+      help="userspace: close TCP connections idle this long (default 24h; 0: never)"),
+    S("userspace_udp_max_sessions", INT, "--userspace-udp-max-sessions",
+      own="userspace.udpMaxSessions",
+      help="userspace: UDP sessions per listener, least recently active evicted (4096)"),
+    S("userspace_address_mode", _choice("auto", "interface", "local-route"),
+      "--userspace-address-mode", own="userspace.addressMode",
+      help="userspace: own Service IPs on an interface or as local routes (auto)"),
+    S("userspace_endpoint_access", _choice("auto", "direct", "port-forward"),
+      "--userspace-endpoint-access", own="userspace.endpointAccess",
+      help="userspace: endpoints directly, through the API server's port-forward, or auto"),
+    S("iptables_backend", _choice("auto", "legacy", "nft"), "--iptables-backend",
+      own="iptables.backend", help="default: what the node uses"),
+    S("ipv6", _choice("auto", "on", "off"), "--ipv6", own="ipv6",
+      help="program IPv6 rules (default auto)"),
+)  # fmt: skip
+del S
+
+# kube-proxy fields that do not apply to this proxy: read without a warning, ignored.
+# A section listed here is opaque (its keys are not checked).
+KUBE_IGNORED = (
+    "clientConnection.acceptContentTypes",
+    "clientConnection.burst",
+    "clientConnection.contentType",
+    "clientConnection.qps",
+    "bindAddressHardFail",  # bind failures are always fatal here
+    "configSyncPeriod",
+    "detectLocal",
+    "detectLocalMode",
+    "enableProfiling",
+    "featureGates",
+    "ipvs",
+    "logging",  # logging.verbosity is read (SETTINGS)
+    "nftables",  # nftables.* is read in nftables mode (Setting.nft_path)
+    "oomScoreAdj",
+    "portRange",
+    "showHiddenMetricsForVersion",
+    "udpIdleTimeout",
+    "winkernel",
+    "windowsRunAsService",
+)
+
+
+# -- flags ------------------------------------------------------------------------------------
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line (not the whole usage block)."""
 
@@ -147,273 +391,53 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _parse_bool_flag(text: str) -> bool:
-    """Go-style boolean flag values (`--flag`, `--flag=false`), as kube-proxy accepts."""
-    v = text.strip().lower()
-    if v in ("1", "t", "true"):
-        return True
-    if v in ("0", "f", "false"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true or false)")
-
-
 def _build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(
         prog="kube-proxy-py",
         description="Kubernetes Service data plane (iptables/userspace) with node-local DNS.",
     )
-    a = p.add_argument
-    a("--kubeconfig", help="kubeconfig file of the API server to watch (default: in-cluster)")
-    a("--master", help="API server URL (overrides the kubeconfig's server)")
-    a("--manifests", help="YAML file or directory of Services/EndpointSlices instead of an API")
-    a("--proxy-mode", choices=MODES, help="iptables (default), userspace or none")
-    a("--hostname-override", help="this node's name (default: the hostname)")
-    a("--cluster-cidr", help="pod CIDR(s), comma separated; others are masqueraded")
-    a("--masquerade-all", action="store_true", default=None, help="SNAT all Service traffic")
-    a("--iptables-masquerade-bit", type=int, help="fwmark bit for masquerading (0-31; 14)")
-    a("--nodeport-addresses", help="CIDRs of node addresses that accept NodePorts")
-    a("--iptables-sync-period", help="resync period (default 30s; full syncs hourly)")
-    a("--iptables-min-sync-period", help="minimum time between syncs (default 1s)")
-    a("--healthz-bind-address", help="HOST:PORT for /healthz and /livez ('' disables)")
-    a("--metrics-bind-address", help="HOST:PORT for /metrics ('' disables)")
-    a("--config", help="KubeProxyConfiguration YAML; flags given override it")
-    a("--cleanup", action="store_true", default=None, help="remove what this proxy made, exit")
-    a("--dns-bind-address", help="HOST:PORT to serve cluster DNS on (default: off)")
-    a("--cluster-domain", help="DNS zone (default cluster.local)")
-    a("--dns-upstream", help="resolvers for other names, comma separated (default resolv.conf)")
-    a("--dns-ttl", type=int, help="TTL of cluster answers in seconds (default 5)")
-    a("--udp-timeout", help="userspace mode: idle timeout of a UDP session (default 250s)")
-    a(
-        "--userspace-laptop",
-        choices=("auto", "on", "off"),
-        help="userspace: serve Services on loopback addresses (auto: when not root)",
-    )
-    a(
-        "--userspace-port-offset",
-        type=int,
-        help="userspace laptop mode: ports below 1024 are served at port+N (default 10000)",
-    )
-    a(
-        "--userspace-engine",
-        choices=("auto", "splice", "copy"),
-        help="userspace TCP forwarding: copy, splice, or auto (splice once a stream is bulk)",
-    )
-    a(
-        "--userspace-tcp-idle-timeout",
-        help="userspace: close TCP connections idle this long (default 24h; 0: never)",
-    )
-    a(
-        "--userspace-udp-max-sessions",
-        type=int,
-        help="userspace: UDP sessions per listener, least recently active evicted (4096)",
-    )
-    a(
-        "--userspace-address-mode",
-        choices=("auto", "interface", "local-route"),
-        help="userspace: own Service IPs on an interface or as local routes (auto)",
-    )
-    a(
-        "--userspace-endpoint-access",
-        choices=("auto", "direct", "port-forward"),
-        help="userspace: endpoints directly, through the API server's port-forward, or auto",
-    )
-    a(
-        "--iptables-localhost-nodeports",
-        nargs="?",
-        const="true",
-        type=_parse_bool_flag,
-        help="NodePorts also answer on 127.0.0.1 (default true)",
-    )
-    a("--conntrack-max-per-core", type=int, help="conntrack entries per CPU (32768; 0: leave)")
-    a("--conntrack-min", type=int, help="minimum conntrack table size (131072)")
-    a("--conntrack-tcp-timeout-established", help="idle timeout of TCP flows (24h; 0: leave)")
-    a("--conntrack-tcp-timeout-close-wait", help="CLOSE_WAIT timeout (1h; 0: leave)")
-    a(
-        "--conntrack-tcp-be-liberal",
-        nargs="?",
-        const="true",
-        type=_parse_bool_flag,
-        help="liberal TCP conntrack; INVALID packets are then not dropped (default false)",
-    )
-    a("--conntrack-udp-timeout", help="idle timeout of UDP flows (0: leave the kernel's)")
-    a("--conntrack-udp-timeout-stream", help="timeout of UDP streams (0: leave the kernel's)")
-    a(
-        "--init-only",
-        action="store_true",
-        default=None,
-        help="do the privileged node set-up (sysctls, conntrack) and exit",
-    )
-    a("--iptables-backend", choices=("auto", "legacy", "nft"), help="default: what the node uses")
-    a("--ipv6", choices=("auto", "on", "off"), help="program IPv6 rules (default auto)")
-    a("--v", "-v", dest="verbosity", type=int, help="log verbosity (0-4, as klog; 2=info)")
-    a("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--config", help="a KubeProxyConfiguration file; flags given override it")
+    for s in SETTINGS:
+        if s.flag is None:
+            continue
+        names = [s.flag, "-v"] if s.flag == "--v" else [s.flag]
+        dest = f"{s.field}{s.flag}"  # two flags may set one field (--v, --log-level)
+        kw: dict[str, Any] = {"dest": dest, "help": s.help, "default": None}
+        if s.kind.boolean:  # Go-style: --flag, --flag=true, --flag=false
+            kw.update(nargs="?", const=True, metavar="BOOL")
+        elif s.kind.choices is not None:
+            kw["choices"] = s.kind.choices
+        else:
+            kw["metavar"] = s.flag.lstrip("-").split("-")[-1].upper()
+        p.add_argument(*names, **kw)
     return p
 
 
-def _from_kube_proxy_configuration(path: str) -> dict[str, Any]:
-    """The subset of KubeProxyConfiguration that applies here → Config field values."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
-    except OSError as e:
-        raise UsageError(f"--config: cannot read {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise UsageError(f"--config: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(doc, dict) or doc.get("kind") != "KubeProxyConfiguration":
-        raise UsageError(f"--config: {path} is not a KubeProxyConfiguration")
-    out: dict[str, Any] = {}
-    conn = doc.get("clientConnection") or {}
-    ipt = doc.get("iptables") or {}
-    if conn.get("kubeconfig"):
-        out["kubeconfig"] = str(conn["kubeconfig"])
-    if doc.get("mode"):
-        mode = str(doc["mode"])
-        if mode not in MODES:
-            raise UsageError(f"--config: mode {mode!r} is not supported; use one of {MODES}")
-        out["proxy_mode"] = mode
-    if doc.get("hostnameOverride"):
-        out["hostname"] = str(doc["hostnameOverride"]).lower()
-    if doc.get("clusterCIDR"):
-        out["cluster_cidrs"] = parse_cidrs(str(doc["clusterCIDR"]), "clusterCIDR")
-    if "masqueradeAll" in ipt:
-        out["masquerade_all"] = bool(ipt["masqueradeAll"])
-    if ipt.get("masqueradeBit") is not None:
-        out["masquerade_bit"] = int(ipt["masqueradeBit"])
-    if ipt.get("syncPeriod"):
-        out["sync_period"] = parse_duration(ipt["syncPeriod"], "iptables.syncPeriod")
-    if ipt.get("minSyncPeriod") is not None:
-        out["min_sync_period"] = parse_duration(ipt["minSyncPeriod"], "iptables.minSyncPeriod")
-    if doc.get("nodePortAddresses"):
-        out["nodeport_addresses"] = parse_cidrs(list(doc["nodePortAddresses"]), "nodePortAddresses")
-    if "healthzBindAddress" in doc:
-        out["healthz_bind"] = parse_hostport(
-            str(doc["healthzBindAddress"] or ""), "healthzBindAddress", allow_empty=True
-        )
-    if "metricsBindAddress" in doc:
-        out["metrics_bind"] = parse_hostport(
-            str(doc["metricsBindAddress"] or ""), "metricsBindAddress", allow_empty=True
-        )
-    return out
-
-
 def parse_args(argv: list[str] | None = None) -> Config:
-    parser = _build_parser()
-    ns = parser.parse_args(argv)  # on a bad flag argparse prints usage + one line, exits 2
+    from proxy.configfile import load_file  # the file format lives there
+
+    ns = vars(_build_parser().parse_args(argv))  # a bad flag: one line, exit 2
+    given: dict[str, Any] = {}  # field → value, in table order (--log-level after --v)
+    for s in SETTINGS:
+        if s.flag is not None and (v := ns[f"{s.field}{s.flag}"]) is not None:
+            given[s.field] = v if v is True else s.kind.from_flag(v, s.flag)
     cfg = Config()
-    if ns.config:
-        for k, v in _from_kube_proxy_configuration(ns.config).items():
-            setattr(cfg, k, v)
-    if ns.kubeconfig is not None:
-        cfg.kubeconfig = ns.kubeconfig
-    if ns.master is not None:
-        cfg.master = ns.master
-    if ns.manifests is not None:
-        cfg.manifests = ns.manifests
-    if ns.proxy_mode is not None:
-        cfg.proxy_mode = ns.proxy_mode
-    if ns.hostname_override:
-        cfg.hostname = ns.hostname_override.strip().lower()
-    if ns.cluster_cidr is not None:
-        cfg.cluster_cidrs = parse_cidrs(ns.cluster_cidr, "--cluster-cidr")
-    if ns.masquerade_all is not None:
-        cfg.masquerade_all = True
-    if ns.iptables_masquerade_bit is not None:
-        cfg.masquerade_bit = ns.iptables_masquerade_bit
-    if ns.nodeport_addresses is not None:
-        cfg.nodeport_addresses = parse_cidrs(ns.nodeport_addresses, "--nodeport-addresses")
-    if ns.iptables_sync_period is not None:
-        cfg.sync_period = parse_duration(ns.iptables_sync_period, "--iptables-sync-period")
-    if ns.iptables_min_sync_period is not None:
-        cfg.min_sync_period = parse_duration(
-            ns.iptables_min_sync_period, "--iptables-min-sync-period"
-        )
-    if ns.healthz_bind_address is not None:
-        cfg.healthz_bind = parse_hostport(
-            ns.healthz_bind_address, "--healthz-bind-address", allow_empty=True
-        )
-    if ns.metrics_bind_address is not None:
-        cfg.metrics_bind = parse_hostport(
-            ns.metrics_bind_address, "--metrics-bind-address", allow_empty=True
-        )
-    if ns.cleanup:
-        cfg.cleanup = True
-    if ns.dns_bind_address is not None:
-        cfg.dns_bind = parse_hostport(ns.dns_bind_address, "--dns-bind-address", allow_empty=True)
-    if ns.cluster_domain is not None:
-        cfg.cluster_domain = ns.cluster_domain.strip().strip(".").lower() or "cluster.local"
-    if ns.dns_upstream is not None:
-        ups = []
-        for u in ns.dns_upstream.split(","):
-            u = u.strip()
-            if not u:
-                continue
-            if not u.startswith("[") and u.count(":") != 1:  # bare IPv4 or IPv6: port 53
-                u = _default_dns_port(u)
-            hp = parse_hostport(u, "--dns-upstream")
-            assert hp is not None
-            ups.append(f"{hp[0]}:{hp[1]}" if ":" not in hp[0] else f"[{hp[0]}]:{hp[1]}")
-        cfg.dns_upstream = tuple(ups)
-    if ns.dns_ttl is not None:
-        if not 0 <= ns.dns_ttl <= 86400:
-            raise UsageError("--dns-ttl: give seconds between 0 and 86400")
-        cfg.dns_ttl = ns.dns_ttl
-    if ns.udp_timeout is not None:
-        cfg.udp_idle_timeout = parse_duration(ns.udp_timeout, "--udp-timeout")
-    if ns.userspace_laptop is not None:
-        cfg.userspace_laptop = ns.userspace_laptop
-    if ns.userspace_port_offset is not None:
-        if not 0 < ns.userspace_port_offset < 65535:
-            raise UsageError("--userspace-port-offset: give a number between 1 and 65534")
-        cfg.userspace_port_offset = ns.userspace_port_offset
-    if ns.userspace_engine is not None:
-        cfg.userspace_engine = ns.userspace_engine
-    if ns.userspace_tcp_idle_timeout is not None:
-        cfg.userspace_tcp_idle_timeout = parse_duration(
-            ns.userspace_tcp_idle_timeout, "--userspace-tcp-idle-timeout"
-        )
-    if ns.userspace_udp_max_sessions is not None:
-        if ns.userspace_udp_max_sessions < 1:
-            raise UsageError("--userspace-udp-max-sessions: give a positive number")
-        cfg.userspace_udp_max_sessions = ns.userspace_udp_max_sessions
-    if ns.userspace_address_mode is not None:
-        cfg.userspace_address_mode = ns.userspace_address_mode
-    if ns.userspace_endpoint_access is not None:
-        cfg.userspace_endpoint_access = ns.userspace_endpoint_access
-    if ns.iptables_localhost_nodeports is not None:
-        cfg.localhost_nodeports = ns.iptables_localhost_nodeports
-    for name in ("conntrack_max_per_core", "conntrack_min"):
-        value = getattr(ns, name)
-        if value is not None:
-            if value < 0:
-                raise UsageError(f"--{name.replace('_', '-')}: must not be negative")
+    if ns["config"]:
+        for name, value in load_file(ns["config"], mode=given.get("proxy_mode")).items():
             setattr(cfg, name, value)
-    for name in (
-        "conntrack_tcp_timeout_established",
-        "conntrack_tcp_timeout_close_wait",
-        "conntrack_udp_timeout",
-        "conntrack_udp_timeout_stream",
-    ):
-        value = getattr(ns, name)
-        if value is not None:
-            setattr(cfg, name, parse_duration(value, f"--{name.replace('_', '-')}"))
-    if ns.conntrack_tcp_be_liberal is not None:
-        cfg.conntrack_tcp_be_liberal = ns.conntrack_tcp_be_liberal
-    if ns.init_only:
-        cfg.init_only = True
-    if ns.iptables_backend is not None:
-        cfg.iptables_backend = ns.iptables_backend
-    if ns.ipv6 is not None:
-        cfg.ipv6 = ns.ipv6
-    if ns.log_level:
-        cfg.log_level = ns.log_level
-    elif ns.verbosity is not None:
-        cfg.log_level = "debug" if ns.verbosity >= 4 else "info"
+    for name, value in given.items():
+        setattr(cfg, name, value)
+    _normalise(cfg)
     _validate(cfg)
     return cfg
 
 
-def _default_dns_port(addr: str) -> str:
-    return f"[{addr}]:53" if ":" in addr else f"{addr}:53"
+def _normalise(cfg: Config) -> None:
+    if not cfg.hostname:  # --hostname-override='' or hostnameOverride: "": the hostname
+        cfg.hostname = socket.gethostname().lower()
+    cfg.cluster_domain = cfg.cluster_domain.strip(".").lower() or "cluster.local"
+    if cfg.ipv6 == "auto" and ipaddress.ip_address(cfg.bind_address).version == 6:
+        cfg.ipv6 = "on"  # kube-proxy: an IPv6 bindAddress makes IPv6 the primary family
 
 
 def _validate(cfg: Config) -> None:
@@ -431,6 +455,15 @@ def _validate(cfg: Config) -> None:
         raise UsageError(f"--manifests: {cfg.manifests} does not exist")
     if not cfg.hostname or len(cfg.hostname) > 253:
         raise UsageError("--hostname-override: give this node's name")
+    if not 0 <= cfg.dns_ttl <= 86400:
+        raise UsageError("--dns-ttl: give seconds between 0 and 86400")
+    if not 0 < cfg.userspace_port_offset < 65535:
+        raise UsageError("--userspace-port-offset: give a number between 1 and 65534")
+    if cfg.userspace_udp_max_sessions < 1:
+        raise UsageError("--userspace-udp-max-sessions: give a positive number")
+    for name in ("conntrack_max_per_core", "conntrack_min"):
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')}: must not be negative")
 
 
 def describe(cfg: Config) -> str:

@@ -46,11 +46,11 @@ def test_config_file_and_flag_precedence(tmp_path) -> None:
     f.write_text(
         "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
         "mode: iptables\nclusterCIDR: 198.18.0.0/16\nhostnameOverride: Node-A\n"
-        "iptables: {syncPeriod: 10s, minSyncPeriod: 0s, masqueradeAll: true}\n"
+        "iptables: {syncPeriod: 10s, minSyncPeriod: 500ms, masqueradeAll: true}\n"
         "metricsBindAddress: 0.0.0.0:10249\nnodePortAddresses: [198.18.200.0/24]\n"
     )
     c = parse_args(["--config", str(f), "--iptables-sync-period", "20s"])
-    assert c.sync_period == 20 and c.min_sync_period == 0
+    assert c.sync_period == 20 and c.min_sync_period == 0.5
     assert c.cluster_cidrs == ("198.18.0.0/16",) and c.masquerade_all
     assert c.hostname == "node-a" and c.metrics_bind == ("0.0.0.0", 10249)
     assert c.nodeport_addresses == ("198.18.200.0/24",)
