@@ -56,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--services", type=_ints, help="Service counts (default 100,1k,5k,10k,20k)")
     g.add_argument("--endpoints", type=int, default=10, help="endpoints per Service (10)")
     g.add_argument("--iptables-backend", choices=("nft", "legacy"), default="nft")
+    g.add_argument(
+        "--profile", type=Path, help="py-spy stacks and an RSS timeline of each daemon start there"
+    )
     g = p.add_argument_group("data plane")
     g.add_argument("--streams", type=_ints, help="iperf3 stream counts (default 1,8,32)")
     g = p.add_argument_group("dns")

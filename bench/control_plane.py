@@ -16,8 +16,15 @@ Data planes are entries of CONTENDERS; the nftables mode adds its own when it ex
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import json
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +39,7 @@ from .machine import ensure_tools, rss_kib
 SIZES = (100, 1000, 5000, 10000, 20000)
 QUICK_SIZES = (100, 1000)
 NODE = "node-a"
+EPS_PER_SVC = 10
 API_PORT = 16443
 # The issue's targets (10k Services × 10 endpoints).
 SYNC_RATIO_TARGET = Target("<=", 1.5)
@@ -127,9 +135,9 @@ def _slice(i: int, eps: int) -> dict[str, Any]:
     }
 
 
-def objects(n: int, eps: int) -> list[dict[str, Any]]:
-    """n Services (198.19.0.0/16) with `eps` endpoints each, as raw API dicts."""
-    return [_service(i) for i in range(n)] + [_slice(i, eps) for i in range(n)]
+def objects(n: int, eps: int = EPS_PER_SVC) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """n Services (198.19.0.0/16) and their slices of `eps` endpoints, as raw API dicts."""
+    return [_service(i) for i in range(n)], [_slice(i, eps) for i in range(n)]
 
 
 def changed_slice(i: int, eps: int, generation: int) -> dict[str, Any]:
@@ -169,13 +177,19 @@ def _wait_sync(px: Any, kind: str, after: int, timeout: float) -> tuple[float, i
 
 
 def daemon_start(
-    c: ControlContender, objs: list[dict[str, Any]], n: int, eps: int, gen: int, work: Path
+    c: ControlContender,
+    objs: tuple[list[dict[str, Any]], list[dict[str, Any]]],
+    n: int,
+    eps: int,
+    gen: int,
+    work: Path,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     """Start the daemon against a loaded API server on a fresh node; measure its start."""
     with Testbed(workdir=work / f"{c.mode}-{n}-{gen}") as tb:
         node = tb.add_node(NODE, underlay_ip="198.18.200.1", pod_cidr="198.18.1.0/24")
         api = ApiServer()
-        for o in objs:
+        for o in objs[0] + objs[1]:
             api.apply(o)
         sock = node.socket()
         sock.bind(("127.0.0.1", API_PORT))
@@ -196,7 +210,12 @@ def daemon_start(
                     *c.daemon_args,
                 ]
             )
-            t_sync, k = _wait_sync(px, "full", 0, timeout=60 + n * 0.02)
+            prof = Profiler(px.pid, profile, f"{c.mode}-{n}-{gen}") if profile else None
+            try:
+                t_sync, k = _wait_sync(px, "full", 0, timeout=60 + n * 0.02)
+            finally:
+                if prof is not None:
+                    prof.stop(px.logs(), t0)
             peak = rss_kib(px.pid, "VmHWM")
             admin = AdminClient(f"http://127.0.0.1:{API_PORT}", netns=node.ns)
             t1 = time.time()
@@ -224,6 +243,49 @@ def reference_restore(c: ControlContender, ruleset: str, n: int, gen: int, work:
         t0 = time.perf_counter()
         host.exec(list(c.restore), input=ruleset, timeout=3600)
         return time.perf_counter() - t0
+
+
+class Profiler:
+    """--profile: py-spy samples the daemon's start (collapsed stacks, threads apart) and a
+    thread samples its RSS every 50 ms; written with the daemon's log lines, so a peak can
+    be matched to what the daemon was doing."""
+
+    def __init__(self, pid: int, out: Path, stem: str) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.pid, self.out, self.stem = pid, out, stem
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self.spy = None
+        spy = shutil.which("py-spy") or shutil.which(
+            "py-spy", path=str(Path(sys.executable).parent)
+        )
+        if spy:
+            argv = [spy, "record", "--pid", str(pid), "--rate", "100", "--threads",
+                    "--format", "raw", "--output", str(out / f"{stem}.pyspy.txt")]  # fmt: skip
+            self.spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            kib = rss_kib(self.pid)
+            if kib is None:
+                return
+            self.samples.append((time.time(), kib))
+
+    def stop(self, log: str, t0: float) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.spy is not None:
+            self.spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            self.spy.wait(60)
+        events = []
+        for line in log.splitlines():
+            with contextlib.suppress(ValueError):
+                events.append((round(_log_time(line) - t0, 3), line[24:160]))
+        doc = {"rss_mib": [(round(t - t0, 3), round(k / 1024, 1)) for t, k in self.samples],
+               "log": events}  # fmt: skip
+        (self.out / f"{self.stem}.timeline.json").write_text(json.dumps(doc, indent=1))
 
 
 # -- the suite -------------------------------------------------------------------------------
@@ -292,7 +354,7 @@ def run(ctx: Run) -> SuiteResult:
             for r, who in alternate([c.name, c.reference], rounds):
                 if who == c.name or ruleset is None:
                     step(f"control plane: {c.name}, {n} Services, round {r + 1}")
-                    d = daemon_start(c, objs, n, eps, r + 1, work)
+                    d = daemon_start(c, objs, n, eps, r + 1, work, o.profile)
                     ruleset = d.pop("ruleset")
                     figs["sync"].add(c.name, d["sync_s"])
                     figs["peak"].add(c.name, d["peak_rss_mib"])
