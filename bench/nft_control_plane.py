@@ -1,20 +1,22 @@
 """Control-plane benchmark of the nftables mode, side by side with the iptables mode.
 
-Not a test: it measures and writes figures. Two parts, each in network namespaces this
-script creates (never the host's):
+Not a test: it measures and writes figures. Two parts, each on virtual nodes or in network
+namespaces this module creates (never the host's):
 
 * `series(sizes)`: the renderer and libnftables alone, Services x 10 endpoints from 1k to
   50k: cold full render, the transaction's apply, and a one-endpoint partial (render +
-  apply). Shows whether sync cost grows linearly.
-* `daemons(n, rounds)`: the real daemon in each mode (alternating within a round) against
-  the list/watch test API server (proxy/testbed/apiserver.py, via bench/control_plane.py):
-  the first full sync, watch event → programmed for a one-endpoint change, RSS and peak RSS.
+  apply), each size in a fresh namespace. Shows whether sync cost grows linearly.
+* `daemons(n, rounds)`: the real daemon in each mode, alternating within a round, on the
+  same preload of the list/watch test API server (bench/control_plane.py's
+  `daemon_start`): daemon start → all Services programmed, the first full sync's own
+  duration (from its "synced … in Xs" log line), one endpoint change → applied (watch
+  event to partial sync), RSS and peak RSS.
 
-`measure()` runs both and returns the figures (the bench tool calls it); the command line
-writes bench/results/nft_control_plane.json and .png:
+`measure()` runs both and returns the figures; the command line also writes
+bench/results/nft_control_plane.json and .png:
 
-    sudo .venv/bin/python bench/nft_control_plane.py                    # 1k..50k, daemons at 10k
-    sudo .venv/bin/python bench/nft_control_plane.py --sizes 1000,10000 --daemon-size 1000
+    sudo .venv/bin/python -m bench.nft_control_plane                 # 1k..50k, daemons at 10k
+    sudo .venv/bin/python -m bench.nft_control_plane --sizes 1000 --daemon-size 1000
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -29,15 +32,13 @@ import time
 import uuid
 from pathlib import Path
 
+from . import control_plane
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import control_plane  # noqa: E402  (bench/control_plane.py: objects, daemon runner)
-
 RESULTS = ROOT / "bench" / "results"
 EPS = control_plane.EPS_PER_SVC
 DEFAULT_SIZES = (1000, 5000, 10000, 20000, 50000)
+SYNCED = re.compile(r"synced \d+ services \(full, \d+ changed\) in ([\d.]+)s")
 
 
 # -- inner: runs inside a fresh network namespace -----------------------------------------
@@ -50,7 +51,7 @@ def inner(n: int, repeat: int) -> dict:
     from proxy.nftables.render import NftConfig, render
 
     store = Store()
-    svcs, slices = control_plane.objects(n)
+    svcs, slices = control_plane.objects(n, EPS)
     store.replace(SERVICE, svcs)
     store.replace(ENDPOINT_SLICE, slices)
     model = store.snapshot().model
@@ -71,7 +72,7 @@ def inner(n: int, repeat: int) -> dict:
     state = full.state
     p_render, p_apply = [], []
     for g in range(repeat):
-        store.upsert(ENDPOINT_SLICE, control_plane.changed_slice(n // 2, generation=g + 1))
+        store.upsert(ENDPOINT_SLICE, control_plane.changed_slice(n // 2, EPS, g + 1))
         snap = store.snapshot()
         t0 = time.perf_counter()
         res = render(snap.model, cfg, changed=snap.changed, previous=state)
@@ -113,9 +114,10 @@ def series(sizes=DEFAULT_SIZES, repeat: int = 3) -> list[dict]:
     for n in sizes:
         ns = _netns()
         try:
-            argv = [sys.executable, __file__, "--inner", str(n), "--repeat", str(repeat)]
+            argv = [sys.executable, "-m", "bench.nft_control_plane", "--inner", str(n)]
             p = subprocess.run(
-                ["ip", "netns", "exec", ns, *argv],
+                ["ip", "netns", "exec", ns, *argv, "--repeat", str(repeat)],
+                cwd=ROOT,
                 capture_output=True,
                 text=True,
                 timeout=3600,
@@ -136,51 +138,48 @@ def series(sizes=DEFAULT_SIZES, repeat: int = 3) -> list[dict]:
     return out
 
 
-def daemons(n: int = 10000, rounds: int = 1, repeat: int = 5) -> dict:
+def daemons(n: int = 10000, rounds: int = 1) -> dict:
     """The daemon in both modes on the same preload, alternating; medians per mode."""
+    from .core import alternate
+
     work = Path(f"/tmp/kpb-nftcp-{uuid.uuid4().hex[:6]}")
     work.mkdir()
+    objs = control_plane.objects(n, EPS)
+    by_mode = {c.mode: c for c in control_plane.contenders("nft")}
     runs: dict[str, list[dict]] = {"iptables": [], "nftables": []}
-    for r in range(rounds):
-        order = ("iptables", "nftables") if r % 2 == 0 else ("nftables", "iptables")
-        for mode in order:
-            ns = _netns()
-            try:
-                d = control_plane.daemon_latency(ns, n, repeat, work, mode=mode)
-            finally:
-                _drop(ns)
-            runs[mode].append(d)
-            print(
-                f"{n:>6} services, {mode:<8} daemon: full sync {d['full_sync_s']:.2f}s, watch "
-                f"event → programmed {d['event_to_applied_s'] * 1e3:.0f} ms, RSS "
-                f"{d['rss_mb']:.0f} MB (peak {d['peak_rss_mb']:.0f} MB)",
-                flush=True,
-            )
+    for r, mode in alternate(list(runs), rounds):
+        d = control_plane.daemon_start(by_mode[mode], objs, n, EPS, r + 1, work)
+        d.pop("ruleset")
+        logs = "".join(p.read_text() for p in (work / f"{mode}-{n}-{r + 1}").glob("proxy-*.log"))
+        m = SYNCED.search(logs)
+        d["full_sync_s"] = float(m.group(1)) if m else float("nan")
+        runs[mode].append(d)
+        print(
+            f"{n:>6} services, {mode:<8} daemon: start → programmed {d['sync_s']:.2f}s (its full "
+            f"sync {d['full_sync_s']:.2f}s), endpoint change → applied "
+            f"{d['partial_s'] * 1e3:.0f} ms, RSS {d['rss_mib']:.0f} MiB "
+            f"(peak {d['peak_rss_mib']:.0f} MiB)",
+            flush=True,
+        )
     med = statistics.median
-    summary = {
-        mode: {
-            k: med(x[k] for x in rs)
-            for k in ("full_sync_s", "event_to_applied_s", "rss_mb", "peak_rss_mb", "first_sync_s")
-        }
-        for mode, rs in runs.items()
-    }
+    keys = ("sync_s", "full_sync_s", "partial_s", "rss_mib", "peak_rss_mib")
+    summary: dict = {mode: {k: med(x[k] for x in rs) for k in keys} for mode, rs in runs.items()}
     ipt, nft = summary["iptables"], summary["nftables"]
     summary["ratios"] = {
+        "start_to_programmed": nft["sync_s"] / ipt["sync_s"],
         "full_sync": nft["full_sync_s"] / ipt["full_sync_s"],
-        "event_to_programmed": nft["event_to_applied_s"] / ipt["event_to_applied_s"],
+        "event_to_programmed": nft["partial_s"] / ipt["partial_s"],
     }
     return {"services": n, "rounds": runs, "median": summary}
 
 
-def measure(
-    sizes=DEFAULT_SIZES, daemon_size: int = 10000, rounds: int = 1, repeat: int = 5
-) -> dict:
+def measure(sizes=DEFAULT_SIZES, daemon_size: int = 10000, rounds: int = 1) -> dict:
     """Both parts; the figures as a dict (see the module docstring)."""
     return {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "cores": os.cpu_count(),
-        "series": series(sizes, repeat=min(repeat, 3)),
-        "daemons": daemons(daemon_size, rounds, repeat) if daemon_size else None,
+        "series": series(sizes) if sizes else [],
+        "daemons": daemons(daemon_size, rounds) if daemon_size else None,
     }
 
 
@@ -208,8 +207,8 @@ def plot(res: dict, path: Path) -> None:
         w = 0.38
         ax[1].bar([0 - w / 2], [med["iptables"]["full_sync_s"]], w, label="iptables")
         ax[1].bar([0 + w / 2], [med["nftables"]["full_sync_s"]], w, label="nftables")
-        ax[1].bar([1 - w / 2], [med["iptables"]["event_to_applied_s"]], w, color="C0")
-        ax[1].bar([1 + w / 2], [med["nftables"]["event_to_applied_s"]], w, color="C1")
+        ax[1].bar([1 - w / 2], [med["iptables"]["partial_s"]], w, color="C0")
+        ax[1].bar([1 + w / 2], [med["nftables"]["partial_s"]], w, color="C1")
         ax[1].set_xticks([0, 1], ["full sync", "watch event → programmed"])
         ax[1].set_yscale("log")
         ax[1].set_ylabel("seconds (log)")
@@ -224,7 +223,7 @@ def main() -> int:
     ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)))
     ap.add_argument("--daemon-size", type=int, default=10000, help="0: skip the daemons")
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=3, help="partial syncs per size (series)")
     ap.add_argument("--inner", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.inner:
@@ -234,12 +233,12 @@ def main() -> int:
         print("nft_control_plane: needs root (it creates network namespaces)", file=sys.stderr)
         return 2
     sizes = [int(s) for s in a.sizes.split(",") if s]
-    res = measure(sizes, a.daemon_size, a.rounds, a.repeat)
+    res = measure(sizes, a.daemon_size, a.rounds)
     if res["daemons"]:
         r = res["daemons"]["median"]["ratios"]
         print(
-            f"nftables / iptables: full sync {r['full_sync']:.3f}, watch event → programmed "
-            f"{r['event_to_programmed']:.3f}"
+            f"nftables / iptables: start → programmed {r['start_to_programmed']:.3f}, full "
+            f"sync {r['full_sync']:.3f}, watch event → programmed {r['event_to_programmed']:.3f}"
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "nft_control_plane.json").write_text(json.dumps(res, indent=2))
