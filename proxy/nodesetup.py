@@ -174,6 +174,16 @@ def apply(writes: list[Write]) -> None:
             ) from None
 
 
+def sets_up_node(cfg: Config) -> bool:
+    """Whether this run owns the node's conntrack settings: the modes that proxy on a node
+    (the userspace mode too, unless it is on a laptop); not --proxy-mode=none."""
+    if cfg.proxy_mode in ("iptables", "nftables"):
+        return True
+    if cfg.proxy_mode != "userspace" or cfg.userspace_laptop == "on":
+        return False
+    return cfg.userspace_laptop == "off" or os.geteuid() == 0
+
+
 def setup_conntrack(cfg: Config) -> None:
     """kube-proxy's conntrack set-up (see the module docstring); raises UsageError."""
     writes, notes = plan(cfg, ncpu(), read_int, host_netns=in_host_netns())
@@ -197,7 +207,8 @@ def setup_route_localnet(cfg: Config) -> None:
 def init_only(cfg: Config) -> int:
     """--init-only: the privileged set-up a long-running container without write access
     to /proc/sys relies on, then exit 0 (kube-proxy's init-only)."""
-    setup_conntrack(cfg)
+    if sets_up_node(cfg):
+        setup_conntrack(cfg)
     setup_route_localnet(cfg)
     log.info("node set up (--init-only): conntrack settings and route_localnet applied")
     return 0

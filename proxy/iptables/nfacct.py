@@ -17,11 +17,12 @@ log line saying so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
@@ -67,46 +68,73 @@ def _message_class() -> type:
 
 
 class NfAcct:
-    """nfacct counters of this network namespace (blocking netlink calls: use a thread)."""
+    """nfacct counters of this network namespace.
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
+    One worker thread owns one netlink socket (opened on first use, kept open), so a
+    scrape costs one dump on an open socket, not a socket and an event loop. The methods
+    block: call them from a thread, or `await asyncio.to_thread(...)`."""
+
+    def __init__(self, timeout: float = 5.0) -> None:
+        self.timeout = timeout
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="nfacct")
         self._msg: type | None = None
+        self._sock: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _request(self, msg_type: int, flags: int, name: str = "") -> list:
+    def _socket(self) -> Any:  # on the worker thread
         from pyroute2.netlink import NETLINK_NETFILTER
         from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_ACCT
         from pyroute2.netlink.nlsocket import NetlinkSocket
 
-        if self._msg is None:
+        if self._sock is None:
             self._msg = _message_class()
+            # Its own selector loop: pyroute2's synchronous socket drives one, and
+            # uvloop's cannot open netlink endpoints.
+            self._loop = asyncio.SelectorEventLoop()
+            sock = NetlinkSocket(family=NETLINK_NETFILTER, use_event_loop=self._loop)
+            sock.bind()
+            sub = NFNL_SUBSYS_ACCT << 8  # replies (a dump's too) come as ACCT_NEW
+            sock.register_policy(
+                {sub | NFNL_MSG_ACCT_NEW: self._msg, sub | NFNL_MSG_ACCT_GET: self._msg}
+            )
+            self._sock = sock
+        return self._sock
+
+    def _request(self, msg_type: int, flags: int, name: str = "") -> list:  # worker thread
+        from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_ACCT
+
+        sock = self._socket()
+        assert self._msg is not None
         msg = self._msg()
         if name:
             msg["attrs"] = [("NFACCT_NAME", name)]
-        # Its own selector loop: pyroute2's synchronous socket drives one, and uvloop's
-        # cannot open netlink endpoints.
-        loop = asyncio.SelectorEventLoop()
         try:
-            with self._lock, NetlinkSocket(family=NETLINK_NETFILTER, use_event_loop=loop) as sock:
-                sock.bind()
-                sub = NFNL_SUBSYS_ACCT << 8  # replies (a dump's too) come as ACCT_NEW
-                sock.register_policy(
-                    {sub | NFNL_MSG_ACCT_NEW: self._msg, sub | msg_type: self._msg}
-                )
-                kind = sub | msg_type
-                return list(sock.nlm_request(msg, msg_type=kind, msg_flags=flags))
-        finally:
-            loop.close()
+            kind = (NFNL_SUBSYS_ACCT << 8) | msg_type
+            return list(sock.nlm_request(msg, msg_type=kind, msg_flags=flags))
+        except OSError:
+            self._close()  # a broken socket: a fresh one next time
+            raise
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(Exception):
+                self._sock.close()
+            self._sock = None
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self._pool.submit(fn, *args).result(timeout=self.timeout)
 
     def ensure(self, name: str) -> None:
         """Create counter `name` unless it exists; OSError when nfacct is unavailable."""
         from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST
         from pyroute2.netlink.exceptions import NetlinkError
 
+        flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
         try:
-            self._request(
-                NFNL_MSG_ACCT_NEW, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, name
-            )
+            self._run(self._request, NFNL_MSG_ACCT_NEW, flags, name)
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise OSError(e.code, f"nfacct counter {name}: {e}") from None
@@ -116,29 +144,33 @@ class NfAcct:
         from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
 
         out: dict[str, int] = {}
-        for m in self._request(NFNL_MSG_ACCT_GET, NLM_F_REQUEST | NLM_F_DUMP):
+        for m in self._run(self._request, NFNL_MSG_ACCT_GET, NLM_F_REQUEST | NLM_F_DUMP):
             name = m.get_attr("NFACCT_NAME")
             if isinstance(name, str):
                 out[name] = int(m.get_attr("NFACCT_PKTS") or 0)
         return out
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._run(self._close)
+        self._pool.shutdown(wait=False)
 
 
 class NfAcctCollector(Collector):
     """The counters as kube-proxy's metrics, read when /metrics is scraped.
 
     The scrape may run on the event loop, where pyroute2's synchronous socket cannot
-    (it drives its own loop): the dump runs in a worker thread, waited for briefly."""
+    (it drives its own loop): the dump runs on NfAcct's thread, on its open socket."""
 
     def __init__(self, nfacct: NfAcct) -> None:
         self.nfacct = nfacct
         self.names: frozenset[str] = frozenset()  # counters the rules count into
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="nfacct")
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         if not self.names:
             return
         try:
-            counts = self._pool.submit(self.nfacct.packets).result(timeout=2.0)
+            counts = self.nfacct.packets()
         except Exception as e:  # a scrape must not fail because a counter could not be read
             log.debug("cannot read nfacct counters: %s", e)
             return

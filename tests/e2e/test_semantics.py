@@ -13,6 +13,7 @@ Services live in 198.19.50.0/24 and fd00:19::50:0/112.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,26 @@ LB_IP, PROXY_LB_IP, VIP_LB_IP = "198.19.50.20", "198.19.50.200", "198.19.50.201"
 NP_IPS = ("198.19.50.30", "fd00:19::50:30")
 TCP_NP, UDP_NP = 30150, 30153
 N = 100  # connections per preference check
+# node-b: localhost NodePorts off, and conntrack settings of its own
+NODE_B_FLAGS = (
+    "--iptables-localhost-nodeports=false",
+    "--conntrack-tcp-timeout-established=2h",
+    "--conntrack-udp-timeout=45s",
+    "--conntrack-udp-timeout-stream=3m",
+    "--conntrack-tcp-be-liberal",
+)
+NETFILTER = "/proc/sys/net/netfilter/"
+# A container without privileges: NET_ADMIN, NET_RAW, NET_BIND_SERVICE only, and /proc/sys
+# read-only (what a runtime gives a non-privileged container).
+REDUCED = [
+    "unshare",
+    "-m",
+    "sh",
+    "-c",
+    "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec setpriv "
+    '--bounding-set=-all,+net_admin,+net_raw,+net_bind_service --inh-caps=-all "$@"',
+    "reduced",
+]
 
 
 @dataclass
@@ -53,6 +74,7 @@ class Site:
     c: Cluster
     b_web2: Host
     proxies: dict[str, ProxyProcess]
+    manifests: ManifestDir
 
 
 def _ep(pod: Host, *, zone: str, ready: bool = True, hints: bool = True, v6: bool = False):
@@ -196,12 +218,10 @@ def site(
         proxies: dict[str, ProxyProcess] = {}
         try:
             proxies["node-a"] = c.a.start_proxy(_args(mode, "node-a", manifests))
-            proxies["node-b"] = c.b.start_proxy(
-                _args(mode, "node-b", manifests, "--iptables-localhost-nodeports=false")
-            )
+            proxies["node-b"] = c.b.start_proxy(_args(mode, "node-b", manifests, *NODE_B_FLAGS))
             for p in proxies.values():
                 p.wait_ready()
-            yield Site(mode, c, b_web2, proxies)
+            yield Site(mode, c, b_web2, proxies, manifests)
         finally:
             problems = [msg for p in proxies.values() if (msg := stop_checked(p))]
             for node in c.nodes:
@@ -225,6 +245,15 @@ def test_prefer_same_node_without_a_ready_local_endpoint_uses_all(site: Site) ->
     zone has none here) fall back to every ready endpoint."""
     counts = spread(site.c.client, FALLBACK_IP, 80, N, "http")
     assert set(counts) == {"b-web", "b-web2"} and sum(counts.values()) == N, counts
+
+
+def test_zone_hints_keep_traffic_in_the_nodes_zone(site: Site) -> None:
+    """topology-mode Auto: the controller's zone hints; node-a is in zone-a (its Node),
+    so only zone-a's endpoints (one on each node) get connections."""
+    counts = until_synced(
+        site.proxies["node-a"], lambda: spread(site.c.client, SAME_ZONE_IP, 80, N, "http")
+    )
+    assert set(counts) == {"a-web", "b-web2"} and sum(counts.values()) == N, counts
 
 
 # -- LoadBalancer ipMode -------------------------------------------------------------------
@@ -270,3 +299,66 @@ def test_nfacct_counters_are_kube_proxys_metrics(site: Site) -> None:
     assert "kubeproxy_iptables_ct_state_invalid_dropped_packets_total" in text
     rules = " ".join(site.c.a.exec(["iptables-save", "-t", "filter"]).stdout.split())
     assert "--nfacct-name ct_state_invalid_dropped_pkts -j DROP" in rules  # (save pads it)
+
+
+# -- conntrack and start-up ----------------------------------------------------------------
+
+
+def _sysctl(node, name: str) -> int:
+    return int(node.exec(["cat", NETFILTER + name]).stdout)
+
+
+def test_conntrack_settings_are_applied_to_the_nodes_namespace(site: Site) -> None:
+    """kube-proxy's defaults on node-a; node-b's flags on node-b (each its own namespace);
+    be-liberal on means no INVALID drop rule (iptables mode)."""
+    a, b = site.c.a, site.c.b
+    assert _sysctl(a, "nf_conntrack_tcp_timeout_established") == 86400
+    assert _sysctl(a, "nf_conntrack_tcp_timeout_close_wait") == 3600
+    assert _sysctl(a, "nf_conntrack_tcp_be_liberal") == 0
+    assert _sysctl(b, "nf_conntrack_tcp_timeout_established") == 7200
+    assert _sysctl(b, "nf_conntrack_udp_timeout") == 45
+    assert _sysctl(b, "nf_conntrack_udp_timeout_stream") == 180
+    assert _sysctl(b, "nf_conntrack_tcp_be_liberal") == 1
+    if site.mode == "iptables":
+        assert "--ctstate INVALID" in a.exec(["iptables-save", "-t", "filter"]).stdout
+        assert "--ctstate INVALID" not in b.exec(["iptables-save", "-t", "filter"]).stdout
+
+
+def test_init_only_then_a_daemon_without_privileges(site: Site) -> None:
+    """--init-only does the privileged set-up and exits 0; afterwards the daemon runs with
+    NET_ADMIN, NET_RAW and NET_BIND_SERVICE only and /proc/sys read-only, and serves.
+    Without the set-up, that daemon refuses to start with a line saying what to do."""
+    tb = site.c.tb
+    node = tb.add_node("node-c", underlay_ip="198.18.200.3", pod_cidr="198.18.3.0/24")
+    node.route(SERVICE_CIDRS[0], via=site.c.outside.ip)
+    args = _args(site.mode, "node-c", site.manifests, "--conntrack-min=524288")
+    try:
+        # Without the set-up: exit 2, one line naming the remedy, nothing programmed.
+        p = node.exec([*REDUCED, sys.executable, "-m", "proxy", *args], check=False, timeout=60)
+        assert p.returncode == 2, p.stdout + p.stderr
+        assert "--init-only" in p.stderr and "Traceback" not in p.stderr, p.stderr
+        # The privileged set-up.
+        init = node.exec([sys.executable, "-m", "proxy", "--init-only", *args], check=False)
+        out = init.stdout + init.stderr
+        assert init.returncode == 0, out
+        assert _sysctl(node, "nf_conntrack_tcp_timeout_established") == 86400
+        assert _sysctl(node, "nf_conntrack_tcp_timeout_close_wait") == 3600
+        # nf_conntrack_max is the host's to set: one clear line, not a failure.
+        assert "cannot set nf_conntrack_max to 524288 here" in out, out
+        route_localnet = node.exec(["cat", "/proc/sys/net/ipv4/conf/all/route_localnet"])
+        assert int(route_localnet.stdout) == (1 if site.mode == "iptables" else 0)
+        assert "KUBE-" not in node.exec(["iptables-save"]).stdout  # set-up only
+        # The long-running daemon, with fewer privileges.
+        px = node.start_proxy(args, wrap=REDUCED)
+        try:
+            px.wait_ready()
+            webs = {"a-web", "b-web", "b-web2"}
+            assert (
+                until_synced(px, lambda: client_request(node, "127.0.0.1", TCP_NP, "http")) in webs
+            )
+            assert client_request(node, SAME_NODE_IP, 80, "http") in webs  # no hint for node-c
+        finally:
+            problem = stop_checked(px)
+        assert problem is None, problem
+    finally:
+        cleanup_node(node)
