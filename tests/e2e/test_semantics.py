@@ -55,17 +55,23 @@ NODE_B_FLAGS = (
     "--conntrack-tcp-be-liberal",
 )
 NETFILTER = "/proc/sys/net/netfilter/"
-# A container without privileges: NET_ADMIN, NET_RAW, NET_BIND_SERVICE only, and /proc/sys
-# read-only (what a runtime gives a non-privileged container).
-REDUCED = [
-    "unshare",
-    "-m",
-    "sh",
-    "-c",
-    "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec setpriv "
-    '--bounding-set=-all,+net_admin,+net_raw,+net_bind_service --inh-caps=-all "$@"',
-    "reduced",
-]
+# A container without privileges: /proc/sys read-only (what a runtime gives a
+# non-privileged container) and only the capabilities the mode needs: NET_ADMIN and NET_RAW
+# (rules, addresses, conntrack, nfacct), plus NET_BIND_SERVICE for the userspace mode's
+# Service ports below 1024.
+CAPS = {"iptables": "+net_admin,+net_raw", "userspace": "+net_admin,+net_raw,+net_bind_service"}
+
+
+def reduced(mode: str) -> list[str]:
+    return [
+        "unshare",
+        "-m",
+        "sh",
+        "-c",
+        "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec "
+        f'setpriv --bounding-set=-all,{CAPS[mode]} --inh-caps=-all "$@"',
+        "reduced",
+    ]
 
 
 @dataclass
@@ -326,7 +332,7 @@ def test_conntrack_settings_are_applied_to_the_nodes_namespace(site: Site) -> No
 
 def test_init_only_then_a_daemon_without_privileges(site: Site) -> None:
     """--init-only does the privileged set-up and exits 0; afterwards the daemon runs with
-    NET_ADMIN, NET_RAW and NET_BIND_SERVICE only and /proc/sys read-only, and serves.
+    only the capabilities of CAPS and /proc/sys read-only, and serves.
     Without the set-up, that daemon refuses to start with a line saying what to do."""
     tb = site.c.tb
     node = tb.add_node("node-c", underlay_ip="198.18.200.3", pod_cidr="198.18.3.0/24")
@@ -334,7 +340,8 @@ def test_init_only_then_a_daemon_without_privileges(site: Site) -> None:
     args = _args(site.mode, "node-c", site.manifests, "--conntrack-min=524288")
     try:
         # Without the set-up: exit 2, one line naming the remedy, nothing programmed.
-        p = node.exec([*REDUCED, sys.executable, "-m", "proxy", *args], check=False, timeout=60)
+        wrap = reduced(site.mode)
+        p = node.exec([*wrap, sys.executable, "-m", "proxy", *args], check=False, timeout=60)
         assert p.returncode == 2, p.stdout + p.stderr
         assert "--init-only" in p.stderr and "Traceback" not in p.stderr, p.stderr
         # The privileged set-up.
@@ -349,7 +356,7 @@ def test_init_only_then_a_daemon_without_privileges(site: Site) -> None:
         assert int(route_localnet.stdout) == (1 if site.mode == "iptables" else 0)
         assert "KUBE-" not in node.exec(["iptables-save"]).stdout  # set-up only
         # The long-running daemon, with fewer privileges.
-        px = node.start_proxy(args, wrap=REDUCED)
+        px = node.start_proxy(args, wrap=wrap)
         try:
             px.wait_ready()
             webs = {"a-web", "b-web", "b-web2"}
