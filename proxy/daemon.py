@@ -12,12 +12,14 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
+import os
 import signal
 from typing import Any
 
 from proxy.config import Config, PrivilegeError, UsageError, describe
 from proxy.dataplane import DataPlane, NoDataPlane
 from proxy.endpoints.store import Snapshot, Store
+from proxy.handover import Handover, enable_tcp_migration
 from proxy.health import HealthServer, HealthState, ServiceHealthServers
 from proxy.sync import SyncRunner
 
@@ -93,6 +95,12 @@ async def run(cfg: Config) -> int:
     if hasattr(source, "check"):
         source.check()
     dataplane = make_dataplane(cfg)
+    # A previous instance on this node (a rolling update) hands its sockets over once we
+    # are synced; see proxy/handover.py.
+    handover = Handover()
+    await handover.connect()
+    if os.geteuid() == 0 and cfg.proxy_mode != "none" and cfg.userspace_laptop != "on":
+        await asyncio.to_thread(enable_tcp_migration)
 
     health = HealthState(timeout=2 * cfg.sync_period)
     health_server = HealthServer(health)
@@ -117,9 +125,32 @@ async def run(cfg: Config) -> int:
     hosts = await asyncio.to_thread(nodeport_hosts, cfg)
     svc_health = ServiceHealthServers(cfg.hostname, health, hosts)
 
+    handover_task: asyncio.Task | None = None
+    runner_task: asyncio.Task | None = None
+
+    async def give_up() -> None:
+        """A successor is synced: it takes the listening sockets; we stop syncing."""
+        await health_server.stop()
+        await svc_health.stop()
+        if dns is not None:
+            dns.hand_over()
+        await dataplane.hand_over()
+        if runner_task is not None:
+            runner_task.cancel()
+
+    def alone() -> None:
+        if dns is not None:
+            dns.steer_to_self()
+        dataplane.predecessor_gone()
+
     async def after_sync(snap: Snapshot) -> None:
-        if cfg.proxy_mode != "none":
+        nonlocal handover_task
+        if cfg.proxy_mode != "none" and not handover.handed_over.is_set():
             await svc_health.update(snap.model)
+        if handover_task is None:  # the first sync: take over from a predecessor
+            handover_task = asyncio.get_running_loop().create_task(
+                handover.ready(give_up, alone), name="handover"
+            )
 
     runner = SyncRunner(
         store,
@@ -136,22 +167,37 @@ async def run(cfg: Config) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     source.start()
+    source_stopped = False
     log.info("kube-proxy-py running in %s mode, node %s", dataplane.name, cfg.hostname)
     try:
         async with asyncio.TaskGroup() as tg:
-            sync_task = tg.create_task(runner.run(), name="sync")
+            sync_task = runner_task = tg.create_task(runner.run(), name="sync")
             stop_task = tg.create_task(stop.wait(), name="signals")
             await asyncio.wait({sync_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            if handover.handed_over.is_set():  # serve what is open until SIGTERM
+                await asyncio.to_thread(source.stop)
+                source_stopped = True
+                log.info("handed over to the new instance; waiting for SIGTERM")
+                await stop_task
             sync_task.cancel()
             stop_task.cancel()
     finally:
         log.info("shutting down; %s state is left in place", dataplane.name)
-        await asyncio.to_thread(source.stop)  # may wait for an in-flight list request
+        grace = cfg.shutdown_grace_period
+        await handover.wait_for_successor(grace)
+        if not source_stopped:
+            await asyncio.to_thread(source.stop)  # may wait for an in-flight list request
         with contextlib.suppress(Exception):
             await svc_health.stop()
+        with contextlib.suppress(Exception):
+            await dataplane.hand_over()  # stop accepting; established connections go on
+            await dataplane.drain(grace)
         if dns is not None:
             with contextlib.suppress(Exception):
                 await dns.stop()
         await dataplane.stop()
         await health_server.stop()
+        await handover.close()
+        if handover_task is not None:
+            handover_task.cancel()
     return 0
