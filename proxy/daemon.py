@@ -1,5 +1,12 @@
 """The daemon: wires a source, the store, one data plane, DNS and health on one loop.
 
+    Source ─(threads)─> Store ─> SyncRunner ─> DataPlane.sync
+                                          └──> consumers: DNS (at once), health check
+                                               nodePorts (once programmed)
+
+Every seam is typed (proxy/endpoints/source.py, proxy/dataplane.py): the daemon only
+decides which parts exist.
+
 Structured concurrency: every long-lived task belongs to one TaskGroup; SIGTERM/SIGINT
 end it in order (stop accepting, stop watching) and leave the node's rules in place, as
 kube-proxy does, so a restart or upgrade does not interrupt Service traffic.
@@ -14,14 +21,20 @@ import ipaddress
 import logging
 import os
 import signal
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from proxy.config import Config, PrivilegeError, UsageError, describe
-from proxy.dataplane import DataPlane, NoDataPlane
-from proxy.endpoints.store import Snapshot, Store
+from proxy.dataplane import Consumer, DataPlane, NoDataPlane
+from proxy.endpoints.source import Source
+from proxy.endpoints.store import Store
 from proxy.handover import Handover, enable_tcp_migration
 from proxy.health import HealthServer, HealthState, ServiceHealthServers
+from proxy.model import Model, ServiceKey
 from proxy.sync import SyncRunner
+
+if TYPE_CHECKING:
+    from proxy.dns import DnsServer
 
 log = logging.getLogger("proxy")
 
@@ -38,7 +51,7 @@ def make_dataplane(cfg: Config) -> DataPlane:
     return NoDataPlane()
 
 
-def make_source(cfg: Config, store: Store) -> Any:
+def make_source(cfg: Config, store: Store) -> Source:
     if cfg.manifests:
         from proxy.endpoints.manifests import ManifestsSource
 
@@ -63,6 +76,36 @@ def nodeport_hosts(cfg: Config) -> tuple[str, ...]:
         return ("0.0.0.0",)
     out = tuple(ip for ip in ips if ip and any(ipaddress.ip_address(ip) in n for n in nets))
     return out or ("127.0.0.1",)
+
+
+class DnsConsumer:
+    """Cluster DNS follows the served model as soon as it is known (see Consumer)."""
+
+    name = "DNS"
+    after_sync = False
+
+    def __init__(self, dns: DnsServer) -> None:
+        self.dns = dns
+
+    async def update(self, model: Model, changed: frozenset[ServiceKey] | None) -> None:
+        self.dns.update(model)
+
+
+class HandoverConsumer:
+    """After the first sync this instance can serve: take over from a predecessor (a
+    rolling update; proxy/handover.py), then accept a successor's requests."""
+
+    name = "handover"
+    after_sync = True
+
+    def __init__(self, start: Callable[[], Awaitable[None]]) -> None:
+        self._start: Callable[[], Awaitable[None]] | None = start
+        self.task: asyncio.Task | None = None
+
+    async def update(self, model: Model, changed: frozenset[ServiceKey] | None) -> None:
+        if self._start is not None:
+            self.task = asyncio.get_running_loop().create_task(self._start(), name="handover")
+            self._start = None
 
 
 async def cleanup(cfg: Config) -> int:
@@ -92,46 +135,44 @@ async def run(cfg: Config) -> int:
     # Every user error (unreadable kubeconfig, port in use, …) must surface before the
     # data plane touches the node: a daemon that exits on a typo leaves no rules behind.
     source = make_source(cfg, store)
-    if hasattr(source, "check"):
-        source.check()
+    source.check()
     dataplane = make_dataplane(cfg)
     # A previous instance on this node (a rolling update) hands its sockets over once we
     # are synced; see proxy/handover.py.
     handover = Handover()
     await handover.connect()
-    if os.geteuid() == 0 and cfg.proxy_mode != "none" and cfg.userspace_laptop != "on":
+    if os.geteuid() == 0 and dataplane.forwards and cfg.userspace_laptop != "on":
         await asyncio.to_thread(enable_tcp_migration)
 
     health = HealthState(timeout=2 * cfg.sync_period)
     health_server = HealthServer(health)
     await health_server.start(cfg.healthz_bind, cfg.metrics_bind)
 
-    listeners = []
+    consumers: list[Consumer] = []
     dns = None
     if cfg.dns_bind is not None:
         from proxy.dns import DnsServer
 
         dns = DnsServer(cfg)
-        model_for_dns = getattr(dataplane, "model_for_dns", None)
-        if model_for_dns is not None:  # laptop mode: DNS points at the loopback addresses
-            listeners.append(lambda m: dns.update(model_for_dns(m)))
-        else:
-            listeners.append(dns.update)
         await dns.start()
+        consumers.append(DnsConsumer(dns))
 
     await dataplane.start()  # missing binaries / no privileges: still nothing programmed
 
-    # In a worker thread: pyroute2's synchronous API cannot run inside this running loop.
-    hosts = await asyncio.to_thread(nodeport_hosts, cfg)
-    svc_health = ServiceHealthServers(cfg.hostname, health, hosts)
+    svc_health = None
+    if dataplane.forwards:  # nothing to check where nothing forwards (--proxy-mode=none)
+        # In a worker thread: pyroute2's synchronous API cannot run inside this running loop.
+        hosts = await asyncio.to_thread(nodeport_hosts, cfg)
+        svc_health = ServiceHealthServers(cfg.hostname, health, hosts)
+        consumers.append(svc_health)
 
-    handover_task: asyncio.Task | None = None
     runner_task: asyncio.Task | None = None
 
     async def give_up() -> None:
         """A successor is synced: it takes the listening sockets; we stop syncing."""
         await health_server.stop()
-        await svc_health.stop()
+        if svc_health is not None:
+            await svc_health.stop()
         if dns is not None:
             dns.hand_over()
         await dataplane.hand_over()
@@ -143,14 +184,8 @@ async def run(cfg: Config) -> int:
             dns.steer_to_self()
         dataplane.predecessor_gone()
 
-    async def after_sync(snap: Snapshot) -> None:
-        nonlocal handover_task
-        if cfg.proxy_mode != "none" and not handover.handed_over.is_set():
-            await svc_health.update(snap.model)
-        if handover_task is None:  # the first sync: take over from a predecessor
-            handover_task = asyncio.get_running_loop().create_task(
-                handover.ready(give_up, alone), name="handover"
-            )
+    taking_over = HandoverConsumer(lambda: handover.ready(give_up, alone))
+    consumers.append(taking_over)
 
     runner = SyncRunner(
         store,
@@ -158,8 +193,7 @@ async def run(cfg: Config) -> int:
         period=cfg.sync_period,
         min_period=cfg.min_sync_period,
         health=health,
-        listeners=listeners,
-        after_sync=after_sync,
+        consumers=consumers,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -167,8 +201,8 @@ async def run(cfg: Config) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     source.start()
-    source_stopped = False
     log.info("kube-proxy-py running in %s mode, node %s", dataplane.name, cfg.hostname)
+    source_stopped = False
     try:
         async with asyncio.TaskGroup() as tg:
             sync_task = runner_task = tg.create_task(runner.run(), name="sync")
@@ -187,8 +221,9 @@ async def run(cfg: Config) -> int:
         await handover.wait_for_successor(grace)
         if not source_stopped:
             await asyncio.to_thread(source.stop)  # may wait for an in-flight list request
-        with contextlib.suppress(Exception):
-            await svc_health.stop()
+        if svc_health is not None:
+            with contextlib.suppress(Exception):
+                await svc_health.stop()
         with contextlib.suppress(Exception):
             await dataplane.hand_over()  # stop accepting; established connections go on
             await dataplane.drain(grace)
@@ -198,6 +233,6 @@ async def run(cfg: Config) -> int:
         await dataplane.stop()
         await health_server.stop()
         await handover.close()
-        if handover_task is not None:
-            handover_task.cancel()
+        if taking_over.task is not None:
+            taking_over.task.cancel()
     return 0

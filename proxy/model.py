@@ -98,6 +98,7 @@ class EndpointAddress:
     node_name: str = ""
     zone: str = ""
     hostname: str = ""  # endpoints[].hostname, for DNS
+    pod: str = ""  # endpoints[].targetRef "namespace/name" when it is a Pod (port-forward)
 
     @property
     def family(self) -> int:
@@ -115,6 +116,7 @@ class Endpoint:
     terminating: bool = False
     node_name: str = ""
     zone: str = ""
+    pod: str = ""  # "namespace/name" of the Pod behind it (targetRef), for port-forward
 
     @property
     def family(self) -> int:

@@ -37,6 +37,8 @@ TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 
 # RFC 1123 label / DNS-1035 label: what Kubernetes allows for names and namespaces.
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# DNS-1123 subdomain: what Pod names may be.
+_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 class BadObject(ValueError):
@@ -317,6 +319,9 @@ def parse_slice(obj: Any) -> Slice:
         hostname = ep.get("hostname") if isinstance(ep.get("hostname"), str) else ""
         node = ep.get("nodeName")
         zone = ep.get("zone")
+        pod, why = _pod_ref(ep.get("targetRef"), ns)
+        if why:
+            problems.append(f"endpoints[{i}].targetRef ignored: {why}")
         eps.append(
             SliceEndpoint(
                 ip=ip,
@@ -327,6 +332,7 @@ def parse_slice(obj: Any) -> Slice:
                 node_name=sys.intern(node) if isinstance(node, str) else "",
                 zone=sys.intern(zone) if isinstance(zone, str) else "",
                 hostname=hostname.lower(),
+                pod=pod,
             )
         )
     return Slice(
@@ -338,6 +344,19 @@ def parse_slice(obj: Any) -> Slice:
         trigger_time=_parse_time(annotations.get(TRIGGER_TIME_ANNOTATION)),
         problems=tuple(problems),
     )
+
+
+def _pod_ref(ref: Any, slice_ns: str) -> tuple[str, str]:
+    """targetRef → ("namespace/name" of a Pod, "") or ("", why it is unusable); no ref or
+    a ref to another kind is ("", "")."""
+    if not isinstance(ref, dict) or ref.get("kind", "Pod") != "Pod":
+        return "", ""
+    name, ns = ref.get("name"), ref.get("namespace") or slice_ns
+    if not isinstance(name, str) or not isinstance(ns, str):
+        return "", "name/namespace is not a string"
+    if len(name) > 253 or not _SUBDOMAIN_RE.match(name) or not _NAME_RE.match(ns):
+        return "", f"invalid Pod reference {ns[:63]!r}/{name[:80]!r}"
+    return f"{ns}/{name}", ""
 
 
 def _better(a: SliceEndpoint, b: SliceEndpoint) -> SliceEndpoint:
@@ -366,7 +385,7 @@ def merge_slices(slices: list[Slice] | tuple[Slice, ...]) -> ServiceEndpoints:
     ports: dict[PortKey, tuple[Endpoint, ...]] = {}
     for pk, bucket in by_port.items():
         ports[pk] = tuple(
-            Endpoint(ip, port, e.ready, e.serving, e.terminating, e.node_name, e.zone)
+            Endpoint(ip, port, e.ready, e.serving, e.terminating, e.node_name, e.zone, e.pod)
             for (ip, port), e in sorted(
                 bucket.items(), key=lambda kv: (ip_sort_key(kv[0][0]), kv[0][1])
             )

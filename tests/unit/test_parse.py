@@ -138,6 +138,26 @@ def test_slice_without_service_label_or_fqdn() -> None:
         parse_slice(slice_(address_type="FQDN"))
 
 
+def test_target_ref_names_the_pod_for_port_forward() -> None:
+    sl = parse_slice(
+        slice_(
+            ns="shop",
+            endpoints=[
+                endpoint("198.18.1.1", targetRef={"kind": "Pod", "name": "web-7d9-x2", "uid": "u"}),
+                endpoint("198.18.1.2", targetRef={"kind": "Pod", "namespace": "o", "name": "p"}),
+                endpoint("198.18.1.3", targetRef={"kind": "Node", "name": "node-a"}),
+                endpoint("198.18.1.4", targetRef={"kind": "Pod", "name": "Bad_Name"}),
+                endpoint("198.18.1.5"),
+            ],
+        )
+    )
+    assert [e.pod for e in sl.endpoints] == ["shop/web-7d9-x2", "o/p", "", "", ""]
+    bad = "endpoints[3].targetRef ignored: invalid Pod reference 'shop'/'Bad_Name'"
+    assert sl.problems == (bad,)
+    eps = merge_slices([sl]).ports[("http", "TCP")]
+    assert [e.pod for e in eps] == ["shop/web-7d9-x2", "o/p", "", "", ""]
+
+
 def test_trigger_time_annotation() -> None:
     sl = parse_slice(
         slice_(
