@@ -464,6 +464,8 @@ def _validate(cfg: Config) -> None:
         raise UsageError(f"--manifests: {cfg.manifests} does not exist")
     if not cfg.hostname or len(cfg.hostname) > 253:
         raise UsageError("--hostname-override: give this node's name")
+    if cfg.dns_node_local and cfg.dns_bind is None:
+        raise UsageError("--dns-node-local needs --dns-bind-address, e.g. 169.254.20.10:53")
     if not 0 <= cfg.dns_ttl <= 86400:
         raise UsageError("--dns-ttl: give seconds between 0 and 86400")
     if not 0 < cfg.userspace_port_offset < 65535:

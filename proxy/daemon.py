@@ -28,7 +28,7 @@ from proxy.config import Config, PrivilegeError, UsageError, describe
 from proxy.dataplane import Consumer, DataPlane, NoDataPlane
 from proxy.endpoints.source import Source
 from proxy.endpoints.store import Store
-from proxy.handover import Handover, enable_tcp_migration
+from proxy.handover import Handover, channel_key, enable_tcp_migration
 from proxy.health import HealthServer, HealthState, ServiceHealthServers
 from proxy.model import Model, ServiceKey
 from proxy.sync import SyncRunner
@@ -123,6 +123,13 @@ async def cleanup(cfg: Config) -> int:
         except Exception as e:
             ok = False
             log.error("cleanup of %s mode failed: %s", mode, e)
+    from proxy.dns.nodelocal import NodeLocalDns
+
+    try:
+        await NodeLocalDns.cleanup()
+    except Exception as e:
+        ok = False
+        log.error("cleanup of node-local DNS failed: %s", e)
     log.info("cleanup %s", "done" if ok else "incomplete")
     return 0 if ok else 1
 
@@ -139,7 +146,11 @@ async def run(cfg: Config) -> int:
     dataplane = make_dataplane(cfg)
     # A previous instance on this node (a rolling update) hands its sockets over once we
     # are synced; see proxy/handover.py.
-    handover = Handover()
+    handover = Handover(
+        channel_key(cfg.healthz_bind, cfg.metrics_bind, cfg.dns_bind)
+        if cfg.userspace_laptop != "on"
+        else None
+    )
     await handover.connect()
     if os.geteuid() == 0 and dataplane.forwards and cfg.userspace_laptop != "on":
         await asyncio.to_thread(enable_tcp_migration)
@@ -154,6 +165,10 @@ async def run(cfg: Config) -> int:
         from proxy.dns import DnsServer
 
         dns = DnsServer(cfg)
+        if cfg.dns_node_local:  # the address must be the node's before DNS binds it
+            from proxy.dns.nodelocal import NodeLocalDns
+
+            await NodeLocalDns(cfg).start()
         await dns.start()
         consumers.append(DnsConsumer(dns))
 

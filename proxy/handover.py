@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 
 log = logging.getLogger("proxy.handover")
 
-CHANNEL = b"\0kube-proxy-py/handover"  # abstract: one per network namespace
+CHANNEL = b"\0kube-proxy-py/handover/"  # + key; abstract: scoped to the network namespace
 SO_ATTACH_REUSEPORT_CBPF = 51
 TCP_MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 _BPF_RET_K = 0x06  # BPF_RET | BPF_K: "return k", here the index in the reuseport group
@@ -81,10 +81,20 @@ def enable_tcp_migration() -> None:
         )
 
 
+def channel_key(*binds: tuple[str, int] | None) -> str | None:
+    """The channel of instances that bind the same addresses (two daemons with different
+    ports in one namespace never hand over to each other); None (no handover) when a port
+    is chosen by the kernel, as such an instance shares nothing with another."""
+    if any(b is not None and b[1] == 0 for b in binds):
+        return None
+    return ",".join("-" if b is None else f"{b[0]}:{b[1]}" for b in binds)
+
+
 class Handover:
     """The channel between this instance and its predecessor or successor."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: str | None) -> None:
+        self.channel = CHANNEL + key.encode() if key is not None else None
         self.predecessor: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self.handed_over = asyncio.Event()  # we gave our sockets to a successor
         self.successor_waiting = False  # a successor connected, not ready yet
@@ -95,9 +105,11 @@ class Handover:
 
     async def connect(self) -> None:
         """At start: is there an instance serving this node? Then it is our predecessor."""
+        if self.channel is None:
+            return
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            s.connect(CHANNEL)  # a local unix connect does not block; uvloop cannot do
+            s.connect(self.channel)  # a local unix connect does not block; uvloop cannot do
             s.setblocking(False)  # abstract names (EINVAL), so the socket is made here
             self.predecessor = await asyncio.open_unix_connection(sock=s)
         except OSError:
@@ -132,11 +144,13 @@ class Handover:
         await self._listen(timeout)
 
     async def _listen(self, timeout: float) -> None:
+        if self.channel is None:
+            return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:  # the predecessor releases the name right after "done"
             try:
-                self._server = await asyncio.start_unix_server(self._successor, CHANNEL)
+                self._server = await asyncio.start_unix_server(self._successor, self.channel)
                 return
             except OSError:
                 if loop.time() > deadline:

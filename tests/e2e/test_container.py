@@ -360,3 +360,38 @@ def test_rolling_restart_loses_nothing(site: Site) -> None:
         assert r["failures"] == [] and r["ok"] == r["sent"] > 50, (kind, r)
     t = res["transfer"]
     assert "error" not in t and t["intact"] and t["received"] == t["sent"] > 0, t
+
+
+def test_node_local_dns(site: Site) -> None:
+    """overlays/node-local-dns: the node owns 169.254.20.10, pods resolve there, and DNS
+    to it skips conntrack (raw-table NOTRACK); --cleanup takes both away."""
+    cid = site.start("overlays/node-local-dns")
+    try:
+        site.wait_ready(cid)
+        assert (
+            "169.254.20.10" in site.node.exec(["ip", "-o", "addr", "show", "kube-proxy-dns"]).stdout
+        )
+        raw = site.node.exec(["iptables-save", "-t", "raw"]).stdout
+        assert "-A PREROUTING" in raw and "-j KUBE-PY-NODE-DNS" in raw
+        assert "-A KUBE-PY-NODE-DNS -d 169.254.20.10/32 -p udp -m udp --dport 53 -j NOTRACK" in raw
+        site.node.exec(["conntrack", "-F"], check=False)
+        for _ in range(5):
+            p = site.client.exec(
+                [
+                    "dig",
+                    "+short",
+                    "+time=2",
+                    "+tries=1",
+                    "@169.254.20.10",
+                    "web.default.svc.cluster.local",
+                ]
+            )
+            assert p.stdout.split() == [WEB_IP], p.stdout + p.stderr
+        tracked = site.node.exec(["conntrack", "-L", "-d", "169.254.20.10"], check=False)
+        assert "dport=53" not in tracked.stdout, tracked.stdout
+        assert site.pods.stop(cid, grace=10) == 0
+    finally:
+        site.pods.remove(cid)
+    site.cleanup_with_image()
+    assert site.node.exec(["ip", "link", "show", "kube-proxy-dns"], check=False).returncode != 0
+    assert "KUBE-PY-NODE-DNS" not in site.node.exec(["iptables-save", "-t", "raw"]).stdout
