@@ -17,7 +17,8 @@ elements, so Services are **elements of a few named maps**, not chains:
 - Policy (masquerading, externalTrafficPolicy Local) is one lookup in `ip-policies` /
   `nodeport-policies` that jumps to a fixed chain before the dispatch.
 - No endpoints: `no-endpoint-services` / `no-endpoint-nodeports` (reject or drop), source
-  ranges: `firewall-ips` + `firewall-allow` (interval set), hairpin: `hairpin-endpoints`.
+  ranges: `firewall-ips` + `firewall-allow` (interval set), hairpin: `hairpin-endpoints`
+  (this node's endpoints only: a pod's traffic to its own Service is DNATed on its node).
 - Only sessionAffinity ClientIP Services get chains and sets of their own (kube-proxy's
   `service-*`, `endpoint-*` chains and `affinity-*` sets): a client's endpoint must be
   remembered per endpoint, with a timeout.
@@ -245,8 +246,10 @@ class _Planner:
             n_eps += self._port(
                 svc, port, cip, ext_ips, lb_ips, ranges, items, out, pickers, chains, sets
             )
-            for _, e in items:
-                hairpin.add(e.ip)
+            # Hairpin (a pod reaching itself through the Service) is DNATed on the pod's
+            # own node, so only this node's endpoints (or those of unknown node) need it.
+            node = self.node
+            hairpin.update(e.ip for _, e in items if e.node_name in (node, ""))
         return _Contrib(
             svc,
             svc_eps,

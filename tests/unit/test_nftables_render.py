@@ -409,3 +409,8 @@ def test_fake_kernel_refuses_what_nft_refuses():
         pass
     else:
         raise AssertionError("delete of a non-empty, referenced chain was accepted")
+
+
+def test_hairpin_only_for_this_nodes_endpoints():
+    m = model((svc("web", "198.19.0.10"), eps(ep("198.18.1.1"), ep("198.18.2.1", node="node-b"))))
+    assert elements(render(m, CFG).text, "hairpin-endpoints") == {"198.18.1.1 . 198.18.1.1": ""}
