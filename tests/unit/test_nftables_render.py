@@ -414,3 +414,16 @@ def test_fake_kernel_refuses_what_nft_refuses():
 def test_hairpin_only_for_this_nodes_endpoints():
     m = model((svc("web", "198.19.0.10"), eps(ep("198.18.1.1"), ep("198.18.2.1", node="node-b"))))
     assert elements(render(m, CFG).text, "hairpin-endpoints") == {"198.18.1.1 . 198.18.1.1": ""}
+
+
+def test_nft_errors_become_one_line():
+    from proxy.nftables.nft import first_error
+
+    err = (
+        "/dev/stdin:3:30-45: Error: Could not process rule: No such file or directory\n"
+        "add element ip kube-proxy service-ips { 198.19.0.1 . tcp . 80 : goto pick-9 }\n"
+        "                             ^^^^^^^^^^^^^^^^\n"
+    )
+    line = first_error(err, "")
+    assert line.startswith("Could not process rule: No such file or directory (/dev/stdin:3")
+    assert "goto pick-9" in line and "\n" not in line
