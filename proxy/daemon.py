@@ -1,5 +1,12 @@
 """The daemon: wires a source, the store, one data plane, DNS and health on one loop.
 
+    Source ─(threads)─> Store ─> SyncRunner ─> DataPlane.sync
+                                          └──> consumers: DNS (at once), health check
+                                               nodePorts (once programmed)
+
+Every seam is typed (proxy/endpoints/source.py, proxy/dataplane.py): the daemon only
+decides which parts exist.
+
 Structured concurrency: every long-lived task belongs to one TaskGroup; SIGTERM/SIGINT
 end it in order (stop accepting, stop watching) and leave the node's rules in place, as
 kube-proxy does, so a restart or upgrade does not interrupt Service traffic.
@@ -13,13 +20,18 @@ import dataclasses
 import ipaddress
 import logging
 import signal
-from typing import Any
+from typing import TYPE_CHECKING
 
 from proxy.config import Config, PrivilegeError, UsageError, describe
-from proxy.dataplane import DataPlane, NoDataPlane
-from proxy.endpoints.store import Snapshot, Store
+from proxy.dataplane import Consumer, DataPlane, NoDataPlane
+from proxy.endpoints.source import Source
+from proxy.endpoints.store import Store
 from proxy.health import HealthServer, HealthState, ServiceHealthServers
+from proxy.model import Model, ServiceKey
 from proxy.sync import SyncRunner
+
+if TYPE_CHECKING:
+    from proxy.dns import DnsServer
 
 log = logging.getLogger("proxy")
 
@@ -36,7 +48,7 @@ def make_dataplane(cfg: Config) -> DataPlane:
     return NoDataPlane()
 
 
-def make_source(cfg: Config, store: Store) -> Any:
+def make_source(cfg: Config, store: Store) -> Source:
     if cfg.manifests:
         from proxy.endpoints.manifests import ManifestsSource
 
@@ -61,6 +73,19 @@ def nodeport_hosts(cfg: Config) -> tuple[str, ...]:
         return ("0.0.0.0",)
     out = tuple(ip for ip in ips if ip and any(ipaddress.ip_address(ip) in n for n in nets))
     return out or ("127.0.0.1",)
+
+
+class DnsConsumer:
+    """Cluster DNS follows the served model as soon as it is known (see Consumer)."""
+
+    name = "DNS"
+    after_sync = False
+
+    def __init__(self, dns: DnsServer) -> None:
+        self.dns = dns
+
+    async def update(self, model: Model, changed: frozenset[ServiceKey] | None) -> None:
+        self.dns.update(model)
 
 
 async def cleanup(cfg: Config) -> int:
@@ -90,36 +115,30 @@ async def run(cfg: Config) -> int:
     # Every user error (unreadable kubeconfig, port in use, …) must surface before the
     # data plane touches the node: a daemon that exits on a typo leaves no rules behind.
     source = make_source(cfg, store)
-    if hasattr(source, "check"):
-        source.check()
+    source.check()
     dataplane = make_dataplane(cfg)
 
     health = HealthState(timeout=2 * cfg.sync_period)
     health_server = HealthServer(health)
     await health_server.start(cfg.healthz_bind, cfg.metrics_bind)
 
-    listeners = []
+    consumers: list[Consumer] = []
     dns = None
     if cfg.dns_bind is not None:
         from proxy.dns import DnsServer
 
         dns = DnsServer(cfg)
-        model_for_dns = getattr(dataplane, "model_for_dns", None)
-        if model_for_dns is not None:  # laptop mode: DNS points at the loopback addresses
-            listeners.append(lambda m: dns.update(model_for_dns(m)))
-        else:
-            listeners.append(dns.update)
         await dns.start()
+        consumers.append(DnsConsumer(dns))
 
     await dataplane.start()  # missing binaries / no privileges: still nothing programmed
 
-    # In a worker thread: pyroute2's synchronous API cannot run inside this running loop.
-    hosts = await asyncio.to_thread(nodeport_hosts, cfg)
-    svc_health = ServiceHealthServers(cfg.hostname, health, hosts)
-
-    async def after_sync(snap: Snapshot) -> None:
-        if cfg.proxy_mode != "none":
-            await svc_health.update(snap.model)
+    svc_health = None
+    if dataplane.forwards:  # nothing to check where nothing forwards (--proxy-mode=none)
+        # In a worker thread: pyroute2's synchronous API cannot run inside this running loop.
+        hosts = await asyncio.to_thread(nodeport_hosts, cfg)
+        svc_health = ServiceHealthServers(cfg.hostname, health, hosts)
+        consumers.append(svc_health)
 
     runner = SyncRunner(
         store,
@@ -127,8 +146,7 @@ async def run(cfg: Config) -> int:
         period=cfg.sync_period,
         min_period=cfg.min_sync_period,
         health=health,
-        listeners=listeners,
-        after_sync=after_sync,
+        consumers=consumers,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -147,8 +165,9 @@ async def run(cfg: Config) -> int:
     finally:
         log.info("shutting down; %s state is left in place", dataplane.name)
         await asyncio.to_thread(source.stop)  # may wait for an in-flight list request
-        with contextlib.suppress(Exception):
-            await svc_health.stop()
+        if svc_health is not None:
+            with contextlib.suppress(Exception):
+                await svc_health.stop()
         if dns is not None:
             with contextlib.suppress(Exception):
                 await dns.stop()

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from proxy.config import UsageError
 from proxy.endpoints.store import ENDPOINT_SLICE, SERVICE, Store
 
 log = logging.getLogger("proxy.manifests")
@@ -84,6 +85,14 @@ class ManifestsSource:
         self._thread: threading.Thread | None = None
         self._sig: tuple | None = None
         self._good: dict[str, list[dict]] = {}  # file → its last good objects
+
+    @property
+    def api_client(self) -> None:
+        return None  # no API server behind this source
+
+    def check(self) -> None:
+        if not self.root.exists():
+            raise UsageError(f"--manifests: {self.root} does not exist")
 
     def start(self) -> None:
         self.reload()

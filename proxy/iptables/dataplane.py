@@ -91,6 +91,7 @@ class IptablesDataPlane:
     """The iptables data plane (`--proxy-mode=iptables`)."""
 
     name = "iptables"
+    forwards = True
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -112,6 +113,9 @@ class IptablesDataPlane:
         self.last_restore_seconds = 0.0
         self.last_conntrack_seconds = 0.0
         self.syncs = 0
+
+    def served(self, model: Model) -> Model:
+        return model  # rules for the Services as they are
 
     @property
     def families(self) -> tuple[int, ...]:
