@@ -158,7 +158,11 @@ def test_round_robin_over_ready_endpoints_and_metrics():
             got = Counter([(await hello(ip, 8080))[0] for _ in range(30)])
             assert got == {"web-0": 10, "web-1": 10, "web-2": 10}
             assert metric("kubeproxy_userspace_connections_total", service="default/web:p") == 30
-            await asyncio.sleep(0.05)
+            # The proxy sees each client's close a moment later: wait for it, not for time.
+            for _ in range(1000):
+                if metric("kubeproxy_userspace_active_connections", service="default/web:p") == 0:
+                    break
+                await asyncio.sleep(0.01)
             assert metric("kubeproxy_userspace_active_connections", service="default/web:p") == 0
             assert (
                 metric(
