@@ -165,14 +165,19 @@ class IptablesDataPlane:
             ", ".join(str(b) for b in self.backends.values()),
         )
 
+    # The kernel's rules serve the traffic; only the ::1 NodePorts (served by the userspace
+    # engine, see `loopback`) have listening sockets and connections to hand over.
     async def hand_over(self) -> None:
-        return None  # no listening sockets: the kernel's rules serve the traffic
+        if self.loopback is not None:
+            await self.loopback.hand_over()
 
     async def drain(self, timeout: float) -> None:
-        return None  # no proxied connections either
+        if self.loopback is not None:
+            await self.loopback.drain(timeout)
 
     def predecessor_gone(self) -> None:
-        return None
+        if self.loopback is not None:
+            self.loopback.predecessor_gone()
 
     async def stop(self) -> None:
         """Leave every rule in place (like kube-proxy) so traffic keeps flowing."""

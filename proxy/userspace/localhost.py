@@ -10,9 +10,11 @@ kube-proxy treats traffic from the node itself).
 A data plane asks `loopback_addresses(cfg, families, nat=...)` which addresses it must
 serve this way (none when `--iptables-localhost-nodeports=false` or when
 `--nodeport-addresses` leaves loopback out), then owns a `LocalhostNodePorts` and calls
-its start / sync / stop from its own. Nothing in the kernel is changed: the addresses
-exist on `lo`, and the data plane's rules must not DNAT them (kube-proxy's never do for
-`::1`; the iptables mode's `127.0.0.0/8` is NAT-served and not passed here).
+its start / sync / hand_over / drain / predecessor_gone / stop from its own (the
+listeners take part in seamless restarts like the userspace mode's). Nothing in the
+kernel is changed: the addresses exist on `lo`, and the data plane's rules must not DNAT
+them (kube-proxy's never do for `::1`; the iptables mode's `127.0.0.0/8` is NAT-served
+and not passed here).
 """
 
 from __future__ import annotations
@@ -58,6 +60,16 @@ class LocalhostNodePorts:
     async def sync(self, snap: Snapshot, full: bool) -> None:
         """Follow the model; listener problems are logged, never raised (as userspace)."""
         await self._plane.sync(snap, full)
+
+    async def hand_over(self) -> None:
+        """A successor takes the listeners over (SO_REUSEPORT, see DataPlane.hand_over)."""
+        await self._plane.hand_over()
+
+    async def drain(self, timeout: float) -> None:
+        await self._plane.drain(timeout)
+
+    def predecessor_gone(self) -> None:
+        self._plane.predecessor_gone()
 
     async def stop(self) -> None:
         await self._plane.stop()
