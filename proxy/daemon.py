@@ -242,8 +242,10 @@ async def run(cfg: Config) -> int:
             stop_task.cancel()
     finally:
         log.info("shutting down; %s state is left in place", dataplane.name)
-        grace = cfg.shutdown_grace_period
-        await handover.wait_for_successor(grace)
+        # One grace period for both: waiting for a successor, then draining (it must fit
+        # in the pod's terminationGracePeriodSeconds).
+        deadline = loop.time() + cfg.shutdown_grace_period
+        await handover.wait_for_successor(cfg.shutdown_grace_period)
         if not source_stopped:
             await asyncio.to_thread(source.stop)  # may wait for an in-flight list request
         if svc_health is not None:
@@ -251,7 +253,7 @@ async def run(cfg: Config) -> int:
                 await svc_health.stop()
         with contextlib.suppress(Exception):
             await dataplane.hand_over()  # stop accepting; established connections go on
-            await dataplane.drain(grace)
+            await dataplane.drain(max(0.0, deadline - loop.time()))
         if dns is not None:
             with contextlib.suppress(Exception):
                 await dns.stop()
