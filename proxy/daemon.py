@@ -131,6 +131,25 @@ async def run(cfg: Config) -> int:
         await dns.start()
         consumers.append(DnsConsumer(dns))
 
+    # The initial lists (and their parse) overlap the data plane's preparation below:
+    # listing touches nothing on the node, and the runner syncs once both are done.
+    source.start()
+    try:
+        return await _serve(cfg, store, source, dataplane, health, health_server, consumers, dns)
+    finally:
+        await asyncio.to_thread(source.stop)  # may wait for an in-flight list request
+
+
+async def _serve(
+    cfg: Config,
+    store: Store,
+    source: Source,
+    dataplane: DataPlane,
+    health: HealthState,
+    health_server: HealthServer,
+    consumers: list[Consumer],
+    dns: DnsServer | None,
+) -> int:
     await dataplane.start()  # missing binaries / no privileges: still nothing programmed
 
     svc_health = None
@@ -153,7 +172,6 @@ async def run(cfg: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    source.start()
     log.info("kube-proxy-py running in %s mode, node %s", dataplane.name, cfg.hostname)
     try:
         async with asyncio.TaskGroup() as tg:
@@ -164,7 +182,6 @@ async def run(cfg: Config) -> int:
             stop_task.cancel()
     finally:
         log.info("shutting down; %s state is left in place", dataplane.name)
-        await asyncio.to_thread(source.stop)  # may wait for an in-flight list request
         if svc_health is not None:
             with contextlib.suppress(Exception):
                 await svc_health.stop()
