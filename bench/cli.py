@@ -71,6 +71,11 @@ def parser() -> argparse.ArgumentParser:
         help="report a missing reference tool instead of installing it (apt)",
     )
     p.add_argument(
+        "--baseline",
+        type=Path,
+        help="control plane: also run the daemon from this checkout (a before/after contender)",
+    )
+    p.add_argument(
         "--keep-work", action="store_true", help="keep DIR/work (logs) after a successful run"
     )
     p.add_argument(
