@@ -41,6 +41,10 @@ def make_dataplane(cfg: Config) -> DataPlane:
         from proxy.iptables.dataplane import IptablesDataPlane
 
         return IptablesDataPlane(cfg)
+    if cfg.proxy_mode == "nftables":
+        from proxy.nftables.dataplane import NftablesDataPlane
+
+        return NftablesDataPlane(cfg)
     if cfg.proxy_mode == "userspace":
         from proxy.userspace.dataplane import UserspaceDataPlane
 
@@ -91,7 +95,7 @@ class DnsConsumer:
 async def cleanup(cfg: Config) -> int:
     """--cleanup: remove what any mode of this proxy made; exit 0."""
     ok = True
-    for mode in ("iptables", "userspace"):
+    for mode in ("iptables", "nftables", "userspace"):
         try:
             dp = make_dataplane(dataclasses.replace(cfg, proxy_mode=mode))
             await dp.cleanup()

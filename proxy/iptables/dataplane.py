@@ -252,6 +252,10 @@ class IptablesDataPlane:
         self.last_restore_seconds = restore_s
         self._set_rule_metrics(results)
         self.syncs += 1
+        if self.syncs == 1:  # takeover from the nftables mode: its tables go once ours are in
+            from proxy.nftables.dataplane import remove_tables_on_takeover
+
+            await remove_tables_on_takeover()
         log.debug(
             "iptables %s sync: render %.3fs, restore %.3fs",
             "full" if full else "partial",
