@@ -211,7 +211,8 @@ def daemon_start(
                     "--metrics-bind-address=",
                     *c.daemon_args,
                 ],
-                env={"PYTHONPATH": pythonpath} if pythonpath else None,
+                # PYTHONSAFEPATH: `-m proxy` must not find this checkout in the cwd first
+                env={"PYTHONPATH": pythonpath, "PYTHONSAFEPATH": "1"} if pythonpath else None,
             )
             prof = Profiler(px.pid, profile, stem) if profile else None
             try:
