@@ -184,9 +184,12 @@ def daemon_start(
     gen: int,
     work: Path,
     profile: Path | None = None,
+    sync_timeout: float | None = None,
     pythonpath: str | None = None,
 ) -> dict[str, Any]:
-    """Start the daemon against a loaded API server on a fresh node; measure its start."""
+    """Start the daemon against a loaded API server on a fresh node; measure its start.
+    `sync_timeout`: how long the first full sync may take (default grows with n);
+    `pythonpath`: run the daemon of that checkout instead (--baseline)."""
     stem = f"{c.mode}{'-baseline' if pythonpath else ''}-{n}-{gen}"
     with Testbed(workdir=work / stem) as tb:
         node = tb.add_node(NODE, underlay_ip="198.18.200.1", pod_cidr="198.18.1.0/24")
@@ -216,7 +219,7 @@ def daemon_start(
             )
             prof = Profiler(px.pid, profile, stem) if profile else None
             try:
-                t_sync, k = _wait_sync(px, "full", 0, timeout=60 + n * 0.02)
+                t_sync, k = _wait_sync(px, "full", 0, timeout=sync_timeout or 60 + n * 0.02)
             finally:
                 if prof is not None:
                     prof.stop(px.logs(), t0)
@@ -363,7 +366,9 @@ def run(ctx: Run) -> SuiteResult:
                 if who in daemons or ruleset is None:
                     name = who if who in daemons else c.name
                     step(f"control plane: {name}, {n} Services, round {r + 1}")
-                    d = daemon_start(c, objs, n, eps, r + 1, work, o.profile, daemons[name])
+                    d = daemon_start(
+                        c, objs, n, eps, r + 1, work, o.profile, pythonpath=daemons[name]
+                    )
                     if name == c.name:
                         ruleset = d["ruleset"]
                     figs["sync"].add(name, d["sync_s"])
