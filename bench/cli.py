@@ -105,6 +105,13 @@ def readme(a: argparse.Namespace) -> int:
     return 0
 
 
+def write(out: Path, doc: dict[str, Any], started: float) -> None:
+    doc["seconds"] = time.time() - started
+    doc["machine"]["loadavg_end"] = machine.loadavg()
+    (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / "report.md").write_text(report.report_md(doc))
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     if a.suite == "readme":
@@ -148,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 if plot is not None:
                     res.plots.append(plot.name)
                 doc["suites"][name] = res.to_json()
+                write(out, doc, started)  # a run cut short keeps the suites it finished
         except KeyboardInterrupt:
             # Every testbed has been closed on the way up: nothing of ours is left running.
             print(
@@ -155,10 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 130
-    doc["seconds"] = time.time() - started
-    doc["machine"]["loadavg_end"] = machine.loadavg()
-    (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (out / "report.md").write_text(report.report_md(doc))
+    write(out, doc, started)
     if not failed and not a.keep_work:
         shutil.rmtree(out / "work", ignore_errors=True)  # logs kept only when something failed
     print(f"wrote {out}/report.md, results.json and plots in {doc['seconds']:.0f} s")
