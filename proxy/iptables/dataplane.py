@@ -124,6 +124,7 @@ class IptablesDataPlane:
         self.last_restore_seconds = 0.0
         self.last_conntrack_seconds = 0.0
         self.syncs = 0
+        self._base_checked: set[int] = set()  # families whose jumps start() ensured
 
     def served(self, model: Model) -> Model:
         return model  # rules for the Services as they are
@@ -150,11 +151,16 @@ class IptablesDataPlane:
             )
         await self._refresh_addresses()
         await self._ensure_nfacct()
-        for ap in self.appliers.values():
+
+        async def base(ap: Applier) -> None:
             await ap.ensure_hint()
             added = await ap.ensure_jumps(BASE_JUMPS + KUBELET_JUMPS)
             if added:
                 log.info("%s: added %d jumps from built-in chains", ap.backend, len(added))
+
+        await asyncio.gather(*(base(ap) for ap in self.appliers.values()))  # families apart
+        # The first full sync follows at once: it need not check them again.
+        self._base_checked = set(self.appliers)
         # IPv4's 127.0.0.1 is NAT-served (route_localnet); ::1 by the userspace engine.
         addrs = loopback_addresses(self.cfg, self.families, nat=(4,))
         if addrs:
@@ -296,7 +302,7 @@ class IptablesDataPlane:
         self.node = model.node  # zone and node IPs: a change makes the render full
         if full or not snap.changed:  # full and periodic syncs: node addresses may change
             await self._refresh_addresses()
-        if full:
+        if full and not self._base_checked:  # start() has just done it for the first one
             await self._ensure_nfacct()
         results: dict[int, RenderResult] = {}
         render_s = 0.0
@@ -317,7 +323,9 @@ class IptablesDataPlane:
         restore_s = 0.0
         for fam in families:
             ap = self.appliers[fam]
-            if full:
+            if full and fam in self._base_checked:
+                self._base_checked.discard(fam)  # start() just made sure of them
+            elif full:
                 await ap.ensure_hint()
                 added = await ap.ensure_jumps(BASE_JUMPS + KUBELET_JUMPS)
                 if added:  # someone flushed them (a firewall reload?): say so once
