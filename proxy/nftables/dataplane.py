@@ -289,7 +289,10 @@ async def remove_tables_on_takeover() -> None:
     """For the other modes' takeover: delete our tables if there are any. Quiet when nft
     is not installed or nothing is there; never raises."""
     try:
-        nft = open_nft()
+        # In a child process (`nft -f -`): nft caches the node's ruleset for the command,
+        # the other mode's chains included (~80 MB at 10k Services in iptables mode), and
+        # that must not become the daemon's own peak memory.
+        nft = open_nft("cmd")
         # A delete per table, not `list tables`: nft 1.0.6 fetches the whole ruleset for
         # that, the iptables mode's own chains included (2.3 s at 1k Services, minutes at
         # 10k), while deleting an absent table fails at once (ENOENT).
