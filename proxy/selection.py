@@ -47,6 +47,8 @@ def topology_mode(endpoints: Sequence[Endpoint], node_name: str, zone: str) -> s
             for_node = True
         if not e.zone_hints:
             all_zone_hints = False
+            if not all_node_hints:
+                return ""  # a ready endpoint without hints: no topology (the common case)
         elif zone in e.zone_hints:
             for_zone = True
     if not has_ready:
