@@ -46,9 +46,11 @@ LB_IP, PROXY_LB_IP, VIP_LB_IP = "198.19.50.20", "198.19.50.200", "198.19.50.201"
 NP_IPS = ("198.19.50.30", "fd00:19::50:30")
 TCP_NP, UDP_NP = 30150, 30153
 N = 100  # connections per preference check
+EXTRA_IPS = ("198.18.250.1", "198.18.250.2")  # on node-a's and node-b's lo
 # node-b: localhost NodePorts off, and conntrack settings of its own
 NODE_B_FLAGS = (
     "--iptables-localhost-nodeports=false",
+    "--nodeport-addresses=primary",  # its Node's InternalIP only
     "--conntrack-tcp-timeout-established=2h",
     "--conntrack-udp-timeout=45s",
     "--conntrack-udp-timeout-stream=3m",
@@ -138,6 +140,12 @@ def _manifests(c: Cluster, b_web2: Host) -> list[dict]:
             "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "zone-a"}},
             "status": {"addresses": [{"type": "InternalIP", "address": c.a.ip}]},
         },
+        {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": "node-b", "labels": {"topology.kubernetes.io/zone": "zone-b"}},
+            "status": {"addresses": [{"type": "InternalIP", "address": c.b.ip}]},
+        },
         service("same-node", SAME_NODE_IP, web, trafficDistribution="PreferSameNode"),
         _slice(
             "same-node",
@@ -209,9 +217,11 @@ def site(
     with Testbed(workdir=work) as tb:
         c = tb_cluster.two_node_cluster(tb, dual_stack=True)
         b_web2 = tb.add_pod(c.b, "b-web2", "198.18.2.11", ipv6="fd00:18::2:11")
-        for node in c.nodes:  # Service IPs no rule catches go out, as on a real node
+        for i, node in enumerate(c.nodes):  # Service IPs no rule catches go out, as on a node
             node.route(SERVICE_CIDRS[0], via=c.outside.ip)
             node.route(SERVICE_CIDRS[1], via=c.outside.ipv6)
+            # One more local address, not a node IP (--nodeport-addresses primary leaves it out)
+            node.exec(["ip", "addr", "add", f"{EXTRA_IPS[i]}/32", "dev", "lo"])
         # The outside host is the load balancer behind the ipMode: Proxy ingress IP.
         c.outside.exec(["ip", "addr", "add", f"{PROXY_LB_IP}/32", "dev", "lo"])
         c.outside.route("198.18.1.0/24", via=c.a.ip)
@@ -369,3 +379,14 @@ def test_init_only_then_a_daemon_without_privileges(site: Site) -> None:
         assert problem is None, problem
     finally:
         cleanup_node(node)
+
+
+def test_nodeport_addresses_primary_is_the_node_ip_only(site: Site) -> None:
+    """node-a (all addresses) answers NodePorts on an extra local address too; node-b
+    (`--nodeport-addresses primary`) only on its Node's InternalIP."""
+    a, b = site.c.a, site.c.b
+    webs = {"a-web", "b-web", "b-web2"}
+    assert client_request(a, EXTRA_IPS[0], TCP_NP, "http") in webs
+    assert client_request(b, b.ip, TCP_NP, "http") in webs
+    assert client_request(site.c.outside, b.ip, TCP_NP, "http") in webs
+    assert isinstance(refused(b, EXTRA_IPS[1], TCP_NP, "http"), ConnectionRefusedError)
