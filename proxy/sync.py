@@ -133,7 +133,7 @@ class SyncRunner:
 
     def backoff(self) -> float:
         base = max(self.min_period, 0.5)
-        return min(base * 2 ** (self._failures - 1), max(self.period, base))
+        return min(base * 2.0 ** (self._failures - 1), max(self.period, base))
 
     # -- one sync ------------------------------------------------------------------------------
 
@@ -183,6 +183,7 @@ class SyncRunner:
             self._last_full = now
             metrics.SYNC_FULL_PROXY_RULES_DURATION.observe(dt)
             if svc_count >= TRIM_AFTER_SERVICES:
+                memory.settle()
                 await asyncio.to_thread(memory.trim)
         else:
             metrics.SYNC_PARTIAL_PROXY_RULES_DURATION.observe(dt)

@@ -193,7 +193,16 @@ class Store:
 
     def replace(self, kind: str, objs: Iterable[Any]) -> None:
         """A full list of `kind` (initial list or relist): upsert all, delete the rest."""
-        parsed = [_parse(kind, obj) for obj in objs]  # the bulk of the work: no lock
+        with memory.gc_paused():  # no full collection holding the GIL for the loop
+            parsed = [_parse(kind, obj) for obj in objs]  # the bulk of the work: no lock
+            self._replace(kind, parsed)
+        self._notify()  # always: the kind is synced now, even when nothing changed
+        if len(parsed) >= TRIM_AFTER_OBJECTS:  # the decoded list is garbage now
+            del parsed
+            memory.settle()
+            memory.trim()
+
+    def _replace(self, kind: str, parsed: list[_Parsed]) -> None:
         with self._write:
             txn = _Txn(self)
             seen: set[Uid] = set()
@@ -204,10 +213,6 @@ class Store:
             for uid in [u for u in current if u not in seen]:
                 self._remove(kind, uid, txn)
             self._publish(txn, synced=kind)
-        self._notify()  # always: the kind is synced now, even when nothing changed
-        if len(parsed) >= TRIM_AFTER_OBJECTS:  # the decoded list is garbage now
-            del parsed
-            memory.trim()
 
     # -- working out a change (_write held) --------------------------------------------------
 
