@@ -4,6 +4,7 @@ python -m tests.e2e.userspace_backends MODE PORT [ARG]
   bulk N      receive exactly N bytes, answer "<sha256 hex>\\n", then send N bytes
               (a seeded random block repeated) followed by their sha256 hex; close.
   halfclose   read until the client's FIN, then answer "got <n>" and close.
+  stream      send 64 KiB chunks until the client goes away.
 Prints READY once listening.
 """
 
@@ -30,6 +31,9 @@ def serve_bulk(conn: socket.socket, n: int) -> None:
             break
         h.update(data)
         got += len(data)
+    if got < n:  # the client went away
+        conn.close()
+        return
     conn.sendall(h.hexdigest().encode() + b"\n")
     block = bulk_block()
     out = hashlib.sha256()
@@ -51,6 +55,15 @@ def serve_halfclose(conn: socket.socket) -> None:
     conn.close()
 
 
+def serve_stream(conn: socket.socket) -> None:
+    chunk = b"s" * 65536
+    try:
+        while True:
+            conn.sendall(chunk)
+    except OSError:
+        conn.close()
+
+
 def main() -> None:
     mode, port = sys.argv[1], int(sys.argv[2])
     arg = int(sys.argv[3]) if len(sys.argv) > 3 else 0
@@ -61,7 +74,7 @@ def main() -> None:
     print("READY", flush=True)
     while True:
         conn, _ = s.accept()
-        target = serve_bulk if mode == "bulk" else serve_halfclose
+        target = {"bulk": serve_bulk, "halfclose": serve_halfclose, "stream": serve_stream}[mode]
         args = (conn, arg) if mode == "bulk" else (conn,)
         threading.Thread(target=target, args=args, daemon=True).start()
 
