@@ -21,11 +21,11 @@ import ipaddress
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from proxy.config import Config, PrivilegeError, UsageError, describe
-from proxy.dataplane import Consumer, DataPlane, NoDataPlane
+from proxy.dataplane import LARGE_MODEL, Consumer, DataPlane, NoDataPlane
 from proxy.endpoints.source import Source
 from proxy.endpoints.store import Store
 from proxy.handover import Handover, channel_key, enable_tcp_migration
@@ -92,7 +92,10 @@ class DnsConsumer:
         self.dns = dns
 
     async def update(self, model: Model, changed: frozenset[ServiceKey] | None) -> None:
-        self.dns.update(model)
+        if len(model.services) >= LARGE_MODEL:
+            await self.dns.follow(model)  # indexing in a worker thread
+        else:
+            self.dns.update(model)
 
 
 class HandoverConsumer:
@@ -102,9 +105,9 @@ class HandoverConsumer:
     name = "handover"
     after_sync = True
 
-    def __init__(self, start: Callable[[], Awaitable[None]]) -> None:
-        self._start: Callable[[], Awaitable[None]] | None = start
-        self.task: asyncio.Task | None = None
+    def __init__(self, start: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._start: Callable[[], Coroutine[Any, Any, None]] | None = start
+        self.task: asyncio.Task[None] | None = None
 
     async def update(self, model: Model, changed: frozenset[ServiceKey] | None) -> None:
         if self._start is not None:

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 from proxy import memory, metrics
 from proxy.clock import SYSTEM_CLOCK, Clock
-from proxy.dataplane import Consumer, DataPlane
+from proxy.dataplane import LARGE_MODEL, Consumer, DataPlane
 from proxy.endpoints.store import Store
 from proxy.health import HealthState
 from proxy.model import Model, ServiceKey
@@ -140,7 +140,10 @@ class SyncRunner:
     async def sync_once(self) -> bool:
         """Take a snapshot, feed it on and sync it; returns True on success."""
         snap = self.store.snapshot()
-        served = self.dataplane.served(snap.model)
+        if len(snap.model.services) >= LARGE_MODEL:
+            served = await asyncio.to_thread(self.dataplane.served, snap.model)
+        else:
+            served = self.dataplane.served(snap.model)
         first = self.model is None
         self.model = served
         if snap.changed or first:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
-import json
 import itertools
+import json
 import socket
 import threading
 from collections.abc import Iterator
