@@ -96,6 +96,7 @@ def summary(rtts: list[float | None]) -> dict[str, Any]:
     return {
         "answers": len(got),
         "timeouts": len(rtts) - len(got),
+        "over_target": sum(1 for r in got if r > TARGET_MS),
         "p50_ms": round(statistics.median(got), 2),
         "p99_ms": round(got[min(len(got) - 1, int(len(got) * 0.99))], 2),
         "max_ms": round(got[-1], 2),
@@ -142,7 +143,8 @@ def one_round(tree: Path, n: int, mode: str, work: Path, pin: bool) -> dict[str,
     objs = work / "objects.yaml"
     if not objs.exists():
         svcs, slices = objects(n)
-        objs.write_text(yaml.safe_dump_all([*svcs, *slices]))
+        dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+        objs.write_text(yaml.dump_all([*svcs, *slices], Dumper=dumper))
     api_port, dns_port = free_port(), free_port()
     kc = work / "kubeconfig"
     api_log = work / "apiserver.log"
@@ -167,6 +169,7 @@ def one_round(tree: Path, n: int, mode: str, work: Path, pin: bool) -> dict[str,
             try:
                 time.sleep(5)  # baseline
                 t_base, t_relist = prober.samples[0][0], time.monotonic()
+                wall_relist = time.time()
                 synced = count_lines(px_log, "synced ")
                 listed = count_lines(px_log, "listed ")
                 admin.stall_watches(600)  # the watches hear nothing of what follows
@@ -183,10 +186,17 @@ def one_round(tree: Path, n: int, mode: str, work: Path, pin: bool) -> dict[str,
             finally:
                 prober.stop()
                 thread.join(5)
+    worst = sorted(
+        ((r, t - t_relist) for t, r in prober.samples if t_relist <= t < t_end and r),
+        reverse=True,
+    )[:5]
     return {
         "baseline": summary(prober.window(t_base, t_relist)),
         "relist": summary(prober.window(t_relist, t_end)),
         "relist_seconds": round(t_done - t_relist, 2),
+        # the slowest answers: (ms, seconds after the relist began), to match with the log
+        "worst": [(round(r * 1e3, 1), round(at, 2)) for r, at in worst],
+        "relist_began": time.strftime("%H:%M:%S", time.localtime(wall_relist)),
     }
 
 

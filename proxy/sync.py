@@ -13,10 +13,11 @@ hourly, or after a failure. A periodic sync is partial: it rewrites the top-leve
 and whatever changed. At 10k Services on iptables-nft a full sync takes ~35 s, longer
 than the default 30 s period.
 
-Each sync: snapshot → the data plane's served model (computed once) → consumers that
-want it at once (DNS) → the data plane's sync → consumers that want it programmed
-(health check nodePorts). Metrics and health bookkeeping happen here, once, for every
-data plane. Time comes from an injected `Clock`, so tests step it.
+Each sync: snapshot → the data plane's served model (computed once; in a worker thread
+above LARGE_MODEL Services, so the loop keeps answering) → consumers that want it at once
+(DNS) → the data plane's sync → consumers that want it programmed (health check
+nodePorts). Metrics and health bookkeeping happen here, once, for every data plane. Time
+comes from an injected `Clock`, so tests step it.
 """
 
 from __future__ import annotations

@@ -196,9 +196,10 @@ class Store:
         with memory.gc_paused():  # no full collection holding the GIL for the loop
             parsed = [_parse(kind, obj) for obj in objs]  # the bulk of the work: no lock
             self._replace(kind, parsed)
+            big = len(parsed) >= TRIM_AFTER_OBJECTS
+            memory.drop_gradually(parsed)
         self._notify()  # always: the kind is synced now, even when nothing changed
-        if len(parsed) >= TRIM_AFTER_OBJECTS:  # the decoded list is garbage now
-            del parsed
+        if big:  # what the list decoded to is garbage now (the caller drops the rest)
             memory.settle()
             memory.trim()
 

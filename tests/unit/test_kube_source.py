@@ -336,19 +336,6 @@ def test_master_alone_needs_no_kubeconfig(env: Env) -> None:
     assert cluster_ip(env.store, "web") == "198.19.0.10"
 
 
-async def _await_synced(src: KubeSource) -> bool:
-    return await src.synced()
-
-
-def test_synced_can_be_awaited_from_the_event_loop(env: Env) -> None:
-    import asyncio
-
-    env.api.create(svc("web", "198.19.0.10"))
-    src = env.source()
-    src.start()
-    assert asyncio.run(_await_synced(src))
-
-
 # -- configuration errors ------------------------------------------------------------------
 
 
@@ -509,6 +496,11 @@ def test_decode_list_matches_json_loads(indent: int | None, items_first: bool) -
 )
 def test_decode_list_empty(body: bytes) -> None:
     assert decode_list(body) == ([], "7")
+
+
+def test_decode_list_keeps_only_objects() -> None:
+    body = b'{"metadata": {"resourceVersion": "7"}, "items": [{"a": 1}, 2, "x", null, {"b": 2}]}'
+    assert decode_list(body) == ([{"a": 1}, {"b": 2}], "7")
 
 
 @pytest.mark.parametrize(
