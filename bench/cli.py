@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if a.duration is None:
         a.duration = 1.0 if a.quick else 5.0
-    out: Path = a.out or default_out()
+    # Absolute: the reference servers get file paths in their configs and may chdir("/").
+    out: Path = (a.out or default_out()).resolve()
     out.mkdir(parents=True, exist_ok=True)
     names = list(SUITES) if a.suite == "all" else [a.suite]
     started = time.time()

@@ -79,6 +79,11 @@ IPTABLES_PARTIAL_RESTORE_FAILURES = Counter(
     "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures",
     "Cumulative proxy iptables partial restore failures",
 )
+NO_LOCAL_ENDPOINTS = Gauge(
+    "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+    "Number of services with a Local traffic policy and no endpoints",
+    ["traffic_policy"],
+)
 HEALTHZ_TOTAL = Counter(
     "kubeproxy_proxy_healthz",
     "Cumulative proxy healthz HTTP status",

@@ -98,6 +98,7 @@ class NftablesDataPlane:
         self.local_ips: tuple[str, ...] = ()
         self.node_ips: dict[int, str] = {}
         self.tcp_be_liberal = False
+        self.node_zone = ""  # from the model's Node
         self._state: dict[int, RenderState | None] = {}
         self._model: Model | None = None
         self._took_over = False
@@ -179,6 +180,7 @@ class NftablesDataPlane:
             local_ips=tuple(ip for ip in self.local_ips if ip_family(ip) == family),
             node_ip=self.node_ips.get(family, ""),
             conntrack_tcp_be_liberal=self.tcp_be_liberal,
+            node_zone=self.node_zone,
         )
 
     async def _refresh_addresses(self) -> None:
@@ -203,6 +205,7 @@ class NftablesDataPlane:
     async def _sync(self, snap: Snapshot, full: bool) -> None:
         assert self.nft is not None
         model = snap.model
+        self.node_zone = model.node.zone  # a new zone makes the render full (chain_inputs)
         if full or not snap.changed:
             await self._refresh_addresses()
         results: dict[int, RenderResult] = {}
@@ -286,7 +289,10 @@ async def remove_tables_on_takeover() -> None:
     """For the other modes' takeover: delete our tables if there are any. Quiet when nft
     is not installed or nothing is there; never raises."""
     try:
-        nft = open_nft()
+        # In a child process (`nft -f -`): nft caches the node's ruleset for the command,
+        # the other mode's chains included (~80 MB at 10k Services in iptables mode), and
+        # that must not become the daemon's own peak memory.
+        nft = open_nft("cmd")
         # A delete per table, not `list tables`: nft 1.0.6 fetches the whole ruleset for
         # that, the iptables mode's own chains included (2.3 s at 1k Services, minutes at
         # 10k), while deleting an absent table fails at once (ENOENT).
