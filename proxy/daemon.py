@@ -21,12 +21,13 @@ import ipaddress
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from proxy import nodesetup
 from proxy.config import Config, PrivilegeError, UsageError, describe
-from proxy.dataplane import Consumer, DataPlane, NoDataPlane
+from proxy.dataplane import LARGE_MODEL, Consumer, DataPlane, NoDataPlane
 from proxy.endpoints.source import Source
 from proxy.endpoints.store import Store
 from proxy.handover import Handover, channel_key, enable_tcp_migration
@@ -94,7 +95,10 @@ class DnsConsumer:
         self.dns = dns
 
     async def update(self, model: Model, changed: frozenset[ServiceKey] | None) -> None:
-        self.dns.update(model)
+        if len(model.services) >= LARGE_MODEL:
+            await self.dns.follow(model)  # indexing in a worker thread
+        else:
+            self.dns.update(model)
 
 
 class HandoverConsumer:
@@ -104,9 +108,9 @@ class HandoverConsumer:
     name = "handover"
     after_sync = True
 
-    def __init__(self, start: Callable[[], Awaitable[None]]) -> None:
-        self._start: Callable[[], Awaitable[None]] | None = start
-        self.task: asyncio.Task | None = None
+    def __init__(self, start: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._start: Callable[[], Coroutine[Any, Any, None]] | None = start
+        self.task: asyncio.Task[None] | None = None
 
     async def update(self, model: Model, changed: frozenset[ServiceKey] | None) -> None:
         if self._start is not None:
@@ -146,6 +150,9 @@ async def run(cfg: Config) -> int:
     if cfg.init_only:  # privileged set-up for a container that will not have the rights
         return await asyncio.to_thread(nodesetup.init_only, cfg)
     log.info("starting kube-proxy-py: %s", describe(cfg))
+    # The loop's thread gets the GIL back within 1 ms (Python's default: 5 ms) when a
+    # watch thread is parsing a big list: answers and new connections wait less.
+    sys.setswitchinterval(0.001)
     store = Store(node_name=cfg.hostname)
     # Every user error (unreadable kubeconfig, port in use, …) must surface before the
     # data plane touches the node: a daemon that exits on a typo leaves no rules behind.

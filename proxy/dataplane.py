@@ -16,6 +16,12 @@ from typing import Protocol
 from proxy.endpoints.store import Snapshot
 from proxy.model import Model, ServiceKey
 
+# Above this many Services, O(Services) work the loop would otherwise do after a change
+# (the laptop rewrite, listener planning, DNS indexing) runs in a worker thread: DNS answers
+# and new connections must not wait tens of ms behind it. Below it the thread hop costs
+# more than the work.
+LARGE_MODEL = 1000
+
 
 class DataPlane(Protocol):
     name: str
@@ -24,8 +30,8 @@ class DataPlane(Protocol):
     forwards: bool
 
     def served(self, model: Model) -> Model:
-        """The model as this data plane serves it. Pure and cheap on an unchanged model
-        (memoized): the runner calls it once per snapshot."""
+        """The model as this data plane serves it. Pure (the runner calls it once per
+        snapshot, in a worker thread for a LARGE_MODEL) and cheap on an unchanged model."""
         ...
 
     async def start(self) -> None:

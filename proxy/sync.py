@@ -13,10 +13,11 @@ hourly, or after a failure. A periodic sync is partial: it rewrites the top-leve
 and whatever changed. At 10k Services on iptables-nft a full sync takes ~35 s, longer
 than the default 30 s period.
 
-Each sync: snapshot → the data plane's served model (computed once) → consumers that
-want it at once (DNS) → the data plane's sync → consumers that want it programmed
-(health check nodePorts). Metrics and health bookkeeping happen here, once, for every
-data plane. Time comes from an injected `Clock`, so tests step it.
+Each sync: snapshot → the data plane's served model (computed once; in a worker thread
+above LARGE_MODEL Services, so the loop keeps answering) → consumers that want it at once
+(DNS) → the data plane's sync → consumers that want it programmed (health check
+nodePorts). Metrics and health bookkeeping happen here, once, for every data plane. Time
+comes from an injected `Clock`, so tests step it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections.abc import Sequence
 
 from proxy import memory, metrics
 from proxy.clock import SYSTEM_CLOCK, Clock
-from proxy.dataplane import Consumer, DataPlane
+from proxy.dataplane import LARGE_MODEL, Consumer, DataPlane
 from proxy.endpoints.store import Store
 from proxy.health import HealthState
 from proxy.model import Model, ServiceKey
@@ -133,14 +134,17 @@ class SyncRunner:
 
     def backoff(self) -> float:
         base = max(self.min_period, 0.5)
-        return min(base * 2 ** (self._failures - 1), max(self.period, base))
+        return min(base * 2.0 ** (self._failures - 1), max(self.period, base))
 
     # -- one sync ------------------------------------------------------------------------------
 
     async def sync_once(self) -> bool:
         """Take a snapshot, feed it on and sync it; returns True on success."""
         snap = self.store.snapshot()
-        served = self.dataplane.served(snap.model)
+        if len(snap.model.services) >= LARGE_MODEL:
+            served = await asyncio.to_thread(self.dataplane.served, snap.model)
+        else:
+            served = self.dataplane.served(snap.model)
         first = self.model is None
         self.model = served
         if snap.changed or first:
@@ -184,6 +188,7 @@ class SyncRunner:
             self._last_full = now
             metrics.SYNC_FULL_PROXY_RULES_DURATION.observe(dt)
             if svc_count >= TRIM_AFTER_SERVICES:
+                memory.settle()
                 await asyncio.to_thread(memory.trim)
         else:
             metrics.SYNC_PARTIAL_PROXY_RULES_DURATION.observe(dt)

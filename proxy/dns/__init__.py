@@ -4,7 +4,7 @@ The daemon uses only `DnsServer`:
 
     dns = DnsServer(cfg)        # reads upstreams / search domains; binds nothing yet
     await dns.start()           # binds cfg.dns_bind (UDP and TCP) or raises UsageError
-    dns.update(model)           # after every store snapshot, on the event loop
+    await dns.follow(model)     # after every store snapshot (dns.update: the same, inline)
     await dns.stop()
 
 Layout: answer.py (pure answerer: Zone + answer()), wire.py (hand-parsed fast path and
@@ -94,13 +94,33 @@ class DnsServer:
             ns_ips=self._ns_ips,
         )
 
+    def prepare(self, model: Model) -> tuple[Zone, set[object] | None]:
+        """The zone for `model` and what changed since the model being served: the
+        O(Services) part of an update, pure, so it can run in a worker thread while the
+        loop keeps answering from the current zone."""
+        old = self._model
+        return self._zone(model), None if old is None else model_changes(old, model)
+
+    def install(self, model: Model, zone: Zone, changed: set[object] | None) -> None:
+        """Answer from `zone` from now on (on the event loop; O(cached answers))."""
+        self._handler.set_zone(zone, changed)
+        self._model = model
+
     def update(self, model: Model) -> None:
         """Answer from `model` from now on (O(Services) identity diff, no rebuild)."""
         t0 = time.perf_counter()
-        changed = None if self._model is None else model_changes(self._model, model)
-        self._handler.set_zone(self._zone(model), changed)
-        self._model = model
-        dt = time.perf_counter() - t0
+        self.install(model, *self.prepare(model))
+        self._updated(model, time.perf_counter() - t0)
+
+    async def follow(self, model: Model) -> None:
+        """`update`, with the O(Services) part off the event loop (the daemon's way: at
+        10k Services it would hold up every answer for tens of ms)."""
+        t0 = time.perf_counter()
+        zone, changed = await asyncio.to_thread(self.prepare, model)
+        self.install(model, zone, changed)
+        self._updated(model, time.perf_counter() - t0)
+
+    def _updated(self, model: Model, dt: float) -> None:
         STATS.zone_updates += 1
         STATS.zone_update_seconds += dt
         if dt > 0.05:

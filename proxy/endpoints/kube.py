@@ -1,15 +1,19 @@
 """The Kubernetes source: Services and EndpointSlices with informer semantics.
 
-One worker thread per resource runs client-go's reflector loop: list (→ `Store.replace`),
-then watch from the list's resourceVersion with bookmarks, resuming from the last RV seen
-(object or bookmark) when a stream ends or breaks — without relisting. Only `410 Gone`
-("too old resource version") forces a relist, whose `replace` drops what vanished while
-we were away. Errors back off exponentially with jitter (0.5 s → 30 s); a stream that
-ended after doing useful work resumes at once.
+One worker thread per watched kind (`WatchedKind`) runs client-go's reflector loop: list
+(→ `Store.replace`), then watch from the list's resourceVersion with bookmarks, resuming
+from the last RV seen (object or bookmark) when a stream ends or breaks — without
+relisting. Only `410 Gone` ("too old resource version") forces a relist, whose `replace`
+drops what vanished while we were away. Failures back off exponentially with jitter
+(0.5 s → 30 s), on two backoffs as in client-go: one for requests the server did not
+answer, one for its error answers and relists, so that the relist after an outage does
+not wait out the reconnect backoff. A stream that did useful work resumes at once.
 
-Everything is read as raw JSON (`_preload_content=False`, one `json.loads` per line): the
-client's model objects cost several times more CPU than parsing itself (see
-bench/watch_decode.py), and the store wants the wire's camelCase dicts anyway.
+Everything is read as raw JSON (`_preload_content=False`): the client's model objects
+cost several times more CPU than parsing itself (see bench/watch_decode.py), and the
+store wants the wire's camelCase dicts anyway. Watch lines are one `json.loads` each; a
+list is decoded one item at a time (`decode_list`), so no single C call holds the GIL
+for long while the event loop's thread waits for it.
 
 Services labelled `service.kubernetes.io/service-proxy-name` are kept: the parser marks
 them (Service.proxy_name), data planes skip them and DNS still answers for them.
@@ -17,12 +21,12 @@ them (Service.proxy_name), data planes skip them and DNS still answers for them.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -39,7 +43,7 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
-from proxy import metrics
+from proxy import memory, metrics
 from proxy.config import Config, UsageError
 from proxy.endpoints.parse import object_ref
 from proxy.endpoints.store import ENDPOINT_SLICE, NODE, SERVICE, Store
@@ -243,17 +247,11 @@ class _Informer:
         finally:
             resp.release_conn()
             self._set_resp(None)
-        doc = json.loads(data)
-        del data, resp  # the body (tens of MB at 100k endpoints) is not needed any more
-        if not isinstance(doc, dict):
-            raise ValueError("list response is not an object")
-        items = doc.pop("items", None) or []
-        list_rv = (doc.get("metadata") or {}).get("resourceVersion")
-        del doc
-        if not isinstance(items, list) or not isinstance(list_rv, str) or not list_rv:
-            raise ValueError("list response has no items or resourceVersion")
-        n = len(items)
-        self._store.replace(self.kind, _drain(items))
+        with memory.gc_paused():
+            items, list_rv = decode_list(data)
+            del data, resp  # the body (tens of MB at 100k endpoints) is not needed any more
+            n = len(items)
+            self._store.replace(self.kind, _drain(items))
         self.rv = list_rv
         self.synced.set()
         log.info("listed %d %s at resourceVersion %s", n, self.resource, list_rv)
@@ -360,6 +358,68 @@ class _Informer:
                 sock.shutdown(socket.SHUT_RDWR)
 
 
+_DECODER = json.JSONDecoder()
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def decode_list(data: bytes) -> tuple[list[dict[str, Any]], str]:
+    """A list response → (its items that are objects, metadata.resourceVersion);
+    ValueError if it is not a list.
+
+    Decoded one item at a time: `json.loads` of the whole body is one C call that holds
+    the GIL throughout (~0.2 s CPU for 10k EndpointSlices), and the event loop's thread
+    would wait that long. Between items the interpreter can hand the GIL over.
+    """
+    text = data.decode("utf-8")
+    ws, decode = _WS.match, _DECODER.raw_decode
+    items: list[Any] | None = None  # (kept as decoded; filtered at the end)
+    meta: Any = None
+    try:
+        i = ws(text, 0).end()  # type: ignore[union-attr]
+        if text[i] != "{":
+            raise ValueError("list response is not an object")
+        i = ws(text, i + 1).end()  # type: ignore[union-attr]
+        while text[i] != "}":
+            key, i = decode(text, i)
+            i = ws(text, i).end()  # type: ignore[union-attr]
+            if text[i] != ":":
+                raise ValueError(f"expected ':' at {i}")
+            i = ws(text, i + 1).end()  # type: ignore[union-attr]
+            if key == "items" and text[i] == "[":
+                items = []
+                i = ws(text, i + 1).end()  # type: ignore[union-attr]
+                while text[i] != "]":
+                    item, i = decode(text, i)
+                    items.append(item)
+                    i = ws(text, i).end()  # type: ignore[union-attr]
+                    if text[i] == ",":
+                        i = ws(text, i + 1).end()  # type: ignore[union-attr]
+                    elif text[i] != "]":
+                        raise ValueError(f"expected ',' or ']' at {i}")
+                i += 1
+            else:
+                value, i = decode(text, i)
+                if key == "metadata":
+                    meta = value
+                elif key == "items":
+                    items = value if value is not None else []
+            i = ws(text, i).end()  # type: ignore[union-attr]
+            if text[i] == ",":
+                i = ws(text, i + 1).end()  # type: ignore[union-attr]
+            elif text[i] != "}":
+                raise ValueError(f"expected ',' or '}}' at {i}")
+    except IndexError:
+        raise ValueError("list response is truncated") from None
+    rv = meta.get("resourceVersion") if isinstance(meta, dict) else None
+    if items is None:
+        items = []
+    if not isinstance(items, list) or not isinstance(rv, str) or not rv:
+        raise ValueError("list response has no items or resourceVersion")
+    if not all(isinstance(i, dict) for i in items):
+        items = [i for i in items if isinstance(i, dict)]
+    return items, rv
+
+
 def _drain(items: list[Any]) -> Iterator[dict[str, Any]]:
     """The list's objects in order, each dropped from `items` as it is handed over, so
     the parser holds the only reference and a parsed object is freed at once."""
@@ -418,8 +478,8 @@ def this_node(name: str) -> WatchedKind:
 
 class KubeSource:
     """Feeds a Store from the API server. Construct (raises UsageError on bad config),
-    `start()`, optionally `wait_synced()` / `await synced()` (the store's `has_synced`
-    turns true at the same moment), `stop()` on shutdown. One-shot: not restartable.
+    `start()`, optionally `wait_synced()` (the store's `has_synced` turns true at the
+    same moment), `stop()` on shutdown. One-shot: not restartable.
 
     `kinds` lists what is watched, one informer thread each (DEFAULT_KINDS: Services and
     EndpointSlices); `api_client` is the client they share, for other parts that talk to
@@ -513,12 +573,6 @@ class KubeSource:
                 if left <= 0:
                     return False
                 inf.synced.wait(left)
-        return self.has_synced
-
-    async def synced(self) -> bool:
-        """`await source.synced()` from the event loop; False if stopped first."""
-        while not self.has_synced and not self._stopping.is_set():
-            await asyncio.to_thread(self.wait_synced, 1.0)
         return self.has_synced
 
     def resource_version(self, kind: str) -> str:

@@ -210,7 +210,7 @@ def reconcile(entries: Iterable[Entry], model: Model) -> list[Flush]:
     """
     by_ip: dict[tuple[str, str, int], set[str]] = {}
     by_np: dict[tuple[str, int], set[str]] = {}
-    for key, svc in model.services.items():
+    for svc in model.services.values():
         svc2 = _proxied(svc)
         if svc2 is None:
             continue
@@ -223,14 +223,13 @@ def reconcile(entries: Iterable[Entry], model: Model) -> list[Flush]:
                 by_ip[(proto, ip, p)] = ips
             if port.node_port:
                 by_np[(proto, port.node_port)] = ips
-        del key
     out: set[Flush] = set()
     for e in entries:
-        ips = by_ip.get((e.protocol, e.orig_dst, e.orig_port_dst))
-        if ips is not None and e.reply_src not in ips:
+        to_ip = by_ip.get((e.protocol, e.orig_dst, e.orig_port_dst))
+        if to_ip is not None and e.reply_src not in to_ip:
             out.add(Flush(e.family, e.protocol, e.orig_dst, e.orig_port_dst, e.reply_src))
-        ips = by_np.get((e.protocol, e.orig_port_dst))
-        if ips is not None and e.reply_src != e.orig_dst and e.reply_src not in ips:
+        to_np = by_np.get((e.protocol, e.orig_port_dst))
+        if to_np is not None and e.reply_src != e.orig_dst and e.reply_src not in to_np:
             out.add(Flush(e.family, e.protocol, "", e.orig_port_dst, e.reply_src))
     return sorted(out)
 

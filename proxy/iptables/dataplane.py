@@ -308,6 +308,7 @@ class IptablesDataPlane:
         render_s = 0.0
         for fam in families:
             rcfg = self.render_config(fam)
+            previous: RenderState | None
             if full:
                 previous = await self._full_previous(fam)
             else:

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import gc
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import repeat
 from operator import itemgetter
 from types import MappingProxyType
+from typing import Any
 
 from proxy.iptables.names import (
     endpoint_chain,
@@ -76,7 +77,9 @@ _NEW = ("-m", "conntrack", "--ctstate", "NEW")
 _NONE: frozenset[tuple[str, str]] = frozenset()
 
 
-def _jump(table: str, builtin: str, chain: str, comment: str, extra: tuple[str, ...] = ()):
+def _jump(
+    table: str, builtin: str, chain: str, comment: str, extra: tuple[str, ...] = ()
+) -> tuple[str, str, str, tuple[str, ...]]:
     return (table, builtin, chain, (*extra, "-m", "comment", "--comment", comment, "-j", chain))
 
 
@@ -155,7 +158,7 @@ class RenderConfig:
     nfacct_counters: frozenset[str] = frozenset()
 
 
-def _empty_map() -> Mapping:
+def _empty_map() -> Mapping[ServiceKey, Any]:
     return MappingProxyType({})
 
 
@@ -369,7 +372,7 @@ class _Renderer:
         ranges = [c for c in svc.load_balancer_source_ranges if ip_family(c) == fam]
         if any(c.endswith("/0") for c in ranges):
             ranges = []  # a zero CIDR allows everything, like no ranges at all
-        ports = svc.ports
+        ports: Sequence[PortSpec] = svc.ports
         if len(ports) > 1:
             ports = sorted(ports, key=lambda p: (p.port, p.protocol))
         names: list[str] = []
@@ -723,7 +726,7 @@ def _dispatch(
 # -- render -----------------------------------------------------------------------------
 
 
-def _chain_inputs(cfg: RenderConfig) -> tuple:
+def _chain_inputs(cfg: RenderConfig) -> tuple[object, ...]:
     """The config that per-Service chains depend on. Other settings (marks, NodePort
     addresses, local IPs, …) only touch top-level chains, which every render rewrites."""
     return (
@@ -802,7 +805,7 @@ def _render(
         eps = endpoints.get(key)
         f = old.get(key)
         fresh = f is None or not _same(f, svc, eps) or key in changed
-        if fresh:
+        if f is None or fresh:
             f = r.plan(svc, eps)
             if f is None:
                 continue
@@ -871,7 +874,7 @@ def _render(
         owned = set(TOP_CHAINS)
         for names in service_chains.values():
             owned |= names
-        stale = (previous.chains - owned) if previous is not None else set()
+        stale: Iterable[tuple[str, str]] = previous.chains - owned if previous else ()
     else:
         assert previous is not None
         removed: set[tuple[str, str]] = set()
@@ -882,7 +885,7 @@ def _render(
         for k in prev_names:
             if k not in new_frags:  # Service gone (or no longer proxied)
                 removed |= prev_names[k]
-        owned = (previous.chains - removed) | added | TOP_CHAINS
+        owned = set((previous.chains - removed) | added | TOP_CHAINS)
         stale = removed - owned
     stale_by_table: dict[str, list[str]] = {}
     for table, chain in sorted(stale):

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from proxy.config import Config, UsageError
+from proxy.dataplane import LARGE_MODEL
 from proxy.endpoints.store import Snapshot
 from proxy.handover import steer_to_newest, steer_to_oldest
 from proxy.model import UNKNOWN_NODE, Model, NodeInfo, PortSpec, Service
@@ -262,7 +263,12 @@ class UserspaceDataPlane:
                 loopback=self.cfg.localhost_nodeports,
             )
             self.addrs.owned = set(ours)
-        desired, problems = self.plan.desired(model.services, self.node_ips)
+        if len(model.services) >= LARGE_MODEL:  # O(Services): not on the loop
+            desired, problems = await asyncio.to_thread(
+                self.plan.desired, model.services, self.node_ips
+            )
+        else:
+            desired, problems = self.plan.desired(model.services, self.node_ips)
         for key, msg in problems:
             self._once(("problem", key, msg), msg, "%s/%s: %s", key[0], key[1], msg)
 

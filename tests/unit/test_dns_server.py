@@ -100,6 +100,9 @@ def test_answers_over_udp_and_tcp_and_tracks_updates() -> None:
         srv.update(model("198.19.0.77"))
         rec = await udp(srv.address, query(f"web.default.svc.{Z}"))
         assert str(rec.rr[0].rdata) == "198.19.0.77"
+        await srv.follow(model("198.19.0.78"))  # the daemon's way: indexing off the loop
+        rec = await udp(srv.address, query(f"web.default.svc.{Z}"))
+        assert str(rec.rr[0].rdata) == "198.19.0.78"
 
     with_server(body)
 

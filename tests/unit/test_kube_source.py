@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import socket
 import threading
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from proxy.config import Config, UsageError
-from proxy.endpoints.kube import NOT_IN_POD, Backoff, KubeSource
+from proxy.endpoints.kube import NOT_IN_POD, Backoff, KubeSource, decode_list
 from proxy.endpoints.store import ENDPOINT_SLICE, SERVICE, Store
 from proxy.model import Model
 from proxy.testbed import apiserver
@@ -214,11 +215,12 @@ def test_expired_version_relists_and_drops_what_vanished(env: Env) -> None:
     env.api.compact(keep_last=0)  # the outage outlived the history: resuming must 410
     env.api.drop_watches()
     env.api.release_watches()
-    wait_for(lambda: env.api.list_count("services") == 2, "a relist of Services")
+    # Both relists land in their own time (two threads): wait for each state asserted.
+    want = {("default", "stays"), ("default", "new")}
+    wait_for(lambda: set(model(env.store).services) == want, "the Service relist")
     wait_for(lambda: endpoint_ips(env.store, "new") == ["198.18.0.3"], "new endpoints")
-    m = model(env.store)
-    assert set(m.services) == {("default", "stays"), ("default", "new")}
-    assert m.endpoints_of(("default", "gone")).addresses == ()
+    wait_for(lambda: endpoint_ips(env.store, "gone") == [], "gone's endpoints dropped")
+    assert env.api.list_count("services") == 2
     assert env.api.list_count("endpointslices") == 2
     assert restarts("services", "expired") > expired
     # And after the relist it watches again: a later change still arrives.
@@ -332,19 +334,6 @@ def test_master_alone_needs_no_kubeconfig(env: Env) -> None:
     env.api.create(svc("web", "198.19.0.10"))
     env.synced(kubeconfig="", master=env.api.url)
     assert cluster_ip(env.store, "web") == "198.19.0.10"
-
-
-async def _await_synced(src: KubeSource) -> bool:
-    return await src.synced()
-
-
-def test_synced_can_be_awaited_from_the_event_loop(env: Env) -> None:
-    import asyncio
-
-    env.api.create(svc("web", "198.19.0.10"))
-    src = env.source()
-    src.start()
-    assert asyncio.run(_await_synced(src))
 
 
 # -- configuration errors ------------------------------------------------------------------
@@ -477,6 +466,59 @@ def test_relist_after_an_outage_does_not_wait_out_the_connection_backoff(env: En
         relist_delay = sleeps.delays[resource][sleeps.hold_after]
         assert relist_delay <= 0.6, sleeps.delays[resource]
     assert env.api.list_count("services") == 2
+
+
+# -- list decoding -------------------------------------------------------------------------
+
+LIST_ITEMS = [svc("a", "198.19.0.1"), eps("a-1", "a", ["198.18.0.1"]), {"x": [1, {"y": None}]}]
+
+
+@pytest.mark.parametrize("indent", [None, 0, 2])
+@pytest.mark.parametrize("items_first", [False, True])
+def test_decode_list_matches_json_loads(indent: int | None, items_first: bool) -> None:
+    doc: dict[str, Any] = {"kind": "ServiceList", "apiVersion": "v1"}
+    if items_first:
+        doc = {"items": LIST_ITEMS, **doc, "metadata": {"resourceVersion": "42"}}
+    else:
+        doc = {**doc, "metadata": {"resourceVersion": "42", "continue": ""}, "items": LIST_ITEMS}
+    body = json.dumps(doc, indent=indent).encode()
+    assert decode_list(body) == (LIST_ITEMS, "42")
+    assert decode_list(b" \n" + body + b"\n") == (LIST_ITEMS, "42")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"metadata": {"resourceVersion": "7"}, "items": []}',
+        b'{"metadata": {"resourceVersion": "7"}, "items": null}',
+        b'{"metadata": {"resourceVersion": "7"}}',
+    ],
+)
+def test_decode_list_empty(body: bytes) -> None:
+    assert decode_list(body) == ([], "7")
+
+
+def test_decode_list_keeps_only_objects() -> None:
+    body = b'{"metadata": {"resourceVersion": "7"}, "items": [{"a": 1}, 2, "x", null, {"b": 2}]}'
+    assert decode_list(body) == ([{"a": 1}, {"b": 2}], "7")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[]",
+        b"",
+        b'{"items": []}',  # no resourceVersion
+        b'{"metadata": {"resourceVersion": "7"}, "items": [{"a": 1}',  # truncated
+        b'{"metadata": {"resourceVersion": "7"}, "items": [{"a": 1} {"b": 2}]}',
+        b'{"metadata": {"resourceVersion": "7"} "items": []}',
+        b'{"metadata": {"resourceVersion": "7"}, "items": {"a": 1}}',
+        b'{"metadata" {"resourceVersion": "7"}}',
+    ],
+)
+def test_decode_list_rejects_what_is_not_a_list(body: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_list(body)
 
 
 # -- this node's own Node ------------------------------------------------------------------
