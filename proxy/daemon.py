@@ -13,7 +13,7 @@ import dataclasses
 import ipaddress
 import logging
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.config import Config, PrivilegeError, UsageError, describe
 from proxy.dataplane import DataPlane, NoDataPlane
@@ -21,10 +21,13 @@ from proxy.endpoints.store import Snapshot, Store
 from proxy.health import HealthServer, HealthState, ServiceHealthServers
 from proxy.sync import SyncRunner
 
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
+
 log = logging.getLogger("proxy")
 
 
-def make_dataplane(cfg: Config) -> DataPlane:
+def make_dataplane(cfg: Config, api_client: ApiClient | None = None) -> DataPlane:
     if cfg.proxy_mode == "iptables":
         from proxy.iptables.dataplane import IptablesDataPlane
 
@@ -32,7 +35,7 @@ def make_dataplane(cfg: Config) -> DataPlane:
     if cfg.proxy_mode == "userspace":
         from proxy.userspace.dataplane import UserspaceDataPlane
 
-        return UserspaceDataPlane(cfg)
+        return UserspaceDataPlane(cfg, api_client)
     return NoDataPlane()
 
 
@@ -92,7 +95,7 @@ async def run(cfg: Config) -> int:
     source = make_source(cfg, store)
     if hasattr(source, "check"):
         source.check()
-    dataplane = make_dataplane(cfg)
+    dataplane = make_dataplane(cfg, source.api_client)
 
     health = HealthState(timeout=2 * cfg.sync_period)
     health_server = HealthServer(health)

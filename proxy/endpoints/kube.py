@@ -386,6 +386,10 @@ class KubeSource:
     def host(self) -> str:
         return str(self._conf.host)
 
+    @property
+    def api_client(self) -> k8s.ApiClient:
+        return self._api
+
     def start(self) -> None:
         if self._started:
             return

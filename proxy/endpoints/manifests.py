@@ -85,6 +85,10 @@ class ManifestsSource:
         self._sig: tuple | None = None
         self._good: dict[str, list[dict]] = {}  # file → its last good objects
 
+    @property
+    def api_client(self) -> None:
+        return None  # no API server behind this source
+
     def start(self) -> None:
         self.reload()
         self._thread = threading.Thread(target=self._run, name="manifests", daemon=True)

@@ -22,11 +22,11 @@ import resource
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.config import Config, UsageError
 from proxy.endpoints.store import Snapshot
-from proxy.model import Model, PortSpec, Service, usable_endpoints
+from proxy.model import Endpoint, Model, PortSpec, Service, usable_endpoints
 from proxy.userspace import metrics as umetrics
 from proxy.userspace.addresses import AddressOwner, pick_node_addresses
 from proxy.userspace.backend import Backend
@@ -41,8 +41,12 @@ from proxy.userspace.listeners import (
     listen_error,
     open_listener,
 )
+from proxy.userspace.portforward import ApiTarget, Forwarder, probe_direct, tunnel_key
 from proxy.userspace.tcp import ENGINES, TcpEngine, TcpListener
 from proxy.userspace.udp import UdpListener
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
 
 log = logging.getLogger("proxy.userspace")
 
@@ -90,8 +94,9 @@ def _port_spec(svc: Service, t: Target) -> PortSpec | None:
 class UserspaceDataPlane:
     name = "userspace"
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, api_client: ApiClient | None = None) -> None:
         self.cfg = cfg
+        self.api = api_client  # the API server the source watches (None: --manifests)
         self.laptop = laptop_mode(cfg)
         self.rewriter = LaptopRewriter(offset=cfg.userspace_port_offset) if self.laptop else None
         self.plan = Plan(any_family=self.laptop)
@@ -107,6 +112,9 @@ class UserspaceDataPlane:
         self._logged: dict[Any, str] = {}  # what is currently broken → reason (log once)
         self._empty: set[Target] = set()  # backends with no usable endpoint (logged)
         self._synced_once = False
+        # How endpoints are reached: "direct", "port-forward", or "" until auto has probed.
+        self.access = ""
+        self.forwarder: Forwarder | None = None
 
     # -- DNS hook (daemon.py): the model as served, in laptop mode -----------------------------
 
@@ -149,7 +157,69 @@ class UserspaceDataPlane:
                 ) from None
             log.info("node mode: Service addresses owned via %s", kind)
         log.info("userspace TCP engine %s, open files limit %d", self.tcp.engine, soft)
+        await self._start_access()
         self._sweeper = loop.create_task(self._sweep_loop(), name="userspace-sweeper")
+
+    async def _start_access(self) -> None:
+        """--userspace-endpoint-access: decide now, or probe at the first endpoints (auto)."""
+        want = self.cfg.userspace_endpoint_access
+        if want == "port-forward" and self.api is None:
+            raise UsageError(
+                "--userspace-endpoint-access=port-forward goes through the API server: "
+                "use --kubeconfig (or run in a pod), not --manifests"
+            )
+        if want == "direct" or self.api is None:
+            why = "requested" if want == "direct" else "no API server"
+            await self._use_access("direct", why)
+        elif want == "port-forward":
+            await self._use_access("port-forward", "requested")
+        elif not self.laptop:
+            await self._use_access("direct", "node mode: pod IPs are routed here")
+        else:
+            log.info("endpoint access auto: probing the first endpoints")
+
+    async def _use_access(self, access: str, why: str) -> None:
+        self.access = access
+        if access == "direct":
+            log.info("endpoint access: direct (%s)", why)
+            return
+        assert self.api is not None and self.tcp is not None
+        tcp = self.tcp
+        target = ApiTarget.from_configuration(self.api.configuration)
+
+        def count(n: int) -> None:
+            tcp.nfds += n
+
+        self.forwarder = Forwarder(target, asyncio.get_running_loop(), count_fds=count)
+        await self.forwarder.start()
+        tcp.forwarder = self.forwarder
+        umetrics.GLOBAL.tunnels = self.forwarder.stats
+        log.info(
+            "endpoint access: port-forward through the API server at %s (%s); TCP only, "
+            "UDP Service ports are not served",
+            target.url,
+            why,
+        )
+
+    async def _probe_access(self, model: Model) -> None:
+        """auto: direct when a few endpoints answer a TCP connect, else port-forward."""
+        sample: dict[str, tuple[str, int]] = {}
+        for eps in model.endpoints.values():
+            for (_, proto), lst in eps.ports.items():
+                for e in lst:
+                    if proto == "TCP" and e.ready and e.ip not in sample:
+                        sample[e.ip] = (e.ip, e.port)
+                if len(sample) >= 5:
+                    break
+            if len(sample) >= 5:
+                break
+        if not sample:
+            return  # nothing to probe yet: decide at a later sync
+        reachable, seen = await probe_direct(list(sample.values()))
+        if reachable:
+            await self._use_access("direct", f"auto: endpoints answer directly ({seen})")
+        else:
+            await self._use_access("port-forward", f"auto: endpoints unreachable ({seen})")
 
     async def stop(self) -> None:
         """Close listeners and connections; Service addresses stay (like rules do)."""
@@ -167,6 +237,8 @@ class UserspaceDataPlane:
                 c.close()
         if self.tcp is not None:
             self.tcp.close()
+        if self.forwarder is not None:
+            await self.forwarder.close()
         self._update_gauges()
         await self._close_netlink()
 
@@ -208,11 +280,21 @@ class UserspaceDataPlane:
             self.foreign_ips = set(local)
             self.node_ips = pick_node_addresses(local, self.cfg.nodeport_addresses)
             self.addrs.owned = set(ours)
+        fresh = not self._synced_once
+        if not self.access:
+            await self._probe_access(model)
+            fresh = fresh or bool(self.access)  # decided now: every backend follows it
         desired, problems = self.plan.desired(model.services, self.node_ips)
         for key, msg in problems:
             self._once(("problem", key, msg), msg, "%s/%s: %s", key[0], key[1], msg)
+        if self.forwarder is not None:
+            desired = self._tcp_only(desired)
 
-        wanted = self._sync_backends(model, desired, snap.changed, full or not self._synced_once)
+        wanted = self._sync_backends(model, desired, snap.changed, full or fresh)
+        if self.forwarder is not None and (full or snap.changed or not self._synced_once):
+            self.forwarder.retain(
+                tunnel_key(e) for b in self.backends.values() for e in b.balancer.endpoints
+            )
 
         bad_ips: set[str] = set()
         release: set[str] = set()
@@ -276,6 +358,8 @@ class UserspaceDataPlane:
             usable = usable_endpoints(svc, eps, host, local_only=local)
             if t.family:
                 usable = tuple(e for e in usable if e.family == t.family)
+            if self.forwarder is not None:
+                usable = self._with_pods(t, usable)
             if b is None:
                 bal = Balancer(usable, affinity_timeout=float(svc.session_affinity_timeout))
                 b = self.backends[t] = Backend(t, bal, umetrics.stats_for(t.label, t.protocol))
@@ -294,6 +378,26 @@ class UserspaceDataPlane:
                 self._empty.discard(t)
                 log.info("%s/%s has %d endpoints again", t.label, t.protocol, len(usable))
         return wanted
+
+    def _tcp_only(self, desired: dict[ListenerKey, Target]) -> dict[ListenerKey, Target]:
+        """Port-forward carries TCP only: UDP Service ports are not served (logged once)."""
+        out = {}
+        for key, t in desired.items():
+            if key[2] == "TCP":
+                out[key] = t
+            else:
+                why = "UDP cannot be tunnelled through the API server's port-forward"
+                self._once(("udp", t.label), why, "%s/%s: not served: %s", t.label, key[2], why)
+        return out
+
+    def _with_pods(self, t: Target, usable: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
+        """Port-forward needs the Pod behind an endpoint (its targetRef)."""
+        with_pod = tuple(e for e in usable if e.pod)
+        if len(with_pod) < len(usable):
+            n = len(usable) - len(with_pod)
+            why = f"{n} endpoints have no Pod (targetRef): port-forward cannot reach them"
+            self._once(("nopod", t.label), why, "%s: %s", t.label, why)
+        return with_pod
 
     def _drop_backend(self, t: Target) -> None:
         b = self.backends.pop(t)
@@ -386,9 +490,13 @@ class UserspaceDataPlane:
         g.addresses = len(self.addrs.owned) if self.addrs is not None else 0
 
     def sweep(self, now: float) -> None:
-        """Idle TCP connections and UDP sessions out, expired affinity entries out."""
+        """Idle TCP connections and UDP sessions out, expired affinity entries out, warm
+        port-forward tunnels refreshed."""
         if self.tcp is not None:
             self.tcp.update_budget()
+        if self.forwarder is not None:
+            self.forwarder.sweep(now)
+            umetrics.GLOBAL.warm_tunnels = self.forwarder.warm
         tcp_idle = self.cfg.userspace_tcp_idle_timeout
         udp_idle = self.cfg.udp_idle_timeout
         for b in list(self.backends.values()):

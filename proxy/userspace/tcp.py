@@ -30,16 +30,22 @@ import resource
 import socket
 import struct
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.userspace.backend import Backend
 from proxy.userspace.balancer import ep_key
 from proxy.userspace.listeners import ListenerKey, fmt_key
 from proxy.userspace.metrics import GLOBAL
 
+if TYPE_CHECKING:
+    from proxy.userspace.portforward import Forwarder, Tunnel
+
 log = logging.getLogger("proxy.userspace.tcp")
 
 CONNECT_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
+# Through the API server's port-forward a tunnel costs an HTTP upgrade (over TLS, on a
+# real cluster) and the kubelet's dial: allow for a remote API server.
+TUNNEL_TIMEOUTS = (5.0, 5.0, 10.0, 10.0)
 ENGINES = ("auto", "splice", "copy")
 CONNECT_CHECK = 0.05  # seconds between checks of connect deadlines
 ACCEPT_BATCH = 64
@@ -112,6 +118,8 @@ class TcpEngine:
         # Connects in progress → deadline; one periodic check instead of a timer per connect.
         self.connecting: dict[TcpConn, float] = {}
         self._checking = False
+        # Endpoints through the API server's port-forward instead of connects (laptop).
+        self.forwarder: Forwarder | None = None
 
     # -- connect timeouts --------------------------------------------------------------------
 
@@ -331,6 +339,7 @@ class TcpConn:
         "ep",
         "last",
         "tried",
+        "tunnel",
         "up",
         "watching",
     )
@@ -348,6 +357,7 @@ class TcpConn:
         self.up: Pump | None = None
         self.down: Pump | None = None
         self.closed = False
+        self.tunnel: Tunnel | asyncio.Task | None = None  # port-forward: the tunnel, or its opening
         self.last = _now()
         csock.setblocking(False)
         csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -371,6 +381,9 @@ class TcpConn:
             return
         self.ep = ep
         self.tried.append(ep_key(ep))
+        if eng.forwarder is not None:
+            self._open_tunnel(eng.forwarder)
+            return
         fam = socket.AF_INET6 if ":" in ep.ip else socket.AF_INET
         typ = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
         try:
@@ -417,10 +430,56 @@ class TcpConn:
         self._stop_watching()
         self._failed(errno.ETIMEDOUT)
 
-    def _failed(self, err: int) -> None:
-        self.bsock.close()
-        self.bsock = None
-        self.engine.nfds -= 1
+    # -- connect phase through the API server (port-forward) -----------------------------
+
+    def _open_tunnel(self, fwd: Forwarder) -> None:
+        key = (self.ep.pod, self.ep.port)
+        t = fwd.take(key)
+        if t is not None:  # warm: already settled, no round trip
+            self._attach(t)
+            return
+        timeout = TUNNEL_TIMEOUTS[min(self.attempt, len(TUNNEL_TIMEOUTS) - 1)]
+        task = fwd.loop.create_task(fwd.open(key, timeout))
+        task.add_done_callback(self._tunnel_opened)
+        self.tunnel = task
+
+    def _tunnel_opened(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        e = task.exception()
+        if self.closed:
+            if e is None:
+                task.result().close()
+            return
+        self.tunnel = None
+        if e is not None:
+            self._failed(errno.ECONNREFUSED, str(e))
+        else:
+            self._attach(task.result())
+
+    def _attach(self, t: Tunnel) -> None:
+        """Pump the client to one end of a socket pair; the tunnel carries the other."""
+        eng = self.engine
+        typ = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+        try:
+            a, b = socket.socketpair(socket.AF_UNIX, typ)
+        except OSError as e:
+            t.close()
+            if e.errno in FD_ERRORS:
+                eng.stop_accepting(f"tunnel for {self.backend.label}", e)
+            self.reject("fd_limit")
+            return
+        self.bsock = a
+        eng.nfds += 2  # `b` is the tunnel's from now on (it closes it)
+        self.tunnel = t
+        t.attach(self, b)
+        self._connected()
+
+    def _failed(self, err: int, why: str = "") -> None:
+        if self.bsock is not None:
+            self.bsock.close()
+            self.bsock = None
+            self.engine.nfds -= 1
         b = self.backend
         b.stats.connect_failures += 1
         ep = self.ep
@@ -430,7 +489,7 @@ class TcpConn:
                 "%s: endpoint %s failed (%s); skipping it for %gs",
                 b.label,
                 ep,
-                os.strerror(err),
+                why or os.strerror(err),
                 wait,
             )
         self.attempt += 1
@@ -464,6 +523,13 @@ class TcpConn:
         self.closed = True
         if self.bsock is not None:
             self._stop_watching()
+        if self.tunnel is not None:
+            if isinstance(self.tunnel, asyncio.Task):
+                self.tunnel.cancel()
+            else:
+                self.tunnel.close()
+                self.engine.nfds -= 1  # its end of the pair
+            self.tunnel = None
         for p in (self.up, self.down):
             if p is not None:
                 p.stop()
