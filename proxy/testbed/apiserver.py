@@ -59,6 +59,7 @@ from urllib.parse import parse_qs, urlsplit
 import yaml
 
 from proxy.testbed import portforward as pf
+from proxy.testbed import spdy
 
 log = logging.getLogger("proxy.testbed.apiserver")
 
@@ -632,29 +633,50 @@ class ApiServer:
             (self._conns.add if add else self._conns.discard)(conn)
 
     def serve_portforward(self, h: _Handler, ns: str, name: str, query: str) -> None:
-        """GET …/pods/NAME/portforward?ports=… with a WebSocket upgrade (kubelet's framing)."""
+        """…/pods/NAME/portforward, upgraded to the kubelet's WebSocket channels
+        (`v4.channel.k8s.io`, ports in the query), to SPDY/3.1 (kubectl), or to SPDY
+        tunnelled in WebSocket (`SPDY/3.1+portforward.k8s.io`, kubectl ≥ 1.31)."""
         pod = self.get("pods", ns, name)
         if pod is None:
             raise KeyError(f'pods "{name}" not found')
-        if "websocket" not in h.headers.get("Upgrade", "").lower():
+        upgrade = h.headers.get("Upgrade", "").lower()
+        if upgrade not in ("websocket", spdy.UPGRADE.lower()):
             h.send_status(400, "BadRequest", "Upgrade request required")
             return
-        ports = pf.ports_param(parse_qs(query, keep_blank_values=True).get("ports", []))
         ip = pf.pod_address(pod)
         if not ip:
             raise ValueError(f"pod {name} does not have a host assigned")
-        proto = pf.choose_protocol(h.headers.get("Sec-WebSocket-Protocol"))
-        key = h.headers.get("Sec-WebSocket-Key", "")
-        if proto is None or not key:
-            offered = h.headers.get("Sec-WebSocket-Protocol")
-            h.send_status(403, "Forbidden", f"requested protocol(s) are not supported: {offered}")
-            return
-        h.send_response(101, "Switching Protocols")
-        h.send_header("Upgrade", "websocket")
-        h.send_header("Connection", "Upgrade")
-        h.send_header("Sec-WebSocket-Accept", pf.accept_key(key))
-        if proto:
-            h.send_header("Sec-WebSocket-Protocol", proto)
+        uid = str((pod.get("metadata") or {}).get("uid", ""))
+        podname = f"{name}_{ns}"  # the kubelet names a Pod this way in its messages
+        if upgrade == "websocket":
+            supported = (*pf.SUPPORTED, spdy.TUNNEL_PROTOCOL)
+            proto = pf.choose_protocol(h.headers.get("Sec-WebSocket-Protocol"), supported)
+            ports = []
+            if proto != spdy.TUNNEL_PROTOCOL:
+                ports = pf.ports_param(parse_qs(query, keep_blank_values=True).get("ports", []))
+            key = h.headers.get("Sec-WebSocket-Key", "")
+            if proto is None or not key:
+                offered = h.headers.get("Sec-WebSocket-Protocol")
+                h.send_status(
+                    403, "Forbidden", f"requested protocol(s) are not supported: {offered}"
+                )
+                return
+            h.send_response(101, "Switching Protocols")
+            h.send_header("Upgrade", "websocket")
+            h.send_header("Connection", "Upgrade")
+            h.send_header("Sec-WebSocket-Accept", pf.accept_key(key))
+            if proto:
+                h.send_header("Sec-WebSocket-Protocol", proto)
+        else:
+            versions = [v.strip() for v in h.headers.get_all("X-Stream-Protocol-Version") or []]
+            if spdy.PROTOCOL not in ",".join(versions).split(","):
+                h.send_status(403, "Forbidden", f"unsupported stream protocols: {versions}")
+                return
+            proto, ports = spdy.UPGRADE, []
+            h.send_response(101, "Switching Protocols")
+            h.send_header("Connection", "Upgrade")
+            h.send_header("Upgrade", spdy.UPGRADE)
+            h.send_header("X-Stream-Protocol-Version", spdy.PROTOCOL)
         h.end_headers()
         h.wfile.flush()
         h.close_connection = True
@@ -664,9 +686,37 @@ class ApiServer:
             self.portforward_requests[f"{ns}/{name}"] += 1
             self._tunnels.add(conn)
         try:
+            if proto == spdy.UPGRADE:
+                session = spdy.SpdySession(
+                    lambda: h.rfile.read1(1 << 18),
+                    conn.sendall,
+                    podname,
+                    uid,
+                    ip,
+                    self.dial,
+                    grace=self.portforward_grace,
+                )
+                session.serve()
+                return
             ws = pf.ServerWebSocket(conn, h.rfile, proto == pf.V4_BASE64)
-            uid = str((pod.get("metadata") or {}).get("uid", ""))
-            pf.serve(ws, f"{name}_{ns}", uid, ip, ports, self.dial, grace=self.portforward_grace)
+            if proto == spdy.TUNNEL_PROTOCOL:
+
+                def read() -> bytes:
+                    try:
+                        while True:
+                            if data := ws.recv_message()[1]:  # empty ones carry nothing
+                                return data
+                    except pf.WsClosed:
+                        return b""
+
+                session = spdy.SpdySession(
+                    read, ws.send_message, podname, uid, ip, self.dial,
+                    grace=self.portforward_grace,
+                )  # fmt: skip
+                session.serve()
+                ws.close()
+                return
+            pf.serve(ws, podname, uid, ip, ports, self.dial, grace=self.portforward_grace)
         finally:
             with self._conns_lock:
                 self._tunnels.discard(conn)

@@ -118,10 +118,15 @@ class ServerWebSocket:
             raise WsClosed()
         return data
 
-    def recv(self) -> tuple[int, bytes]:
-        """The next data message as (channel, payload); raises WsClosed at the end."""
+    def send_message(self, data: bytes) -> None:
+        """One binary message (the SPDY tunnel's transport)."""
+        self._write(frame(OP_BINARY, data))
+
+    def recv_message(self) -> tuple[int, bytes]:
+        """The next data message as (opcode of its first frame, payload); raises WsClosed
+        at the end. Control frames are answered here."""
         parts: list[bytes] = []
-        first_op = None
+        first_op = OP_BINARY
         while True:
             b0, b1 = self._read_exact(2)
             op, n = b0 & 0x0F, b1 & 0x7F
@@ -147,11 +152,14 @@ class ServerWebSocket:
                 first_op = op
             parts.append(payload)
             if b0 & 0x80:
-                break
-        data = b"".join(parts)
+                return first_op, b"".join(parts)
+
+    def recv(self) -> tuple[int, bytes]:
+        """The next channel message as (channel, payload); (-1, b"") for an empty one."""
+        op, data = self.recv_message()
         if not data:
             return -1, b""
-        if self.b64 or first_op == OP_TEXT:
+        if self.b64 or op == OP_TEXT:
             return data[0] - 0x30, base64.b64decode(data[1:]) if self.b64 else data[1:]
         return data[0], data[1:]
 

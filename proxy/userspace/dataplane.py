@@ -501,7 +501,7 @@ class UserspaceDataPlane:
         udp_idle = self.cfg.udp_idle_timeout
         for b in list(self.backends.values()):
             if tcp_idle > 0 and b.conns:
-                for c in [c for c in b.conns if c.up is not None and now - c.last > tcp_idle]:
+                for c in [c for c in b.conns if c.established and now - c.last > tcp_idle]:
                     log.debug("%s: closing connection idle for %.0fs", b.label, now - c.last)
                     c.close()
             for u in b.udp:

@@ -458,22 +458,13 @@ class TcpConn:
             self._attach(task.result())
 
     def _attach(self, t: Tunnel) -> None:
-        """Pump the client to one end of a socket pair; the tunnel carries the other."""
-        eng = self.engine
-        typ = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
-        try:
-            a, b = socket.socketpair(socket.AF_UNIX, typ)
-        except OSError as e:
-            t.close()
-            if e.errno in FD_ERRORS:
-                eng.stop_accepting(f"tunnel for {self.backend.label}", e)
-            self.reject("fd_limit")
-            return
-        self.bsock = a
-        eng.nfds += 2  # `b` is the tunnel's from now on (it closes it)
+        """The tunnel carries the client's bytes itself (no pumps: see portforward.py)."""
+        b = self.backend
+        if b.balancer.succeeded(self.ep):
+            log.info("%s: endpoint %s answers again", b.label, self.ep)
+        self.tried = None
         self.tunnel = t
-        t.attach(self, b)
-        self._connected()
+        t.attach(self)
 
     def _failed(self, err: int, why: str = "") -> None:
         if self.bsock is not None:
@@ -498,6 +489,11 @@ class TcpConn:
             self.connect()
         else:
             self.reject("endpoints_failed")
+
+    @property
+    def established(self) -> bool:
+        """Connected to an endpoint (or tunnel), bytes flowing."""
+        return self.tried is None
 
     def _connected(self) -> None:
         b = self.backend
@@ -528,7 +524,6 @@ class TcpConn:
                 self.tunnel.cancel()
             else:
                 self.tunnel.close()
-                self.engine.nfds -= 1  # its end of the pair
             self.tunnel = None
         for p in (self.up, self.down):
             if p is not None:

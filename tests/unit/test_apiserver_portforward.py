@@ -3,6 +3,8 @@
 `kubernetes.stream.portforward` is the reference client of the kubelet's WebSocket framing
 (v4.channel.k8s.io): it checks the 2-byte port prefix on each channel's first message and
 reads errors from the error channel, so a framing mistake here fails these tests.
+The SPDY/3.1 variant (what kubectl speaks) is checked with a client written here from
+the protocol; bench/portforward_bench.py runs the real kubectl through it.
 Backends are threads on 127.0.0.1 and the Pods' podIP is 127.0.0.1: no root needed.
 """
 
@@ -14,6 +16,7 @@ import os
 import socket
 import struct
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -24,6 +27,7 @@ from kubernetes.stream import portforward
 
 from proxy.testbed.apiserver import ApiServer, wait_for
 from proxy.testbed.portforward import choose_protocol, ports_param, unmask
+from proxy.testbed.spdy import DICTIONARY
 
 
 def pod(name: str, ip: str = "127.0.0.1", ns: str = "default") -> dict:
@@ -247,3 +251,115 @@ def test_ports_parameter_and_unmasking() -> None:
     mask = b"\x01\x02\x03\x04"
     assert unmask(unmask(data, mask), mask) == data
     assert unmask(b"\x00" * 5, mask) == mask + mask[:1]
+
+
+# -- SPDY/3.1 (kubectl port-forward) ----------------------------------------------------------
+
+
+class SpdyClient:
+    """The client side of a SPDY port-forward session, as client-go's portforward does it:
+    per forwarded connection an error stream and a data stream with `streamtype`, `port`
+    and `requestid` headers, each answered by a SYN_REPLY."""
+
+    def __init__(self, api: ApiServer, pod_name: str = "web") -> None:
+        self.sock = socket.create_connection(api.address, timeout=10)
+        self.sock.sendall(
+            f"POST /api/v1/namespaces/default/pods/{pod_name}/portforward HTTP/1.1\r\n"
+            "Host: x\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+            "X-Stream-Protocol-Version: portforward.k8s.io\r\nContent-Length: 0\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.sock.recv(1)
+        self.status = int(head.split()[1])
+        self.response = head.decode()
+        self.deflate = zlib.compressobj(zdict=DICTIONARY)
+        self.inflate = zlib.decompressobj(zdict=DICTIONARY)
+        self.next_id = 1
+
+    def _control(self, typ: int, flags: int, body: bytes) -> None:
+        self.sock.sendall(struct.pack(">HHI", 0x8003, typ, flags << 24 | len(body)) + body)
+
+    def open(self, kind: str, port: int, request: int) -> int:
+        sid, self.next_id = self.next_id, self.next_id + 2
+        hdrs = {"streamtype": kind, "port": str(port), "requestid": str(request)}
+        raw = struct.pack(">I", len(hdrs)) + b"".join(
+            struct.pack(">I", len(k)) + k.encode() + struct.pack(">I", len(v)) + v.encode()
+            for k, v in hdrs.items()
+        )
+        block = self.deflate.compress(raw) + self.deflate.flush(zlib.Z_SYNC_FLUSH)
+        self._control(1, 0, struct.pack(">IIH", sid, 0, 0) + block)
+        return sid
+
+    def data(self, sid: int, payload: bytes, fin: bool = False) -> None:
+        self.sock.sendall(struct.pack(">II", sid, (1 if fin else 0) << 24 | len(payload)) + payload)
+
+    def frame(self) -> tuple[str, int, int, bytes]:
+        """(kind, stream or control type, flags, body); SYN_REPLY headers inflated."""
+        w0, w1 = struct.unpack(">II", recv_exactly(self.sock, 8))
+        body = recv_exactly(self.sock, w1 & 0xFFFFFF)
+        if w0 & 0x80000000:
+            typ = w0 & 0xFFFF
+            if typ == 2:
+                self.inflate.decompress(body[4:])
+                return "control", typ, w1 >> 24, body[:4]
+            return "control", typ, w1 >> 24, body
+        return "data", w0, w1 >> 24, body
+
+
+def test_spdy_upgrade_as_kubectl_uses_it(api: ApiServer) -> None:
+    be = Backend(greet_echo(b"spdy"))
+    try:
+        c = SpdyClient(api)
+        assert c.status == 101 and "X-Stream-Protocol-Version: portforward.k8s.io" in c.response
+        err, data = c.open("error", be.port, 0), c.open("data", be.port, 0)
+        c.data(err, b"", fin=True)  # kubectl closes its side of the error stream at once
+        replies = {struct.unpack(">I", c.frame()[3])[0] for _ in range(2)}
+        assert replies == {err, data}
+        c._control(6, 0, struct.pack(">I", 7))  # PING is echoed
+        seen, got = [], b""
+        while got != b"spdy\nhello":
+            kind, sid, flags, body = c.frame()
+            seen.append((kind, sid))
+            if kind == "data" and sid == data:
+                got += body
+                if got == b"spdy\n":
+                    c.data(data, b"hello")
+        assert ("control", 6) in seen
+        c.data(data, b"", fin=True)  # done: the Pod connection is closed after the grace
+        fins = set()
+        while fins != {err, data}:
+            kind, sid, flags, body = c.frame()
+            if kind == "data" and flags & 1:
+                fins.add(sid)
+        c.sock.close()
+        assert api.portforward_requests["default/web"] == 1
+    finally:
+        be.close()
+
+
+def test_spdy_refused_port_is_written_to_the_error_stream(api: ApiServer) -> None:
+    free = socket.create_server(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    c = SpdyClient(api)
+    err, data = c.open("error", port, 5), c.open("data", port, 5)
+    message, fins = b"", set()
+    while fins != {err, data}:
+        kind, sid, flags, body = c.frame()
+        if kind == "data" and sid == err:
+            message += body
+        if kind == "data" and flags & 1:
+            fins.add(sid)
+    assert message.startswith(f"error forwarding port {port} to pod web_default".encode())
+    assert b"Connection refused" in message
+    c.sock.close()
+
+
+def test_spdy_dictionary_is_spdy3s() -> None:
+    # The preset dictionary must be byte-exact: zlib stores its checksum in every header
+    # block, and kubectl's inflater refuses a mismatch.
+    assert len(DICTIONARY) == 1423
+    assert hashlib.sha256(DICTIONARY).hexdigest() == (
+        "51d27341373f923f3cd88e1eb7162aeaa3723d7585ff2399201dc06498407f02"
+    )
