@@ -235,6 +235,7 @@ class UserspaceDataPlane:
         for b in self.backends.values():
             for c in list(b.conns):
                 c.close()
+            umetrics.drop_stats(b.label, b.target.protocol)  # the next data plane starts at 0
         if self.tcp is not None:
             self.tcp.close()
         if self.forwarder is not None:
