@@ -76,7 +76,7 @@ class DnsServer:
         )
         STATS.gauges["kubeproxy_dns_tcp_connections"] = (
             "Open DNS-over-TCP client connections",
-            lambda: len(self._tcp.writers),
+            lambda: len(self._tcp.conns),
         )
         STATS.gauges["kubeproxy_dns_fast_entries"] = (
             "Precomputed answers for the current model",

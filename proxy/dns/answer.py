@@ -205,22 +205,24 @@ class Zone:
         return h
 
     def reverse(self) -> dict[str, list[Labels]]:
-        """address → PTR targets: ClusterIPs, else ready endpoints of headless Services."""
+        """address → PTR targets (each once): ClusterIPs, else ready endpoints of headless
+        Services."""
         if self._reverse is None:
-            svc_ptr: dict[str, list[Labels]] = {}
-            ep_ptr: dict[str, list[Labels]] = {}
+            svc_ptr: dict[str, dict[Labels, None]] = {}
+            ep_ptr: dict[str, set[Labels]] = {}
             z = self.labels
             for svc in self.services.values():
                 base = (svc.name.encode(), svc.namespace.encode(), b"svc", *z)
                 for ip in svc.cluster_ips:
-                    svc_ptr.setdefault(ip, []).append(base)
+                    svc_ptr.setdefault(ip, {})[base] = None
                 if svc.headless and svc.type != "ExternalName":
                     for ip, host in self.headless(svc).host_of.items():
-                        ep_ptr.setdefault(ip, []).append((host, *base))
-            for ip, names in ep_ptr.items():
-                if ip not in svc_ptr:  # a ClusterIP wins, as in CoreDNS
-                    svc_ptr[ip] = sorted(names)
-            self._reverse = svc_ptr
+                        ep_ptr.setdefault(ip, set()).add((host, *base))
+            rev = {ip: list(names) for ip, names in svc_ptr.items()}
+            for ip, eps in ep_ptr.items():
+                if ip not in rev:  # a ClusterIP wins, as in CoreDNS
+                    rev[ip] = sorted(eps)
+            self._reverse = rev
         return self._reverse
 
     # -- lookup --------------------------------------------------------------------------
@@ -285,9 +287,10 @@ class Zone:
         return self._rr(name, T_HINFO, RD(b"\x07RFC8482\x00"))
 
     def _addr_rrs(self, name: Labels, ips: Iterable[str], qtype: int) -> list[RR]:
+        """The A or AAAA RRset of `name`: one record per distinct address (RFC 2181 §5)."""
         if qtype == T_A:
-            return [self._rr(name, T_A, A(ip)) for ip in ips if ":" not in ip]
-        return [self._rr(name, T_AAAA, AAAA(ip)) for ip in ips if ":" in ip]
+            return [self._rr(name, T_A, A(ip)) for ip in dict.fromkeys(ips) if ":" not in ip]
+        return [self._rr(name, T_AAAA, AAAA(ip)) for ip in dict.fromkeys(ips) if ":" in ip]
 
     def _nodata(self, r: _Result) -> _Result:
         r.authority = [self.soa]
@@ -441,7 +444,12 @@ class Zone:
         return self._addresses(r, name, ips, qtype)
 
     def _srv_targets(self, svc: Service, pname: str, proto: str) -> list[tuple[int, Labels]]:
-        """(port, target) of the SRV records of one named port of a Service."""
+        """(port, target) of the SRV records of one named port of a Service, each once.
+
+        Endpoints sharing a hostname (a v4 and a v6 address of one pod, or two pods given
+        the same hostname) name one target: one record, as RFC 2181 §5 wants (and CoreDNS
+        answers); the target's addresses all go to the additional section.
+        """
         port = next((p for p in svc.ports if p.name == pname and p.protocol == proto), None)
         if port is None or svc.type == "ExternalName":
             return []
@@ -450,12 +458,12 @@ class Zone:
             return [(port.port, base)]
         assert self.model is not None
         hl = self.headless(svc)
-        out = []
+        out: dict[tuple[int, Labels], None] = {}
         for ep in self.model.endpoints.get(svc.key, EMPTY_ENDPOINTS).for_port(port):
             host = hl.host_of.get(ep.ip)
             if host is not None:
-                out.append((ep.port, (host, *base)))
-        return out
+                out[(ep.port, (host, *base))] = None
+        return list(out)
 
     def _srv_exists(self, svc: Service, pname: str, proto: str) -> bool:
         return bool(self._srv_targets(svc, pname, proto))

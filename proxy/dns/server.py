@@ -16,6 +16,7 @@ import socket
 import struct
 import time
 from bisect import bisect_left
+from collections import OrderedDict
 from collections.abc import Coroutine
 from typing import Any
 
@@ -29,11 +30,9 @@ from .wire import (
     EV_EDNS_DO,
     EV_NONE,
     OPT,
-    PLAIN_COUNTS,
     QTYPE_NAMES,
     RCODE_NAMES,
     TCP_MAX,
-    UDP_CLASSIC,
     UDP_MAX,
     Entry,
     encode_name,
@@ -104,23 +103,16 @@ class Handler:
     # -- the hot path ----------------------------------------------------------------------
 
     def handle(self, data: bytes, tcp: bool = False) -> Result:
+        """The reply bytes, None (send nothing), or a coroutine that yields the reply.
+
+        This is the one fast path, for UDP and TCP alike: a plain query (wire.parse_fast)
+        whose question has a template or a cached upstream answer is served by patching
+        bytes, with no dnslib object. Everything else takes the slow path, which is also
+        what makes the templates.
+        """
         t0 = _monotonic()
         if data.__class__ is not bytes:
             data = bytes(data)
-        n = len(data)
-        # The most common query inlined (wire.parse_fast without EDNS), to save the calls
-        # and the tuple: no EDNS, answer in the template cache and within 512 octets.
-        if n > 16 and data[11] == 0 and not data[2] & 0xFA and data[4:11] == PLAIN_COUNTS:
-            e = self.fast.get(data[12 : n - 4].lower() + data[n - 4 :] + b"\x00")
-            if e is not None and e.__class__ is Entry and (e.size <= UDP_CLASSIC or tcp):
-                out = data[:2] + e.heads[(data[2] & 1) | ((data[3] >> 3) & 2)] + data[12:] + e.tail
-                dt = _monotonic() - t0
-                q = self._queries
-                mk = e.mkey
-                q[mk] = q.get(mk, 0) + 1
-                self._zone_hist[0 if dt < _B0 else bisect_left(BUCKETS, dt)] += 1
-                self._sums[0] += dt
-                return out
         fp = parse_fast(data)
         if fp is not None:
             key, qe, ev, limit = fp
@@ -143,34 +135,28 @@ class Handler:
         limit: int,
         t0: float,
     ) -> Result:
-        """Answer from a template, or via the forwarder for a forward marker."""
-        if e.__class__ is Entry:
-            out = e.serve(qid, fidx, question, limit)  # type: ignore[union-attr]
-            self.stats.query(e.mkey, "zone", _monotonic() - t0)  # type: ignore[union-attr]
-            return out
-        return self._forward(key, e, ev, qid, fidx, question, limit, t0)  # type: ignore[arg-type]
-
-    def _forward(
-        self,
-        key: bytes,
-        f: _Fwd,
-        ev: int,
-        qid: bytes,
-        fidx: int,
-        question: bytes,
-        limit: int,
-        t0: float,
-    ) -> Result:
-        ukey = key[:-1] + bytes(((ev == EV_EDNS_DO) | (fidx & 2),))
-        now = _monotonic()
-        ce = self.fwd.get(ukey, now)
-        if ce is not None:
+        """Answer from a template, or from the upstream cache for a forward marker, else
+        ask upstream."""
+        hist, si = self._zone_hist, 0
+        if e.__class__ is not Entry:
+            f: _Fwd = e  # type: ignore[assignment]
+            ukey = key[:-1] + bytes(((ev == EV_EDNS_DO) | (fidx & 2),))
+            ce = self.fwd.get(ukey, t0)
+            if ce is None:
+                return self._upstream(ukey, f, ev, qid, fidx, question, limit, t0)
             self.stats.cache_hits += 1
-            e = ce.entry(ev, now)
-            out = e.serve(qid, fidx, question, limit)
-            self.stats.query(e.mkey, "cache", _monotonic() - t0)
-            return out
-        return self._upstream(ukey, f, ev, qid, fidx, question, limit, t0)
+            e = ce.entry(ev, t0)
+            hist, si = self._cache_hist, 1
+        if e.size <= limit:  # type: ignore[union-attr]
+            out = qid + e.heads[fidx] + question + e.tail  # type: ignore[union-attr]
+        else:
+            out = e.serve(qid, fidx, question, limit)  # type: ignore[union-attr]
+        dt = _monotonic() - t0
+        q, mk = self._queries, e.mkey  # type: ignore[union-attr]
+        q[mk] = q.get(mk, 0) + 1
+        hist[0 if dt < _B0 else bisect_left(BUCKETS, dt)] += 1
+        self._sums[si] += dt
+        return out
 
     async def _upstream(
         self,
@@ -321,12 +307,8 @@ class UdpServer:
         self._loop.add_reader(self.sock.fileno(), self._readable)
 
     def _readable(self) -> None:
-        recv, send, h = self.sock.recvfrom, self.sock.sendto, self.h
-        # Handler.handle's first branch, inlined once more: this loop is the whole cost
-        # of a cached answer (no method call, locals instead of attributes).
-        fast, queries, hist, sums = h.fast, h._queries, h._zone_hist, h._sums
-        cache, chist, stats = h.fwd.cache, h._cache_hist, h.stats
-        mono, entry_cls = _monotonic, Entry
+        recv, send, handle = self.sock.recvfrom, self.sock.sendto, self.h.handle
+        stats = self.h.stats
         for _ in range(self.batch):
             try:
                 data, addr = recv(UDP_RECV)
@@ -334,46 +316,11 @@ class UdpServer:
                 return
             except OSError:
                 continue  # e.g. an ICMP error queued on the socket
-            t0 = mono()
-            n = len(data)
-            if n > 16 and data[11] == 0 and not data[2] & 0xFA and data[4:11] == PLAIN_COUNTS:
-                key = data[12 : n - 4].lower() + data[n - 4 :] + b"\x00"
-                e = fast.get(key)
-                if e is not None:
-                    if e.__class__ is not entry_cls:  # forwarded: the cache may have it
-                        ukey = key[:-1] + (b"\x02" if data[3] & 0x10 else b"\x00")
-                        ce = cache.get(ukey)
-                        e = None
-                        if ce is not None and ce.expires > t0:
-                            e = ce.entry(0, t0)
-                            cache.move_to_end(ukey)
-                        h_, si = chist, 1
-                    else:
-                        h_, si = hist, 0
-                    if e is not None and e.size <= UDP_CLASSIC:
-                        try:
-                            send(
-                                data[:2]
-                                + e.heads[(data[2] & 1) | ((data[3] >> 3) & 2)]  # type: ignore[union-attr]
-                                + data[12:]
-                                + e.tail,  # type: ignore[union-attr]
-                                addr,
-                            )
-                        except OSError:
-                            stats.drop("udp_send_failed")
-                        dt = mono() - t0
-                        if si:
-                            stats.cache_hits += 1
-                        mk = e.mkey  # type: ignore[union-attr]
-                        queries[mk] = queries.get(mk, 0) + 1
-                        h_[0 if dt < _B0 else bisect_left(BUCKETS, dt)] += 1
-                        sums[si] += dt
-                        continue
             try:
-                out = h.handle(data, False)
+                out = handle(data, False)
             except Exception:  # a bug must cost one answer, never the server
-                log.exception("DNS: internal error answering a %d-byte query", n)
-                h.stats.drop("internal_error")
+                log.exception("DNS: internal error answering a %d-byte query", len(data))
+                stats.drop("internal_error")
                 continue
             if out is None:
                 continue
@@ -381,11 +328,11 @@ class UdpServer:
                 try:
                     send(out, addr)  # type: ignore[arg-type]
                 except OSError:
-                    h.stats.drop("udp_send_failed")
+                    stats.drop("udp_send_failed")
                 continue
             if len(self.tasks) >= self.max_pending:
                 out.close()  # type: ignore[union-attr]
-                h.stats.drop("udp_pending_limit")
+                stats.drop("udp_pending_limit")
                 continue
             t = asyncio.ensure_future(self._later(out, addr))  # type: ignore[arg-type]
             self.tasks.add(t)
@@ -410,60 +357,146 @@ class UdpServer:
             t.cancel()
 
 
+def client_key(peer: Any) -> bytes:
+    """Whose connection this is, for the per-client limit: an IPv4 address, an IPv6 /64
+    (one host's share of a network; it can pick any address inside it)."""
+    host = peer[0] if isinstance(peer, tuple) and peer else ""
+    try:
+        if ":" in host:
+            return socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])[:8]
+        return socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        return b""
+
+
+class _Conn:
+    """One TCP client connection, as the server's limits see it."""
+
+    __slots__ = ("client", "closed", "deadline", "pending", "writer")
+
+    def __init__(self, client: bytes, writer: asyncio.StreamWriter) -> None:
+        self.client = client
+        self.writer = writer
+        self.pending: set[asyncio.Task] = set()  # answers being fetched upstream
+        self.deadline: asyncio.Timeout | None = None  # of the read in progress
+        self.closed = False
+
+
 class TcpServer:
-    """DNS over TCP (RFC 7766): pipelined queries, bounded connections and work."""
+    """DNS over TCP (RFC 7766): pipelined queries, bounded connections and work.
+
+    Connection slots are what an idle client can hoard (RFC 7766 §6.2.3, §10), so:
+    - one client (an IPv4 address, an IPv6 /64) holds at most `max_per_client` of them;
+    - once more than half of `max_connections` are open, the idle timeout drops from
+      `idle_timeout` to `busy_idle_timeout`, for the reads already waiting too (unbound
+      shrinks its tcp-idle-timeout under pressure the same way);
+    - when every slot is taken, a new connection displaces the least recently active one
+      that has no answer in progress (unbound and BIND shed idle connections likewise);
+      only when every connection is busy is the new one refused.
+    """
 
     def __init__(
         self,
         handler: Handler,
         *,
         max_connections: int = 256,
+        max_per_client: int = 32,
         idle_timeout: float = 10.0,
+        busy_idle_timeout: float = 0.5,
         max_pending: int = 32,
         write_buffer: int = 256 << 10,
     ) -> None:
         self.h = handler
         self.max_connections = max_connections
+        self.max_per_client = max_per_client
         self.idle_timeout = idle_timeout
+        self.busy_idle_timeout = busy_idle_timeout
         self.max_pending = max_pending
         self.write_buffer = write_buffer
-        self.clients: set[asyncio.Task] = set()
-        self.writers: set[asyncio.StreamWriter] = set()
+        # Open connections, least recently active first (a query read or sent moves one
+        # to the end): the shedding order.
+        self.conns: OrderedDict[_Conn, asyncio.Task] = OrderedDict()
+        self.per_client: dict[bytes, int] = {}
+        self.busy = False
 
-    async def client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self.writers) >= self.max_connections:
-            self.h.stats.drop("tcp_connection_limit")
-            writer.close()
-            return
+    def _admit(self, conn: _Conn) -> str | None:
+        """Take a slot for `conn`, shedding an idle connection if need be; else why not."""
+        if self.per_client.get(conn.client, 0) >= self.max_per_client:
+            return "tcp_client_limit"
+        if len(self.conns) >= self.max_connections:
+            victim = next((c for c in self.conns if not c.pending), None)
+            if victim is None:
+                return "tcp_connection_limit"
+            self._release(victim)
+            victim.writer.close()  # its reader sees EOF; its task ends by itself
+            self.h.stats.drop("tcp_shed_idle")
         task = asyncio.current_task()
         assert task is not None
-        self.clients.add(task)
-        self.writers.add(writer)
-        pending: set[asyncio.Task] = set()
+        self.conns[conn] = task
+        self.per_client[conn.client] = self.per_client.get(conn.client, 0) + 1
+        self._pressure()
+        return None
+
+    def _release(self, conn: _Conn) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        del self.conns[conn]
+        left = self.per_client[conn.client] - 1
+        if left:
+            self.per_client[conn.client] = left
+        else:
+            del self.per_client[conn.client]
+        self._pressure()
+
+    def _pressure(self) -> None:
+        """Switch between the normal and the busy idle timeout as slots fill and free."""
+        busy = len(self.conns) * 2 > self.max_connections
+        if busy and not self.busy:  # cut the waits already running short as well
+            when = asyncio.get_running_loop().time() + self.busy_idle_timeout
+            for c in self.conns:
+                d = c.deadline
+                if d is not None and (d.when() or when) > when:
+                    d.reschedule(when)
+        self.busy = busy
+
+    async def client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = _Conn(client_key(writer.get_extra_info("peername")), writer)
+        refused = self._admit(conn)
+        if refused is not None:
+            self.h.stats.drop(refused)
+            writer.close()
+            return
         try:
-            await self._serve(reader, writer, pending)
+            await self._serve(reader, writer, conn)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
         finally:
-            if pending:  # let answers already being fetched reach the client
+            pending = conn.pending
+            if pending and not conn.closed:  # let answers being fetched reach the client
                 with contextlib.suppress(Exception):
                     await asyncio.wait(pending, timeout=self.idle_timeout)
             for t in pending:
                 t.cancel()
-            self.writers.discard(writer)
-            self.clients.discard(task)
+            self._release(conn)
             writer.close()
 
     async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pending: set
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Conn
     ) -> None:
-        while True:
+        pending = conn.pending
+        while not conn.closed:
             if len(pending) >= self.max_pending:  # stop reading until one is answered
                 await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 continue
-            async with asyncio.timeout(self.idle_timeout):
+            timeout = self.busy_idle_timeout if self.busy else self.idle_timeout
+            async with asyncio.timeout(timeout) as conn.deadline:
                 n = int.from_bytes(await reader.readexactly(2), "big")
                 msg = await reader.readexactly(n)
+            conn.deadline = None
+            if conn.closed:  # shed while the message was arriving
+                return
+            self.conns.move_to_end(conn)
             try:
                 out = self.h.handle(msg, True)
             except Exception:
@@ -494,7 +527,8 @@ class TcpServer:
             writer.write(len(out).to_bytes(2, "big") + out)
 
     async def close(self) -> None:
-        for t in list(self.clients):
+        tasks = list(self.conns.values())
+        for t in tasks:
             t.cancel()
-        if self.clients:
-            await asyncio.wait(list(self.clients), timeout=2)
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)

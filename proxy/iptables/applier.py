@@ -17,6 +17,7 @@ and legacy prints a deprecation warning on every call.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -77,8 +78,9 @@ class Failure:
     line: int = 0  # 1-based line of the input, 0 when unknown
     table: str = ""
     chain: str = ""
-    rule: str = ""
+    rule: str = ""  # the input line (a rule, or "-X CHAIN"); "" for COMMIT/unknown
     reason: str = ""
+    referenced_by: tuple[str, ...] = ()  # rules elsewhere still jumping to `chain`
 
     def describe(self) -> str:
         where = []
@@ -93,25 +95,37 @@ class Failure:
             text += f": {self.reason}"
         if self.rule:
             text += f" [rule: {self.rule[:200]}]"
+        if self.referenced_by:
+            refs = "; ".join(r[:200] for r in self.referenced_by[:3])
+            more = len(self.referenced_by) - 3
+            text += f" [still referenced by: {refs}{f' and {more} more' if more > 0 else ''}]"
         return text
 
 
-_LINE_RES = (
-    re.compile(r"Error occurred at line: (\d+)"),
-    re.compile(r"line (\d+) failed", re.I),
+# iptables-nft's transaction errors (nft.c): "line N: CHAIN_DEL failed (Device or resource
+# busy): chain KUBE-SVC-…"; the object is "table X", "chain X", "rule in chain X", "set X".
+_NFT_OP = re.compile(
+    r"(?:line (\d+): )?([A-Z_]+ failed \([^)]*\))(?:: (table|chain|rule in chain|set) (\S+))?"
 )
+# Both backends' parser errors: the message, then "Error occurred at line: N".
+_ERROR_AT = re.compile(r"Error occurred at line: (\d+)")
+# "line N failed" (legacy's -X/-F/commit failures, nft's "…: line N failed: why").
+_LINE_FAILED = re.compile(r"line (\d+) failed(?:: (.+))?")
+_COMMIT_EXPECTED = re.compile(r"COMMIT expected at line (\d+)")
 _NAME_RE = re.compile(r"[`'\"]([A-Za-z0-9_.:-]+)'")
-_NOISE = ("Try `", "Ignoring deprecated", "# Warning")
+_NOISE = ("Try `", "Ignoring deprecated", "# Warning", "Error occurred at line")
+# "iptables-nft-restore v1.8.9 (nf_tables): ", possibly twice, or "iptables-restore: ".
+_PROGRAM = re.compile(r"^(?:[\w.-]*restore(?: v[\d.]+(?: \([\w_]+\))?)?:\s*)+")
 
 
-def _reason(stderr: str) -> str:
+def _messages(stderr: str) -> list[str]:
+    """stderr's meaningful lines, without the program prefix and the usage hints."""
+    out = []
     for raw in stderr.splitlines():
-        line = raw.strip()
-        if not line or line.startswith(_NOISE) or line.startswith("Error occurred at line"):
-            continue
-        # Drop the "iptables-restore v1.8.9 (legacy): " program prefix.
-        return re.sub(r"^[\w.-]*restore(?: v[\d.]+(?: \([\w_]+\))?)?: ", "", line)
-    return ""
+        line = _PROGRAM.sub("", raw.strip())
+        if line and not line.startswith(_NOISE):
+            out.append(line)
+    return out
 
 
 def _chain_of(line: str) -> str:
@@ -123,23 +137,44 @@ def _chain_of(line: str) -> str:
     return ""
 
 
-def locate_failure(text: str, stderr: str) -> Failure:
-    """Map iptables-restore's complaint back to the input: table, chain and rule. Pure.
-
-    legacy reports the failing rule's line; nft reports the COMMIT line of the failed
-    table, so for nft the name it complains about (a target, chain or match) is looked
-    up in that table's lines to find the rule.
-    """
-    reason = _reason(stderr)
-    lineno = 0
-    for rx in _LINE_RES:
-        m = rx.search(stderr)
+def _where(stderr: str, messages: list[str]) -> tuple[int, str, str]:
+    """(line, reason, chain named by the error) from iptables-restore's stderr."""
+    for msg in messages:
+        m = _NFT_OP.search(msg)
+        if m and (m.group(1) or m.group(3)):
+            chain = m.group(4) if m.group(3) in ("chain", "rule in chain") else ""
+            return int(m.group(1) or 0), m.group(2), chain or ""
+    m = _ERROR_AT.search(stderr)
+    if m:
+        return int(m.group(1)), messages[0] if messages else "", ""
+    for msg in messages:
+        m = _LINE_FAILED.search(msg)
         if m:
-            lineno = int(m.group(1))
-            break
+            return int(m.group(1)), m.group(2) or "", ""
+        m = _COMMIT_EXPECTED.search(msg)
+        if m:
+            return int(m.group(1)), msg, ""
+    return 0, " ".join(messages)[:200], ""
+
+
+def locate_failure(text: str, stderr: str) -> Failure:
+    """Map iptables-restore's complaint back to the input: line, table, chain, rule. Pure.
+
+    The forms, as iptables 1.8.9 prints them (tests/unit/test_iptables_backend_restore.py
+    holds real outputs of both backends):
+    - nft transaction errors name the line, the operation, errno and the object:
+      `line 5: CHAIN_DEL failed (Device or resource busy): chain KUBE-SVC-…`;
+    - parser errors (both backends): the message, then `Error occurred at line: N`; nft
+      reports a table's COMMIT line for a missing jump target, so the name it complains
+      about is looked up in that table's rules;
+    - legacy's commit-time failures (e.g. deleting a chain still referenced) say only
+      `line N failed`: the line itself names the chain and what was done to it.
+    """
+    messages = _messages(stderr)
+    lineno, reason, named = _where(stderr, messages)
     lines = text.splitlines()
-    if not 0 < lineno <= len(lines):
-        return Failure(reason=reason or stderr.strip()[:200])
+    if not 0 < lineno <= len(lines):  # unknown, or past the end (a missing COMMIT)
+        return Failure(lineno, chain=named, reason=reason or stderr.strip()[:200])
     table, start = "", 0
     for i in range(lineno - 1, -1, -1):
         if lines[i].startswith("*"):
@@ -154,8 +189,32 @@ def locate_failure(text: str, stderr: str) -> Failure:
                 if cand.startswith("-") and re.search(rf"(^|\s){re.escape(word)}(\s|$)", cand):
                     rule = cand.strip()
                     break
-    chain = _chain_of(rule)
+    chain = named or _chain_of(rule)
     return Failure(lineno, table, chain, "" if rule == "COMMIT" else rule, reason)
+
+
+def rewritten_chains(text: str, table: str) -> set[str]:
+    """Chains a restore input declares (and so rewrites) in `table`. Pure."""
+    out: set[str] = set()
+    current = ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            current = line[1:].strip()
+        elif line.startswith(":") and current == table:
+            out.add(line[1:].split()[0])
+    return out
+
+
+def references(dump: TableDump | None, chain: str, rewritten: set[str]) -> tuple[str, ...]:
+    """The rules of a table that jump to `chain` from chains the input does not rewrite:
+    what keeps the chain from being deleted (a rule outside this proxy). Pure."""
+    if dump is None or not chain:
+        return ()
+    return tuple(
+        rule
+        for c, rule in dump.rules
+        if c != chain and c not in rewritten and _target(rule) == chain
+    )
 
 
 # -- iptables-save parsing ----------------------------------------------------------------
@@ -243,8 +302,19 @@ class Applier:
         self.last_restore_seconds = time.perf_counter() - t0
         if res.rc != 0:
             fail = locate_failure(text, res.err or res.out)
+            if fail.rule.startswith("-X ") and fail.table:
+                fail = await self._holders(fail, rewritten_chains(text, fail.table))
             raise RestoreError(f"{self.backend}: {fail.describe()}", fail)
         return self.last_restore_seconds
+
+    async def _holders(self, fail: Failure, rewritten: set[str]) -> Failure:
+        """A chain that could not be deleted: name the rules that still jump to it (a rule
+        outside this proxy, typically), so the operator knows what to remove."""
+        try:
+            dump = parse_save(await self.save(fail.table)).get(fail.table)
+        except RestoreError:
+            return fail
+        return dataclasses.replace(fail, referenced_by=references(dump, fail.chain, rewritten))
 
     async def _ipt(self, *args: str) -> tuple[int, str]:
         res = await run([self.backend.iptables, *WAIT, *args], timeout=30)

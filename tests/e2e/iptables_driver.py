@@ -128,7 +128,12 @@ async def main() -> None:
             reply = {"ok": True, **await driver.handle(json.loads(line))}
         except Exception as e:
             logging.getLogger("driver").exception("command failed")
-            reply = {"ok": False, "type": type(e).__name__, "error": str(e)}
+            reply = {
+                "ok": False,
+                "type": type(e).__name__,
+                "error": str(e),
+                "texts": {str(k): v for k, v in driver.texts.items()},
+            }
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
 

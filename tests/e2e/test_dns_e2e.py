@@ -306,6 +306,72 @@ for _ in qs:
     assert got == [(100, 0, 1), (101, 0, 1), (102, 3, 0)]
 
 
+HOARDER = """
+import asyncio, sys
+SERVER = (sys.argv[1], 53)
+
+async def hold(src: str) -> None:
+    # Keep one connection open from `src`, idle, opening a new one whenever the server
+    # closes it (a pause after each close keeps the churn to what a test box can take).
+    while True:
+        try:
+            r, w = await asyncio.open_connection(*SERVER, local_addr=(src, 0))
+        except OSError:
+            await asyncio.sleep(0.2)
+            continue
+        await r.read(1)
+        w.close()
+        await asyncio.sleep(0.2)
+
+async def main() -> None:
+    tasks = []
+    for spec in sys.argv[2:]:
+        src, n = spec.split("=")
+        tasks += [asyncio.create_task(hold(src)) for _ in range(int(n))]
+    print("holding", len(tasks), flush=True)
+    await asyncio.gather(*tasks)
+
+asyncio.run(main())
+"""
+
+
+def dns_metric(site: Site, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} (\S+)$", site.proxy.metrics(), re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_tcp_clients_are_served_while_another_pod_hoards_connections(site: Site) -> None:
+    """Bug 8: idle TCP connections used to fill all 256 slots for 10 s and lock real
+    clients out. A pod now holds 64 from its address and 16 from each of 16 more (288
+    wanted, more than the 256 slots), reopening each as soon as it is closed; queries
+    from another pod are all answered meanwhile."""
+    hoarder = site.tb.add_pod(site.node, "hoarder", "198.18.1.11")
+    extra = [f"198.18.1.{i}" for i in range(200, 216)]
+    dev = re.search(r"dev (\S+)", site.node.exec(["ip", "-o", "route", "get", hoarder.ip]).stdout)
+    assert dev, "no route to the hoarder pod"
+    for ip in extra:
+        hoarder.exec(["ip", "address", "add", f"{ip}/32", "dev", "eth0"])
+        site.node.exec(["ip", "route", "add", f"{ip}/32", "dev", dev.group(1)])
+    specs = [f"{hoarder.ip}=64", *(f"{ip}=16" for ip in extra)]
+    p = hoarder.python(["-c", HOARDER, NODE_IP, *specs], background=True, stdout=subprocess.PIPE)
+    try:
+        gauge = "kubeproxy_dns_tcp_connections"
+        deadline = time.monotonic() + 60
+        while dns_metric(site, gauge) < 250:  # the server is (nearly) full
+            assert p.poll() is None, "the hoarder exited"
+            assert time.monotonic() < deadline, f"{gauge} stayed at {dns_metric(site, gauge)}"
+            time.sleep(0.1)
+        for _ in range(20):
+            d = dig(site.client, "+tcp", "+time=5", f"web.default.svc.{Z}")
+            assert d.rdata("A") == ["198.19.0.10"], d.raw
+        text = site.proxy.metrics()
+        assert re.search(r'kubeproxy_dns_dropped_total\{reason="tcp_client_limit"\} [1-9]', text)
+        assert re.search(r'kubeproxy_dns_dropped_total\{reason="tcp_shed_idle"\} [1-9]', text)
+    finally:
+        p.kill()
+        p.wait(10)
+
+
 def test_only_the_bind_address_answers(site: Site) -> None:
     p = site.node.exec(
         ["dig", "@127.0.0.1", "+time=1", "+tries=1", f"web.default.svc.{Z}"], check=False

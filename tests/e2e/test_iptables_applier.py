@@ -224,6 +224,37 @@ def test_failed_restore_keeps_old_rules_and_raises(
     assert sep_of(API, "198.18.1.20:8080") not in declared(after)
 
 
+@pytest.mark.parametrize("backend", ["nft", "legacy"])
+def test_a_chain_held_by_a_rule_outside_the_product_is_named(
+    node: Node, driver: Driver, backend: str
+) -> None:
+    """Bug 7, with the kernel's own words: deleting a Service whose chain a rule of
+    somebody else's still jumps to fails; the error names the line, the chain, the rule
+    and what holds it (nft used to give "unknown place")."""
+    start(driver, backend)
+    driver.ok("sync", model=two_services(), full=True)
+    api, ipt = chains_of(API), f"iptables-{backend}"
+    node.exec([ipt, "-t", "nat", "-N", "FOREIGN"])
+    node.exec([ipt, "-t", "nat", "-A", "FOREIGN", "-d", "198.19.0.2/32", "-j", api])
+    only_web = model((svc(WEB, "198.19.0.1"), [("198.18.1.10", 8080)]))
+
+    reply = driver.call("sync", model=only_web, changed=["default/api"])
+    assert not reply["ok"] and reply["type"] == "RestoreError", reply
+    lineno = reply["texts"]["4"].splitlines().index(f"-X {api}") + 1
+    err = reply["error"]
+    assert f"iptables-restore failed (table nat, chain {api}, line {lineno})" in err, err
+    assert f"[rule: -X {api}] [still referenced by: -A FOREIGN -d 198.19.0.2/32 -j {api}]" in err
+    if backend == "nft":
+        assert f"line {lineno}): CHAIN_DEL failed (Device or resource busy) [rule:" in err, err
+    assert "\n" not in err
+
+    # The obstacle goes: the retry (a full sync) converges.
+    node.exec([ipt, "-t", "nat", "-F", "FOREIGN"])
+    driver.ok("sync", model=only_web, full=True)
+    nat = declared(save(node, f"{ipt}-save", "nat"))
+    assert api not in nat and chains_of(WEB) in nat
+
+
 def test_full_sync_restores_flushed_jumps(node: Node, driver: Driver) -> None:
     start(driver)
     driver.ok("sync", model=two_services(), full=True)

@@ -6,6 +6,8 @@ specification leaves room), plus the negative-answer and protocol rules of the R
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import pytest
 from dnslib import CLASS, EDNS0, QTYPE, DNSHeader, DNSQuestion, DNSRecord
 
@@ -21,7 +23,15 @@ from proxy.dns.answer import (
     reverse_labels,
 )
 from proxy.endpoints.store import Store
-from proxy.model import Model
+from proxy.model import (
+    Endpoint,
+    EndpointAddress,
+    Model,
+    PortSpec,
+    Service,
+    ServiceEndpoints,
+    make_model,
+)
 from tests.unit.factories import endpoint, service, slice_
 
 Z = "cluster.local"
@@ -203,8 +213,7 @@ def test_headless_srv_has_one_record_per_ready_endpoint_and_port(zone: Zone) -> 
     got = sorted((r.rdata.port, str(r.rdata.target)) for r in rec.rr)
     assert got == [
         (15432, f"198-18-1-2.db.default.svc.{Z}."),  # no hostname: CoreDNS's dashed IP
-        (15432, f"db-0.db.default.svc.{Z}."),  # v4 endpoint with hostname db-0
-        (15432, f"db-0.db.default.svc.{Z}."),  # v6 endpoint with hostname db-0
+        (15432, f"db-0.db.default.svc.{Z}."),  # v4 and v6 endpoints with hostname db-0: once
     ]
     assert rdatas(rec, "ar") == ["198.18.1.1", "198.18.1.2", "fd00:18::1"]
     metrics = ask(zone, f"_metrics._tcp.db.default.svc.{Z}", "SRV")
@@ -212,6 +221,68 @@ def test_headless_srv_has_one_record_per_ready_endpoint_and_port(zone: Zone) -> 
         f"198-18-1-2.db.default.svc.{Z}.",
         f"db-0.db.default.svc.{Z}.",
     ]
+
+
+def test_endpoints_sharing_a_hostname_give_each_record_once() -> None:
+    """RFC 2181 §5: no duplicate RRs in an RRset (CoreDNS's `dup-name` case)."""
+    z = Zone(
+        build(
+            [service("hdls", ip="None", ports=[{"name": "http", "port": 80}])],
+            [
+                slice_(
+                    "hdls",
+                    ports=[{"name": "http", "port": 80, "protocol": "TCP"}],
+                    endpoints=[
+                        endpoint("198.18.7.2"),
+                        endpoint("198.18.7.4", hostname="dup-name"),
+                        endpoint("198.18.7.5", hostname="dup-name"),
+                    ],
+                ),
+                # The same pod listed again by a second slice (a slice being replaced).
+                slice_(
+                    "hdls",
+                    name="hdls-second",
+                    ports=[{"name": "http", "port": 80, "protocol": "TCP"}],
+                    endpoints=[endpoint("198.18.7.4", hostname="dup-name")],
+                ),
+            ],
+        ),
+        Z,
+    )
+    rec = ask(z, f"_http._tcp.hdls.default.svc.{Z}", "SRV")
+    assert sorted((r.rdata.port, str(r.rdata.target)) for r in rec.rr) == [
+        (80, f"198-18-7-2.hdls.default.svc.{Z}."),
+        (80, f"dup-name.hdls.default.svc.{Z}."),
+    ]
+    assert sorted((str(r.rname), str(r.rdata)) for r in rec.ar) == [
+        (f"198-18-7-2.hdls.default.svc.{Z}.", "198.18.7.2"),
+        (f"dup-name.hdls.default.svc.{Z}.", "198.18.7.4"),
+        (f"dup-name.hdls.default.svc.{Z}.", "198.18.7.5"),
+    ]
+    assert rdatas(ask(z, f"dup-name.hdls.default.svc.{Z}")) == ["198.18.7.4", "198.18.7.5"]
+    assert rdatas(ask(z, f"hdls.default.svc.{Z}")) == ["198.18.7.2", "198.18.7.4", "198.18.7.5"]
+
+
+def test_a_model_repeating_an_address_still_gives_each_record_once() -> None:
+    """The answerer does not lean on the parser's de-duplication: a model that lists an
+    address twice (built by hand, or by a future source) gives A/AAAA, SRV and PTR once."""
+    hdls = Service("default", "hdls", headless=True, ports=(PortSpec("p", "TCP", 80),))
+    web = Service("default", "web", cluster_ips=("198.19.9.9", "198.19.9.9"))
+    addr = EndpointAddress("fd00:18::7", hostname="h")
+    ep = Endpoint("fd00:18::7", 80)
+    model = make_model(
+        {hdls.key: hdls, web.key: web},
+        {hdls.key: ServiceEndpoints((addr, addr), MappingProxyType({("p", "TCP"): (ep, ep)}))},
+    )
+    z = Zone(model, Z)
+    assert rdatas(ask(z, f"hdls.default.svc.{Z}", "AAAA")) == ["fd00:18::7"]
+    assert rdatas(ask(z, f"h.hdls.default.svc.{Z}", "AAAA")) == ["fd00:18::7"]
+    srv = ask(z, f"_p._tcp.hdls.default.svc.{Z}", "SRV")
+    assert len(srv.rr) == 1 and rdatas(srv, "ar") == ["fd00:18::7"]
+    assert rdatas(ask(z, f"web.default.svc.{Z}")) == ["198.19.9.9"]
+    assert rdatas(ask(z, "9.9.19.198.in-addr.arpa", "PTR")) == [f"web.default.svc.{Z}."]
+    v6 = ".".join(reversed("fd000018000000000000000000000007")) + ".ip6.arpa"
+    assert rdatas(ask(z, v6, "PTR")) == [f"h.hdls.default.svc.{Z}."]
 
 
 def test_endpoint_hostname_records(zone: Zone) -> None:

@@ -123,24 +123,119 @@ def test_pipelined_tcp_queries_on_one_connection() -> None:
     with_server(body)
 
 
-def test_tcp_connection_limit_and_idle_timeout() -> None:
+async def until(pred: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Wait for a state (never for a time): poll `pred` until it holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def closed_by_server(r: asyncio.StreamReader, timeout: float = 20.0) -> bool:
+    """True when the server closes the connection (EOF) before `timeout`."""
+    try:
+        return await asyncio.wait_for(r.read(1), timeout) == b""
+    except TimeoutError:
+        return False
+
+
+async def idle_connections(
+    srv: DnsServer, n: int, source: str = "127.0.0.1"
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    assert srv.address is not None
+    return [await asyncio.open_connection(*srv.address, local_addr=(source, 0)) for _ in range(n)]
+
+
+def test_tcp_idle_connections_are_closed_after_the_idle_timeout() -> None:
     async def body(srv: DnsServer, stub: StubServer) -> None:
-        assert srv.address is not None
-        srv._tcp.max_connections = 2
         srv._tcp.idle_timeout = 0.3
-        conns = [await asyncio.open_connection(*srv.address) for _ in range(2)]
-        await asyncio.sleep(0.05)
-        r3, w3 = await asyncio.open_connection(*srv.address)
-        assert await asyncio.wait_for(r3.read(1), 2) == b""  # refused: closed at once
-        w3.close()
-        for r, _ in conns:  # idle ones are closed after the timeout
-            assert await asyncio.wait_for(r.read(1), 3) == b""
+        conns = await idle_connections(srv, 2)
+        for r, _ in conns:
+            assert await closed_by_server(r)
         for _, w in conns:
             w.close()
-        [rec] = await tcp_exchange(srv.address, [query(f"web.default.svc.{Z}")])
-        assert rec.rr  # slots were freed
+        await until(lambda: not srv._tcp.conns, "the slots to be freed")
 
     with_server(body)
+
+
+def test_tcp_one_client_cannot_take_every_connection() -> None:
+    """Per-client limit: 127.0.0.1 gets `max_per_client` connections, 127.0.0.2 is served."""
+
+    async def body(srv: DnsServer, stub: StubServer) -> None:
+        assert srv.address is not None
+        srv._tcp.max_per_client = 3
+        hoard = await idle_connections(srv, 3)
+        await until(lambda: len(srv._tcp.conns) == 3, "3 connections admitted")
+        r4, w4 = (await idle_connections(srv, 1))[0]
+        assert await closed_by_server(r4)  # over its limit: closed at once
+        w4.close()
+        for _ in range(5):
+            [rec] = await tcp_exchange_from("127.0.0.2", srv.address, query(f"web.default.svc.{Z}"))
+            assert str(rec.rr[0].rdata) == "198.19.0.10"
+        assert len(srv._tcp.conns) >= 3 and srv._handler.stats.dropped["tcp_client_limit"] == 1
+        for _, w in hoard:
+            w.close()
+
+    with_server(body)
+
+
+def test_tcp_full_server_sheds_the_least_recently_active_idle_connection() -> None:
+    """Every slot taken: a new client displaces the oldest idle connection, never one
+    whose answer is still being fetched."""
+
+    async def body(srv: DnsServer, stub: StubServer) -> None:
+        assert srv.address is not None
+        srv._tcp.max_connections = 3
+        srv._tcp.busy_idle_timeout = 3600.0  # only shedding may free a slot here
+        # The oldest connection waits for an upstream that never answers (SERVFAIL ~4 s).
+        rb, wb = await asyncio.open_connection(*srv.address)
+        slow = query("drop-slow.example.org", qid=77)
+        wb.write(len(slow).to_bytes(2, "big") + slow)
+        await until(lambda: any(c.pending for c in srv._tcp.conns), "the upstream query")
+        idle = await idle_connections(srv, 2)
+        await until(lambda: len(srv._tcp.conns) == 3, "3 connections admitted")
+        [rec] = await tcp_exchange_from("127.0.0.2", srv.address, query(f"web.default.svc.{Z}"))
+        assert str(rec.rr[0].rdata) == "198.19.0.10"
+        assert await closed_by_server(idle[0][0])  # the oldest idle one went
+        assert srv._handler.stats.dropped["tcp_shed_idle"] >= 1
+        # The busy one was kept and gets its answer.
+        n = int.from_bytes(await asyncio.wait_for(rb.readexactly(2), 20), "big")
+        late = DNSRecord.parse(await rb.readexactly(n))
+        assert late.header.id == 77 and late.header.rcode == 2
+        for _, w in [(rb, wb), *idle]:
+            w.close()
+
+    with_server(body)
+
+
+def test_tcp_idle_timeout_shrinks_when_more_than_half_the_slots_are_taken() -> None:
+    async def body(srv: DnsServer, stub: StubServer) -> None:
+        srv._tcp.max_connections = 4
+        srv._tcp.idle_timeout = 3600.0  # never, in this test
+        srv._tcp.busy_idle_timeout = 0.2
+        first = await idle_connections(srv, 2)  # half: normal timeout
+        await until(lambda: len(srv._tcp.conns) == 2, "2 connections admitted")
+        assert not srv._tcp.busy
+        third = await idle_connections(srv, 1, "127.0.0.3")  # more than half: busy
+        for r, _ in [*first, *third]:  # the waits already running were cut short too
+            assert await closed_by_server(r)
+        await until(lambda: not srv._tcp.conns and not srv._tcp.busy, "all slots free")
+        for _, w in [*first, *third]:
+            w.close()
+
+    with_server(body)
+
+
+async def tcp_exchange_from(source: str, addr: tuple[str, int], msg: bytes) -> list[DNSRecord]:
+    r, w = await asyncio.open_connection(*addr, local_addr=(source, 0))
+    try:
+        w.write(len(msg).to_bytes(2, "big") + msg)
+        n = int.from_bytes(await asyncio.wait_for(r.readexactly(2), 10), "big")
+        return [DNSRecord.parse(await r.readexactly(n))]
+    finally:
+        w.close()
 
 
 def test_tcp_garbage_gets_formerr_and_a_response_closes_the_connection() -> None:
@@ -175,7 +270,7 @@ def test_upstream_down_gives_servfail() -> None:
 
 
 def test_udp_fast_path_serves_cached_upstream_answers_with_aged_ttls(monkeypatch) -> None:
-    """The UDP loop's inlined cache path equals the handler's, and TTLs count down."""
+    """The UDP loop serves cached upstream answers as the handler does, TTLs counting down."""
     import time as _time
 
     import proxy.dns.server as srv_mod

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from proxy.iptables.applier import (
     cleanup_text,
     jump_spec,
     locate_failure,
     parse_save,
+    references,
+    rewritten_chains,
 )
 
 INPUT = """*filter
@@ -54,6 +58,96 @@ def test_nft_failure_at_commit_is_traced_to_the_rule_naming_the_culprit() -> Non
 def test_line_n_failed_form() -> None:
     f = locate_failure(INPUT, "iptables-restore: line 3 failed\n")
     assert (f.line, f.table, f.chain) == (3, "filter", "KUBE-SERVICES")
+
+
+# Real outputs of iptables 1.8.9 (Debian 12), recorded in a network namespace where a rule
+# outside the product (-A FOREIGN -j KUBE-SVC-AAAAAAAAAAAAAAAA) holds the chain being deleted.
+BUSY = """*filter
+:KUBE-SERVICES - [0:0]
+-A KUBE-SERVICES -j ACCEPT
+COMMIT
+*nat
+:KUBE-SERVICES - [0:0]
+-A KUBE-SERVICES -d 198.19.0.2/32 -j ACCEPT
+-X KUBE-SVC-AAAAAAAAAAAAAAAA
+COMMIT
+"""
+NFT_BUSY = (
+    "iptables-nft-restore v1.8.9 (nf_tables): \n"
+    "line 8: CHAIN_DEL failed (Device or resource busy): chain KUBE-SVC-AAAAAAAAAAAAAAAA\n"
+)
+LEGACY_BUSY = "iptables-restore: line 8 failed\n"
+
+
+def test_nft_transaction_error_names_the_line_the_chain_and_the_rule() -> None:
+    """Bug 7: this used to read "iptables-restore failed (unknown place): iptables-nft-
+    restore v1.8.9 (nf_tables):"."""
+    f = locate_failure(BUSY, NFT_BUSY)
+    assert (f.line, f.table, f.chain) == (8, "nat", "KUBE-SVC-AAAAAAAAAAAAAAAA")
+    assert f.rule == "-X KUBE-SVC-AAAAAAAAAAAAAAAA"
+    assert f.reason == "CHAIN_DEL failed (Device or resource busy)"
+    assert f.describe() == (
+        "iptables-restore failed (table nat, chain KUBE-SVC-AAAAAAAAAAAAAAAA, line 8): "
+        "CHAIN_DEL failed (Device or resource busy) [rule: -X KUBE-SVC-AAAAAAAAAAAAAAAA]"
+    )
+
+
+def test_legacy_line_failed_names_the_line_the_chain_and_the_rule() -> None:
+    f = locate_failure(BUSY, LEGACY_BUSY)
+    assert (f.line, f.table, f.chain) == (8, "nat", "KUBE-SVC-AAAAAAAAAAAAAAAA")
+    assert f.rule == "-X KUBE-SVC-AAAAAAAAAAAAAAAA" and f.reason == ""
+
+
+def test_nft_rule_errors_name_the_chain_of_the_rule() -> None:
+    stderr = (
+        "iptables-nft-restore v1.8.9 (nf_tables): \n"
+        "line 3: RULE_APPEND failed (No such file or directory): rule in chain KUBE-SERVICES\n"
+    )
+    f = locate_failure(BUSY, stderr)
+    assert (f.line, f.table, f.chain) == (3, "filter", "KUBE-SERVICES")
+    assert f.rule == "-A KUBE-SERVICES -j ACCEPT"
+    assert f.reason == "RULE_APPEND failed (No such file or directory)"
+
+
+def test_nft_line_failed_with_a_reason() -> None:
+    stderr = "iptables-nft-restore: line 8 failed: No chain/target/match by that name.\n"
+    f = locate_failure(BUSY, stderr)
+    assert (f.line, f.chain) == (8, "KUBE-SVC-AAAAAAAAAAAAAAAA")
+    assert f.reason == "No chain/target/match by that name."
+
+
+def test_parser_errors_drop_the_program_prefixes() -> None:
+    stderr = (
+        "iptables-nft-restore v1.8.9 (nf_tables): iptables-nft-restore: line 1 table name "
+        "'nosuchtable' invalid\nError occurred at line: 1\n"
+        "Try `iptables-nft-restore -h' or 'iptables-nft-restore --help' for more information.\n"
+    )
+    f = locate_failure("*nosuchtable\n:X - [0:0]\nCOMMIT\n", stderr)
+    assert f.line == 1 and f.reason == "line 1 table name 'nosuchtable' invalid"
+    f = locate_failure(
+        "*nat\n:KUBE-SERVICES - [0:0]\n", "iptables-restore: COMMIT expected at line 3\n"
+    )
+    assert f.line == 3 and f.reason == "COMMIT expected at line 3"
+
+
+def test_references_and_the_description_of_a_held_chain() -> None:
+    saved = parse_save(
+        "*nat\n:KUBE-SVC-AAAAAAAAAAAAAAAA - [0:0]\n:FOREIGN - [0:0]\n"
+        "-A FOREIGN -d 198.19.0.1/32 -j KUBE-SVC-AAAAAAAAAAAAAAAA\n"
+        "-A FOREIGN -j ACCEPT\n-A KUBE-SVC-AAAAAAAAAAAAAAAA -j KUBE-SVC-AAAAAAAAAAAAAAAA\nCOMMIT\n"
+    )
+    refs = references(saved["nat"], "KUBE-SVC-AAAAAAAAAAAAAAAA", rewritten_chains(BUSY, "nat"))
+    assert refs == ("-A FOREIGN -d 198.19.0.1/32 -j KUBE-SVC-AAAAAAAAAAAAAAAA",)
+    # A jump from a chain the failed input rewrites is not what holds the chain.
+    assert references(saved["nat"], "KUBE-SVC-AAAAAAAAAAAAAAAA", {"FOREIGN"}) == ()
+    assert rewritten_chains(BUSY, "nat") == {"KUBE-SERVICES"}
+    f = replace(locate_failure(BUSY, LEGACY_BUSY), referenced_by=refs)
+    assert f.describe().endswith(
+        "[rule: -X KUBE-SVC-AAAAAAAAAAAAAAAA] [still referenced by: "
+        "-A FOREIGN -d 198.19.0.1/32 -j KUBE-SVC-AAAAAAAAAAAAAAAA]"
+    )
+    many = replace(f, referenced_by=tuple(f"-A F{i} -j X" for i in range(5)))
+    assert many.describe().endswith("-A F2 -j X and 2 more]")
 
 
 def test_unparseable_error_keeps_the_message() -> None:
