@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.config import Config, UsageError
 from proxy.endpoints.store import Snapshot
+from proxy.iptables import backend as iptables_backend
 from proxy.model import Endpoint, Model, PortSpec, Service, usable_endpoints
 from proxy.userspace import metrics as umetrics
 from proxy.userspace.addresses import AddressOwner, pick_node_addresses
@@ -43,6 +44,7 @@ from proxy.userspace.listeners import (
 )
 from proxy.userspace.portforward import ApiTarget, Forwarder, probe_direct, tunnel_key
 from proxy.userspace.tcp import ENGINES, TcpEngine, TcpListener
+from proxy.userspace.transparent import CHAIN, MARK, TABLE, SourcePolicy, TransparentRouting
 from proxy.userspace.udp import UdpListener
 
 if TYPE_CHECKING:
@@ -115,6 +117,7 @@ class UserspaceDataPlane:
         # How endpoints are reached: "direct", "port-forward", or "" until auto has probed.
         self.access = ""
         self.forwarder: Forwarder | None = None
+        self.source: SourcePolicy | None = None  # node mode: endpoints see client addresses
 
     # -- DNS hook (daemon.py): the model as served, in laptop mode -----------------------------
 
@@ -156,9 +159,44 @@ class UserspaceDataPlane:
                     "CAP_NET_ADMIN, or as a normal user for laptop mode"
                 ) from None
             log.info("node mode: Service addresses owned via %s", kind)
+            await self._start_client_ip()
         log.info("userspace TCP engine %s, open files limit %d", self.tcp.engine, soft)
         await self._start_access()
         self._sweeper = loop.create_task(self._sweep_loop(), name="userspace-sweeper")
+
+    async def _start_client_ip(self) -> None:
+        """Node mode: endpoints see the client's address where the kernel allows it."""
+        want = self.cfg.userspace_preserve_client_ip
+        if want == "off":
+            log.info("client addresses: off (endpoints see the node's address)")
+            return
+        try:
+            backends = (await iptables_backend.select(self.cfg)).values()
+        except UsageError as e:
+            why = str(e)
+        else:
+            why = await TransparentRouting(backends).setup()
+        if why:
+            if want == "on":
+                raise UsageError(f"--userspace-preserve-client-ip=on: {why}")
+            log.warning("client addresses not preserved: %s; endpoints see the node's address", why)
+            return
+        assert self.tcp is not None
+        self.source = self.tcp.source = SourcePolicy(
+            self.cfg.hostname,
+            self.cfg.cluster_cidrs,
+            masquerade_all=self.cfg.masquerade_all,
+        )
+        log.info(
+            "client addresses preserved: endpoints see the client's address (IP_TRANSPARENT; "
+            "mangle chain %s marks replies %#x, ip rule → table %d); the node's address for "
+            "hairpin, clients on the node, and traffic the endpoint would not answer through "
+            "this node (external traffic to other nodes%s)",
+            CHAIN,
+            MARK,
+            TABLE,
+            ", ClusterIP traffic from outside --cluster-cidr" if self.cfg.cluster_cidrs else "",
+        )
 
     async def _start_access(self) -> None:
         """--userspace-endpoint-access: decide now, or probe at the first endpoints (auto)."""
@@ -265,7 +303,12 @@ class UserspaceDataPlane:
             with contextlib.suppress(Exception):
                 await self._netlink(owner.close)
             await self._close_netlink()
-        log.info("userspace cleanup: released %d Service addresses", len(released))
+        removed = await TransparentRouting(await iptables_backend.all_backends()).cleanup()
+        log.info(
+            "userspace cleanup: released %d Service addresses%s",
+            len(released),
+            ", removed the client-address rules" if removed else "",
+        )
 
     # -- sync --------------------------------------------------------------------------------
 
@@ -281,6 +324,8 @@ class UserspaceDataPlane:
             self.foreign_ips = set(local)
             self.node_ips = pick_node_addresses(local, self.cfg.nodeport_addresses)
             self.addrs.owned = set(ours)
+            if self.source is not None:  # clients on the node keep the node's address
+                self.source.local_ips = frozenset(local)
         fresh = not self._synced_once
         if not self.access:
             await self._probe_access(model)

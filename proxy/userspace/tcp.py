@@ -36,6 +36,7 @@ from proxy.userspace.backend import Backend
 from proxy.userspace.balancer import ep_key
 from proxy.userspace.listeners import ListenerKey, fmt_key
 from proxy.userspace.metrics import GLOBAL
+from proxy.userspace.transparent import SourcePolicy, transparent_socket
 
 if TYPE_CHECKING:
     from proxy.userspace.portforward import Forwarder, Tunnel
@@ -120,6 +121,8 @@ class TcpEngine:
         self._checking = False
         # Endpoints through the API server's port-forward instead of connects (laptop).
         self.forwarder: Forwarder | None = None
+        # Node mode: connections to endpoints from the client's address where possible.
+        self.source: SourcePolicy | None = None
 
     # -- connect timeouts --------------------------------------------------------------------
 
@@ -306,7 +309,7 @@ class TcpListener:
                 csock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
                 csock.close()
                 continue
-            TcpConn(eng, b, csock, addr[0]).connect()
+            TcpConn(eng, b, csock, addr).connect()
             if not self.listening:  # descriptors ran short serving it: accept no more now
                 return
 
@@ -331,6 +334,7 @@ class TcpConn:
         "attempt",
         "backend",
         "bsock",
+        "client",
         "client_ip",
         "closed",
         "csock",
@@ -344,11 +348,12 @@ class TcpConn:
         "watching",
     )
 
-    def __init__(self, engine: TcpEngine, backend: Backend, csock: Any, client_ip: str):
+    def __init__(self, engine: TcpEngine, backend: Backend, csock: Any, client: tuple):
         self.engine = engine
         self.backend = backend
         self.csock = csock
-        self.client_ip = client_ip
+        self.client = client  # (ip, port, …) as accept() gave it
+        self.client_ip = client[0]
         self.bsock: Any = None  # _socket.socket
         self.ep = None
         self.tried: list = []
@@ -386,11 +391,18 @@ class TcpConn:
             return
         fam = socket.AF_INET6 if ":" in ep.ip else socket.AF_INET
         typ = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+        src = eng.source
         try:
-            bs = _socket.socket(fam, typ)
+            if src is not None and src.preserve(self.client_ip, ep, self.backend.target.external):
+                bs = transparent_socket(fam, socket.SOCK_STREAM, self.client[:2])
+            else:
+                bs = _socket.socket(fam, typ)
         except OSError as e:
             bs = None
-            if e.errno in FD_ERRORS and eng.use_reserve(f"connect for {self.backend.label}", e):
+            # Out of descriptors: the reserve frees some. The client's address refused
+            # (it cannot be bound here): the node's address, as without the feature.
+            fds = e.errno in FD_ERRORS
+            if not fds or eng.use_reserve(f"connect for {self.backend.label}", e):
                 with contextlib.suppress(OSError):
                     bs = _socket.socket(fam, typ)
             if bs is None:
