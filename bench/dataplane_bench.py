@@ -13,6 +13,9 @@ The client reaches the server's iperf3 (5201) and an HTTP responder (HAProxy's
   userspace       the daemon in --proxy-mode=userspace, default TCP engine (auto: copy,
                   then splice once a flow fills the read buffer)
   userspace-splice / userspace-copy   the same with the engine forced (does splice pay?)
+  userspace-nodeaddr  the default engine with --userspace-preserve-client-ip=off: the
+                  endpoint sees the node's address, as before client addresses were kept
+                  (the cost of IP_TRANSPARENT: compare with `userspace`)
 
 Figures per data plane: single-stream and 32-stream throughput (iperf3), new connections
 per second (HTTP/1.0 request per connection, 64 in flight), p50/p99 latency of a small
@@ -63,6 +66,7 @@ MODES = (
     "userspace",
     "userspace-splice",
     "userspace-copy",
+    "userspace-nodeaddr",
 )
 REQ = b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n"
 KREQ = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
@@ -348,6 +352,8 @@ class Bench:
                 "--metrics-bind-address", "127.0.0.1:10249",
                 "--healthz-bind-address", "127.0.0.1:10256",
             ]  # fmt: skip
+            if name == "userspace-nodeaddr":
+                args += ["--userspace-preserve-client-ip", "off"]
             with open(log, "wb") as out:
                 p = self.node.run(
                     ["taskset", "-c", PROXY_CPU, sys.executable, "-c",
@@ -483,6 +489,7 @@ def plot(results: dict, path: Path, title: str) -> None:
         "userspace": "#55a868",
         "userspace-splice": "#2e7d32",
         "userspace-copy": "#8172b3",
+        "userspace-nodeaddr": "#937860",
     }
     for ax, (key, label) in zip(axes.flat, FIGURES, strict=True):
         vals = [results[m].get(key) for m in modes]

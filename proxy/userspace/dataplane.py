@@ -277,6 +277,14 @@ class UserspaceDataPlane:
         if self.tcp is not None:
             self.tcp.close()
         if self.forwarder is not None:
+            st = self.forwarder.stats
+            log.info(
+                "port-forward: %d connections on warm tunnels, %d on tunnels opened for them, "
+                "%d tunnels could not be opened",
+                st["warm"],
+                st["cold"],
+                st["failed"],
+            )
             await self.forwarder.close()
         self._update_gauges()
         await self._close_netlink()
