@@ -1,54 +1,114 @@
-"""Control-plane benchmark of the iptables mode (not a test: it measures and writes figures).
+"""Control plane: the daemon's full sync and memory over a curve of cluster sizes, next to
+the kernel tool's own time for the very ruleset the daemon wrote.
 
-For 1k and 10k Services with 10 endpoints each, side by side in one run:
-  * full sync split into rendering (pure Python) and iptables-restore's own time;
-  * a single endpoint change: partial render + restore;
-  * through the real daemon and a list/watch API server: time from the watch event
-    (an EndpointSlice update) to rules applied, and the daemon's resident memory.
-Targets (issue #2): render <= 0.5x restore; one-endpoint change at 10k < 0.2x full
-sync; RSS at 10k Services / 100k endpoints < 300 MB.
+For each size (Services × endpoints per Service) and each round, alternating:
+  * `<mode> mode`: a fresh virtual node, the list/watch test API server holding the
+    cluster (in this process, listening inside the node), then the real daemon started
+    there. Measured: daemon start → first full sync logged (every Service programmed),
+    its peak RSS during that start (VmHWM: the relist and the first sync count), its
+    RSS once settled, and one endpoint change → applied (watch event to partial sync).
+    The ruleset it wrote is saved (`iptables-save`).
+  * the reference (`iptables-restore`): that saved ruleset restored in one go into another
+    fresh namespace: what the kernel tool alone needs for the same rules.
 
-Everything runs inside network namespaces this script creates (never the host's):
-    sudo .venv/bin/python bench/control_plane.py            # 1k and 10k
-    sudo .venv/bin/python bench/control_plane.py --sizes 1000 --repeat 3
-Writes bench/results/control_plane.json and bench/results/control_plane.png.
+Data planes are entries of CONTENDERS; the nftables mode adds its own when it exists.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import datetime as dt
 import json
-import os
-import statistics
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
-import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from proxy.testbed import Testbed
+from proxy.testbed.apiserver import AdminClient, ApiServer, write_kubeconfig
 
-RESULTS = ROOT / "bench" / "results"
+from .core import Run, SuiteResult, Target, alternate
+from .machine import ensure_tools, rss_kib
+
+SIZES = (100, 1000, 5000, 10000, 20000)
+QUICK_SIZES = (100, 1000)
+NODE = "node-a"
 EPS_PER_SVC = 10
+API_PORT = 16443
+# The issue's targets (10k Services × 10 endpoints).
+SYNC_RATIO_TARGET = Target("<=", 1.5)
+PEAK_RSS_TARGET = Target("<=", 200, of="value")
+TARGET_SIZE = 10000
 
 
-# -- objects ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ControlContender:
+    """A data plane (`--proxy-mode`) and the kernel tool that loads its saved ruleset."""
+
+    mode: str
+    reference: str
+    save: tuple[str, ...]
+    restore: tuple[str, ...]
+    tools: tuple[str, ...]
+    daemon_args: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"{self.mode} mode"
 
 
-def _service(i: int) -> dict:
+def contenders(backend: str) -> list[ControlContender]:
+    out = [
+        ControlContender(
+            mode="iptables",
+            reference="iptables-restore",
+            save=(f"iptables-{backend}-save",),
+            restore=(f"iptables-{backend}-restore", "-w", "5"),
+            tools=(f"iptables-{backend}-restore",),
+            daemon_args=(f"--iptables-backend={backend}",),
+        )
+    ]
+    if _has_mode("nftables"):
+        out.append(
+            ControlContender(
+                mode="nftables",
+                reference="nft -f",
+                save=("nft", "list", "ruleset"),
+                restore=("nft", "-f", "-"),
+                tools=("nft",),
+            )
+        )
+    return out
+
+
+def _has_mode(mode: str) -> bool:
+    from proxy.config import MODES
+
+    return mode in MODES
+
+
+# -- the cluster ----------------------------------------------------------------------------
+
+
+def _service(i: int) -> dict[str, Any]:
     return {
         "kind": "Service",
         "apiVersion": "v1",
         "metadata": {"name": f"svc-{i}", "namespace": "bench"},
         "spec": {
-            "clusterIP": f"198.19.{i // 256}.{i % 256}",
+            "clusterIP": f"198.19.{i // 256 % 256}.{i % 256}",
             "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
         },
     }
 
 
-def _slice(i: int, eps: int) -> dict:
+def _slice(i: int, eps: int) -> dict[str, Any]:
     endpoints = []
     for j in range(eps):
         k = i * eps + j
@@ -56,7 +116,7 @@ def _slice(i: int, eps: int) -> dict:
             {
                 "addresses": [f"198.18.{(k // 256) % 256}.{k % 256}"],
                 "conditions": {"ready": True},
-                "nodeName": "node-a",
+                "nodeName": NODE,
             }
         )
     # Pod IPs wrap at 65k; the port keeps every (ip, port) endpoint distinct.
@@ -75,334 +135,241 @@ def _slice(i: int, eps: int) -> dict:
     }
 
 
-def objects(n: int, eps: int = EPS_PER_SVC) -> tuple[list, list]:
-    """n Services (198.19.0.0/16) with `eps` endpoints each, as raw API dicts."""
+def objects(n: int, eps: int = EPS_PER_SVC) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """n Services (198.19.0.0/16) and their slices of `eps` endpoints, as raw API dicts."""
     return [_service(i) for i in range(n)], [_slice(i, eps) for i in range(n)]
 
 
-def changed_slice(svc_index: int, eps: int = EPS_PER_SVC, generation: int = 1) -> dict:
-    """The slice of svc-<i> with its last endpoint replaced (one endpoint changed)."""
-    sl = _slice(svc_index, eps)
+def changed_slice(i: int, eps: int, generation: int) -> dict[str, Any]:
+    """svc-<i>'s slice with its last endpoint replaced (one endpoint changed)."""
+    sl = _slice(i, eps)
     sl["endpoints"][-1]["addresses"] = [f"198.18.255.{generation % 250 + 1}"]
     return sl
 
 
-# -- inner: runs inside a fresh network namespace -------------------------------------------
+# -- one daemon start ------------------------------------------------------------------------
 
-
-def _restore(binary: str, text: str) -> float:
-    t0 = time.perf_counter()
-    r = subprocess.run(
-        [binary, "-w", "5", "--noflush", "--counters"], input=text.encode(), capture_output=True
-    )
-    dt = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"{binary} failed: {r.stderr.decode()[:500]}")
-    return dt
-
-
-def _apply(binary: str, res) -> float:
-    """Restore a RenderResult the way the data plane does: chunks (nft), then the text."""
-    return sum(_restore(binary, part) for part in res.pre) + _restore(binary, res.text)
-
-
-def inner(n: int, repeat: int, backend: str) -> dict:
-    from proxy.endpoints.store import ENDPOINT_SLICE, SERVICE, Store
-    from proxy.iptables.dataplane import NFT_CHUNK_CHAINS
-    from proxy.iptables.render import RenderConfig, render
-
-    binary = f"iptables-{backend}-restore"
-    chunk = NFT_CHUNK_CHAINS if backend == "nft" else 0
-    store = Store()
-    svcs, slices = objects(n)
-    store.replace(SERVICE, svcs)
-    store.replace(ENDPOINT_SLICE, slices)
-    model = store.snapshot().model
-    cfg = RenderConfig(family=4, node_name="node-a", cluster_cidrs=("198.18.0.0/16",))
-
-    renders, restores = [], []
-    state = None
-    for _ in range(repeat):
-        # Cold render (no previous state, so no fragment reuse): the honest full-sync cost.
-        t0 = time.perf_counter()
-        res = render(model, cfg, changed=None, previous=None, chunk_chains=chunk)
-        renders.append(time.perf_counter() - t0)
-        restores.append(_apply(binary, res))
-        state = res.state
-    rules = dict(res.rules)
-
-    p_render, p_restore = [], []
-    for g in range(repeat):
-        store.upsert(ENDPOINT_SLICE, changed_slice(n // 2, generation=g + 1))
-        snap = store.snapshot()
-        assert snap.changed, "the endpoint change was not tracked"
-        t0 = time.perf_counter()
-        res = render(snap.model, cfg, changed=snap.changed, previous=state, chunk_chains=chunk)
-        p_render.append(time.perf_counter() - t0)
-        p_restore.append(_apply(binary, res))
-        state = res.state
-    med = statistics.median
-    return {
-        "services": n,
-        "endpoints": n * EPS_PER_SVC,
-        "backend": backend,
-        "rules": rules,
-        "full_render_s": med(renders),
-        "full_restore_s": med(restores),
-        "full_restore_first_s": restores[0],
-        "partial_render_s": med(p_render),
-        "partial_restore_s": med(p_restore),
-        "partial_text_lines": res.text.count("\n"),
-        "restore_chunks": len(render(model, cfg, chunk_chains=chunk).pre) + 1,
-    }
-
-
-# -- outer: namespaces, daemon, API server ---------------------------------------------------
-
-
-def sh(*argv: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(list(argv), check=True, capture_output=True, text=True, **kw)
-
-
-def run_inner(ns: str, n: int, repeat: int, backend: str) -> dict:
-    r = subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            ns,
-            sys.executable,
-            __file__,
-            "--inner",
-            str(n),
-            "--repeat",
-            str(repeat),
-            "--backend",
-            backend,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    if r.returncode != 0:
-        raise SystemExit(f"inner benchmark failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def daemon_latency(ns: str, n: int, repeat: int, workdir: Path) -> dict:
-    """Real daemon + list/watch API server in namespace `ns`: event → rules applied."""
-    from proxy.testbed.apiserver import ApiServerClient  # admin client of the process mode
-
-    svcs, slices = objects(n)
-    load = workdir / f"objects-{n}.json"
-    load.write_text(json.dumps({"kind": "List", "items": svcs + slices}))
-    port = 16443
-    api_log = open(workdir / f"apiserver-{n}.log", "w")  # noqa: SIM115
-    api = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            ns,
-            sys.executable,
-            "-m",
-            "proxy.testbed.apiserver",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--load",
-            str(load),
-        ],
-        cwd=ROOT,
-        stdout=api_log,
-        stderr=subprocess.STDOUT,
-    )
-    daemon = None
-    try:
-        client = ApiServerClient(ns, f"127.0.0.1:{port}")
-        client.wait_ready(60)
-        kubeconfig = workdir / "kubeconfig"
-        client.write_kubeconfig(kubeconfig)
-        dlog_path = workdir / f"daemon-{n}.log"
-        dlog = open(dlog_path, "w")  # noqa: SIM115
-        daemon = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                sys.executable,
-                "-m",
-                "proxy",
-                f"--kubeconfig={kubeconfig}",
-                "--hostname-override=node-a",
-                "--cluster-cidr=198.18.0.0/16",
-                "--iptables-min-sync-period=0s",
-                "--healthz-bind-address=127.0.0.1:10256",
-                "--metrics-bind-address=",
-                "--iptables-sync-period=1h",
-            ],
-            cwd=ROOT,
-            stdout=dlog,
-            stderr=subprocess.STDOUT,
-        )
-        t0 = time.monotonic()
-        _wait_log(dlog_path, "synced", 1, 600, daemon)
-        first_sync = time.monotonic() - t0
-        time.sleep(1.0)
-        rss = rss_mb(daemon.pid)  # ip netns exec execs: the daemon's own PID
-        lat = []
-        for g in range(repeat):
-            before = _count(dlog_path, "(partial")
-            t0 = time.time()
-            client.put(changed_slice(n // 2, generation=g + 1))
-            line = _wait_log(dlog_path, "(partial", before + 1, 120, daemon)
-            lat.append(_log_time(line) - t0)
-            time.sleep(0.3)
-        rss_after = rss_mb(daemon.pid)
-        return {
-            "first_sync_s": first_sync,
-            "event_to_applied_s": statistics.median(lat),
-            "event_to_applied_all_s": lat,
-            "rss_mb": rss,
-            "rss_after_changes_mb": rss_after,
-        }
-    finally:
-        for p in (daemon, api):
-            if p is not None and p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-
-
-def _count(path: Path, needle: str) -> int:
-    return path.read_text(errors="replace").count(needle)
-
-
-def _wait_log(path: Path, needle: str, count: int, timeout: float, proc) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if needle in ln]
-        if len(lines) >= count:
-            return lines[count - 1]
-        if proc.poll() is not None:
-            raise SystemExit(f"daemon exited: {path.read_text()[-2000:]}")
-        time.sleep(0.01)
-    raise SystemExit(f"timeout waiting for {needle!r} x{count} in {path}")
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+SYNCED = re.compile(r"synced (\d+) services \((full|partial)")
 
 
 def _log_time(line: str) -> float:
-    """Wall-clock time of a daemon log line ("2026-11-22 03:29:21,792 I ...")."""
-    import datetime as dt
-
-    stamp = " ".join(line.split()[:2])
-    return dt.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
-
-
-def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    labels = [f"{r['services'] // 1000}k svc" for r in results]
-    x = range(len(results))
-    w = 0.38
-    ax[0].bar([i - w / 2 for i in x], [r["full_render_s"] for r in results], w, label="render")
-    ax[0].bar(
-        [i + w / 2 for i in x], [r["full_restore_s"] for r in results], w, label="iptables-restore"
-    )
-    ax[0].set_xticks(list(x), labels)
-    ax[0].set_ylabel("seconds (log scale)")
-    ax[0].set_yscale("log")
-    ax[1].set_yscale("log")
-    ax[0].set_title("full sync")
-    ax[0].legend()
-    full = [r["full_render_s"] + r["full_restore_s"] for r in results]
-    part = [r["partial_render_s"] + r["partial_restore_s"] for r in results]
-    ev = [r.get("daemon", {}).get("event_to_applied_s", 0) for r in results]
-    ax[1].bar([i - w for i in x], full, w * 0.9, label="full sync")
-    ax[1].bar(list(x), part, w * 0.9, label="1-endpoint partial sync")
-    ax[1].bar([i + w for i in x], ev, w * 0.9, label="watch event → applied (daemon)")
-    ax[1].set_xticks(list(x), labels)
-    ax[1].set_title("one endpoint change vs full sync")
-    ax[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    m = LOG_TIME.match(line)
+    if not m:
+        raise ValueError(f"no timestamp in {line!r}")
+    return dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="1000,10000")
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--backend", choices=("nft", "legacy"), default="nft")
-    ap.add_argument("--no-daemon", action="store_true", help="skip the daemon/watch part")
-    ap.add_argument("--inner", type=int, help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.inner:
-        print(json.dumps(inner(a.inner, a.repeat, a.backend)))
-        return 0
-    if os.geteuid() != 0:
-        print("control_plane: needs root (it creates network namespaces)", file=sys.stderr)
-        return 2
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    workdir = Path(f"/tmp/kpb-cp-{uuid.uuid4().hex[:6]}")
-    workdir.mkdir()
-    results = []
-    for n in [int(s) for s in a.sizes.split(",")]:
-        for phase in ("inner", "daemon"):
-            if phase == "daemon" and a.no_daemon:
-                continue
-            ns = f"kpb-{uuid.uuid4().hex[:6]}"
-            sh("ip", "netns", "add", ns)
-            try:
-                sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-                if phase == "inner":
-                    r = run_inner(ns, n, a.repeat, a.backend)
-                    results.append(r)
-                else:
-                    results[-1]["daemon"] = daemon_latency(ns, n, a.repeat, workdir)
-            finally:
-                subprocess.run(["ip", "netns", "del", ns], check=False)
-        r = results[-1]
-        full = r["full_render_s"] + r["full_restore_s"]
-        part = r["partial_render_s"] + r["partial_restore_s"]
-        print(
-            f"{n:>6} services: rules nat={r['rules'].get('nat')} | full sync {full:.3f}s = "
-            f"render {r['full_render_s']:.3f}s + restore {r['full_restore_s']:.3f}s "
-            f"(render/restore {r['full_render_s'] / r['full_restore_s']:.2f}) | 1-endpoint "
-            f"partial {part:.3f}s ({part / full:.3f} of full)",
-            flush=True,
-        )
-        if "daemon" in r:
-            d = r["daemon"]
-            print(
-                f"        daemon: first sync {d['first_sync_s']:.2f}s, watch event → applied "
-                f"{d['event_to_applied_s']:.3f}s ({d['event_to_applied_s'] / full:.3f} of full "
-                f"sync), RSS {d['rss_mb']:.0f} MB",
-                flush=True,
+def _wait_sync(px: Any, kind: str, after: int, timeout: float) -> tuple[float, int]:
+    """Wall time of the first `kind` sync logged after `after` syncs; its sync number."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [ln for ln in px.logs().splitlines() if SYNCED.search(ln)]
+        for k, ln in enumerate(lines[after:], start=after + 1):
+            m = SYNCED.search(ln)
+            if m and m.group(2) == kind:
+                return _log_time(ln), k
+        if not px.alive():
+            raise RuntimeError(f"daemon exited:\n{px.log_tail()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {kind} sync in {timeout:.0f}s:\n{px.log_tail()}")
+        time.sleep(0.05)
+
+
+def daemon_start(
+    c: ControlContender,
+    objs: tuple[list[dict[str, Any]], list[dict[str, Any]]],
+    n: int,
+    eps: int,
+    gen: int,
+    work: Path,
+    profile: Path | None = None,
+) -> dict[str, Any]:
+    """Start the daemon against a loaded API server on a fresh node; measure its start."""
+    with Testbed(workdir=work / f"{c.mode}-{n}-{gen}") as tb:
+        node = tb.add_node(NODE, underlay_ip="198.18.200.1", pod_cidr="198.18.1.0/24")
+        api = ApiServer()
+        for o in objs[0] + objs[1]:
+            api.apply(o)
+        sock = node.socket()
+        sock.bind(("127.0.0.1", API_PORT))
+        api.start(sock)
+        try:
+            kubeconfig = write_kubeconfig(tb.workdir / "kubeconfig", f"http://127.0.0.1:{API_PORT}")
+            t0 = time.time()
+            px = node.start_proxy(
+                [
+                    f"--kubeconfig={kubeconfig}",
+                    f"--proxy-mode={c.mode}",
+                    f"--hostname-override={NODE}",
+                    "--cluster-cidr=198.18.0.0/16",
+                    "--iptables-min-sync-period=0s",
+                    "--iptables-sync-period=1h",
+                    "--healthz-bind-address=",
+                    "--metrics-bind-address=",
+                    *c.daemon_args,
+                ]
             )
-    out = {
-        "machine": os.uname().nodename,
-        "cores": os.cpu_count(),
-        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "results": results,
+            prof = Profiler(px.pid, profile, f"{c.mode}-{n}-{gen}") if profile else None
+            try:
+                t_sync, k = _wait_sync(px, "full", 0, timeout=60 + n * 0.02)
+            finally:
+                if prof is not None:
+                    prof.stop(px.logs(), t0)
+            peak = rss_kib(px.pid, "VmHWM")
+            admin = AdminClient(f"http://127.0.0.1:{API_PORT}", netns=node.ns)
+            t1 = time.time()
+            admin.put(changed_slice(n // 2, eps, gen))
+            t_part, _ = _wait_sync(px, "partial", k, timeout=60 + n * 0.01)
+            rss = rss_kib(px.pid, "VmRSS")
+            peak = rss_kib(px.pid, "VmHWM") or peak
+            saved = node.exec(list(c.save), timeout=600).stdout
+            px.stop()
+        finally:
+            api.stop()
+    return {
+        "sync_s": t_sync - t0,
+        "partial_s": t_part - t1,
+        "peak_rss_mib": (peak or 0) / 1024,
+        "rss_mib": (rss or 0) / 1024,
+        "ruleset": saved,
     }
-    stem = "control_plane" if a.backend == "nft" else f"control_plane_{a.backend}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2))
-    plot(results, RESULTS / f"{stem}.png")
-    print(f"wrote {RESULTS / stem}.json and {stem}.png")
-    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def reference_restore(c: ControlContender, ruleset: str, n: int, gen: int, work: Path) -> float:
+    """Seconds for the kernel tool to load `ruleset` into a fresh namespace."""
+    with Testbed(workdir=work / f"{c.mode}-ref-{n}-{gen}") as tb:
+        host = tb.add_external("restore", "198.18.200.2")
+        t0 = time.perf_counter()
+        host.exec(list(c.restore), input=ruleset, timeout=3600)
+        return time.perf_counter() - t0
+
+
+class Profiler:
+    """--profile: py-spy samples the daemon's start (collapsed stacks, threads apart) and a
+    thread samples its RSS every 50 ms; written with the daemon's log lines, so a peak can
+    be matched to what the daemon was doing."""
+
+    def __init__(self, pid: int, out: Path, stem: str) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.pid, self.out, self.stem = pid, out, stem
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self.spy = None
+        spy = shutil.which("py-spy") or shutil.which(
+            "py-spy", path=str(Path(sys.executable).parent)
+        )
+        if spy:
+            argv = [spy, "record", "--pid", str(pid), "--rate", "100", "--threads",
+                    "--format", "raw", "--output", str(out / f"{stem}.pyspy.txt")]  # fmt: skip
+            self.spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            kib = rss_kib(self.pid)
+            if kib is None:
+                return
+            self.samples.append((time.time(), kib))
+
+    def stop(self, log: str, t0: float) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.spy is not None:
+            self.spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            self.spy.wait(60)
+        events = []
+        for line in log.splitlines():
+            with contextlib.suppress(ValueError):
+                events.append((round(_log_time(line) - t0, 3), line[24:160]))
+        doc = {"rss_mib": [(round(t - t0, 3), round(k / 1024, 1)) for t, k in self.samples],
+               "log": events}  # fmt: skip
+        (self.out / f"{self.stem}.timeline.json").write_text(json.dumps(doc, indent=1))
+
+
+# -- the suite -------------------------------------------------------------------------------
+
+
+def run(ctx: Run) -> SuiteResult:
+    o = ctx.options
+    sizes = o.services or (QUICK_SIZES if ctx.quick else SIZES)
+    eps = o.endpoints
+    rounds = o.rounds or (1 if ctx.quick else 3)
+    res = SuiteResult(
+        settings={
+            "sizes": list(sizes),
+            "endpoints_per_service": eps,
+            "rounds": rounds,
+            "backend": o.iptables_backend,
+        }
+    )
+    work = ctx.out / "work" / "control-plane"
+    work.mkdir(parents=True, exist_ok=True)
+    cs = []
+    for c in contenders(o.iptables_backend):
+        why = ensure_tools(list(c.tools), ctx.install)
+        if why:
+            res.missing[c.name] = "; ".join(why.values())
+        else:
+            cs.append(c)
+    step = ctx.task("control plane", total=len(sizes) * rounds * 2 * max(1, len(cs)))
+    for n in sizes:
+        objs = objects(n, eps)
+        for c in cs:
+            figs = {
+                "sync": res.figure(
+                    f"full sync, {c.mode} mode: daemon start → all Services programmed",
+                    unit="s",
+                    product=c.name,
+                    reference=c.reference,
+                    better="lower",
+                    services=n,
+                    target=SYNC_RATIO_TARGET if n == TARGET_SIZE else None,
+                ),
+                "peak": res.figure(
+                    f"peak RSS during start, {c.mode} mode",
+                    unit="MiB",
+                    product=c.name,
+                    better="lower",
+                    services=n,
+                    target=PEAK_RSS_TARGET if n == TARGET_SIZE else None,
+                ),
+                "rss": res.figure(
+                    f"RSS after start, {c.mode} mode",
+                    unit="MiB",
+                    product=c.name,
+                    better="lower",
+                    services=n,
+                ),
+                "partial": res.figure(
+                    f"one endpoint change → applied, {c.mode} mode",
+                    unit="s",
+                    product=c.name,
+                    better="lower",
+                    services=n,
+                ),
+            }
+            ruleset = None
+            for r, who in alternate([c.name, c.reference], rounds):
+                if who == c.name or ruleset is None:
+                    step(f"control plane: {c.name}, {n} Services, round {r + 1}")
+                    d = daemon_start(c, objs, n, eps, r + 1, work, o.profile)
+                    ruleset = d.pop("ruleset")
+                    figs["sync"].add(c.name, d["sync_s"])
+                    figs["peak"].add(c.name, d["peak_rss_mib"])
+                    figs["rss"].add(c.name, d["rss_mib"])
+                    figs["partial"].add(c.name, d["partial_s"])
+                    step.done()
+                    if who == c.name:
+                        continue
+                step(f"control plane: {c.reference}, {n} Services, round {r + 1}")
+                figs["sync"].add(c.reference, reference_restore(c, ruleset, n, r + 1, work))
+                step.done()
+            if ruleset is not None:
+                res.extra.setdefault("rules", {})[f"{c.mode}/{n}"] = _rule_count(ruleset)
+    return res
+
+
+def _rule_count(saved: str) -> int:
+    return sum(1 for line in saved.splitlines() if line.startswith(("-A ", "add rule")))

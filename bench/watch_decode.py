@@ -6,8 +6,8 @@ memory) than parsing JSON, and the store wants the wire's dicts anyway. Not a te
 measures, side by side in one run (ratios, as these machines are noisy), and writes
 bench/results/watch_decode.json.
 
-  .venv/bin/python bench/watch_decode.py                 # 10k Services, 100k endpoints
-  .venv/bin/python bench/watch_decode.py --services 1000 --endpoints 10000 --repeat 5
+  python -m kube_proxy_py_bench.watch_decode             # 10k Services, 100k endpoints
+  python -m kube_proxy_py_bench.watch_decode --services 1000 --endpoints 10000 --repeat 5
 
 Measured, each the median of --repeat runs:
   * list decode in process: a ServiceList / EndpointSliceList body → objects;
@@ -31,16 +31,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from kubernetes import client as k8s
+from kubernetes import watch as k8s_watch
 
-from kubernetes import client as k8s  # noqa: E402
-from kubernetes import watch as k8s_watch  # noqa: E402
+from proxy.endpoints.store import ENDPOINT_SLICE, SERVICE, Store
+from proxy.testbed.apiserver import ApiServer
 
-from proxy.endpoints.store import ENDPOINT_SLICE, SERVICE, Store  # noqa: E402
-from proxy.testbed.apiserver import ApiServer  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 PER_SLICE = 100  # the EndpointSlice controller's default maximum
 MANAGED_BY = "endpointslice-controller.k8s.io"
 TRIGGER = "endpoints.kubernetes.io/last-change-trigger-time"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-MODES = ("iptables", "userspace", "none")
+MODES = ("iptables", "nftables", "userspace", "none")
 
 
 class UsageError(Exception):
@@ -274,7 +274,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("manifests", STR, "--manifests", own="manifests",
       help="YAML file or directory of Services/EndpointSlices instead of an API"),
     S("proxy_mode", _choice(*MODES), "--proxy-mode", "mode",
-      help="iptables (default), userspace or none"),
+      help="iptables (default), nftables, userspace or none"),
     S("hostname", HOSTNAME, "--hostname-override", "hostnameOverride",
       help="this node's name (default: the hostname)"),
     S("bind_address", IP, "--bind-address", "bindAddress",
@@ -400,7 +400,7 @@ class _OneLineParser(argparse.ArgumentParser):
 def _build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(
         prog="kube-proxy-py",
-        description="Kubernetes Service data plane (iptables/userspace) with node-local DNS.",
+        description="Kubernetes Service data plane (iptables/nftables/userspace), node-local DNS.",
     )
     p.add_argument("--config", help="a KubeProxyConfiguration file; flags given override it")
     for s in SETTINGS:

@@ -1,5 +1,12 @@
 """The daemon: wires a source, the store, one data plane, DNS and health on one loop.
 
+    Source ─(threads)─> Store ─> SyncRunner ─> DataPlane.sync
+                                          └──> consumers: DNS (at once), health check
+                                               nodePorts (once programmed)
+
+Every seam is typed (proxy/endpoints/source.py, proxy/dataplane.py): the daemon only
+decides which parts exist.
+
 Structured concurrency: every long-lived task belongs to one TaskGroup; SIGTERM/SIGINT
 end it in order (stop accepting, stop watching) and leave the node's rules in place, as
 kube-proxy does, so a restart or upgrade does not interrupt Service traffic.
@@ -13,16 +20,20 @@ import dataclasses
 import ipaddress
 import logging
 import signal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from proxy.config import Config, PrivilegeError, UsageError, describe
-from proxy.dataplane import DataPlane, NoDataPlane
-from proxy.endpoints.store import Snapshot, Store
+from proxy.dataplane import Consumer, DataPlane, NoDataPlane
+from proxy.endpoints.source import Source
+from proxy.endpoints.store import Store
 from proxy.health import HealthServer, HealthState, ServiceHealthServers
+from proxy.model import Model, ServiceKey
 from proxy.sync import SyncRunner
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
+
+    from proxy.dns import DnsServer
 
 log = logging.getLogger("proxy")
 
@@ -32,6 +43,10 @@ def make_dataplane(cfg: Config, api_client: ApiClient | None = None) -> DataPlan
         from proxy.iptables.dataplane import IptablesDataPlane
 
         return IptablesDataPlane(cfg)
+    if cfg.proxy_mode == "nftables":
+        from proxy.nftables.dataplane import NftablesDataPlane
+
+        return NftablesDataPlane(cfg)
     if cfg.proxy_mode == "userspace":
         from proxy.userspace.dataplane import UserspaceDataPlane
 
@@ -39,7 +54,7 @@ def make_dataplane(cfg: Config, api_client: ApiClient | None = None) -> DataPlan
     return NoDataPlane()
 
 
-def make_source(cfg: Config, store: Store) -> Any:
+def make_source(cfg: Config, store: Store) -> Source:
     if cfg.manifests:
         from proxy.endpoints.manifests import ManifestsSource
 
@@ -66,10 +81,23 @@ def nodeport_hosts(cfg: Config) -> tuple[str, ...]:
     return out or ("127.0.0.1",)
 
 
+class DnsConsumer:
+    """Cluster DNS follows the served model as soon as it is known (see Consumer)."""
+
+    name = "DNS"
+    after_sync = False
+
+    def __init__(self, dns: DnsServer) -> None:
+        self.dns = dns
+
+    async def update(self, model: Model, changed: frozenset[ServiceKey] | None) -> None:
+        self.dns.update(model)
+
+
 async def cleanup(cfg: Config) -> int:
     """--cleanup: remove what any mode of this proxy made; exit 0."""
     ok = True
-    for mode in ("iptables", "userspace"):
+    for mode in ("iptables", "nftables", "userspace"):
         try:
             dp = make_dataplane(dataclasses.replace(cfg, proxy_mode=mode))
             await dp.cleanup()
@@ -93,36 +121,30 @@ async def run(cfg: Config) -> int:
     # Every user error (unreadable kubeconfig, port in use, …) must surface before the
     # data plane touches the node: a daemon that exits on a typo leaves no rules behind.
     source = make_source(cfg, store)
-    if hasattr(source, "check"):
-        source.check()
+    source.check()
     dataplane = make_dataplane(cfg, source.api_client)
 
     health = HealthState(timeout=2 * cfg.sync_period)
     health_server = HealthServer(health)
     await health_server.start(cfg.healthz_bind, cfg.metrics_bind)
 
-    listeners = []
+    consumers: list[Consumer] = []
     dns = None
     if cfg.dns_bind is not None:
         from proxy.dns import DnsServer
 
         dns = DnsServer(cfg)
-        model_for_dns = getattr(dataplane, "model_for_dns", None)
-        if model_for_dns is not None:  # laptop mode: DNS points at the loopback addresses
-            listeners.append(lambda m: dns.update(model_for_dns(m)))
-        else:
-            listeners.append(dns.update)
         await dns.start()
+        consumers.append(DnsConsumer(dns))
 
     await dataplane.start()  # missing binaries / no privileges: still nothing programmed
 
-    # In a worker thread: pyroute2's synchronous API cannot run inside this running loop.
-    hosts = await asyncio.to_thread(nodeport_hosts, cfg)
-    svc_health = ServiceHealthServers(cfg.hostname, health, hosts)
-
-    async def after_sync(snap: Snapshot) -> None:
-        if cfg.proxy_mode != "none":
-            await svc_health.update(snap.model)
+    svc_health = None
+    if dataplane.forwards:  # nothing to check where nothing forwards (--proxy-mode=none)
+        # In a worker thread: pyroute2's synchronous API cannot run inside this running loop.
+        hosts = await asyncio.to_thread(nodeport_hosts, cfg)
+        svc_health = ServiceHealthServers(cfg.hostname, health, hosts)
+        consumers.append(svc_health)
 
     runner = SyncRunner(
         store,
@@ -130,8 +152,7 @@ async def run(cfg: Config) -> int:
         period=cfg.sync_period,
         min_period=cfg.min_sync_period,
         health=health,
-        listeners=listeners,
-        after_sync=after_sync,
+        consumers=consumers,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -150,8 +171,9 @@ async def run(cfg: Config) -> int:
     finally:
         log.info("shutting down; %s state is left in place", dataplane.name)
         await asyncio.to_thread(source.stop)  # may wait for an in-flight list request
-        with contextlib.suppress(Exception):
-            await svc_health.stop()
+        if svc_health is not None:
+            with contextlib.suppress(Exception):
+                await svc_health.stop()
         if dns is not None:
             with contextlib.suppress(Exception):
                 await dns.stop()

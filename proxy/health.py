@@ -143,20 +143,36 @@ def _json(code: int, body: str, headers: Mapping[str, str] | None = None) -> web
     return web.Response(status=code, text=body, content_type="application/json", headers=h)
 
 
+def local_endpoint_count(model: Model, key: ServiceKey, node_name: str) -> tuple[int, int] | None:
+    """(healthCheckNodePort, ready local endpoints) of an ETP=Local Service, else None."""
+    svc = model.services.get(key)
+    if svc is None or not svc.health_check_node_port or svc.proxy_name:
+        return None
+    local = {
+        a.ip for a in model.endpoints_of(key).addresses if a.ready and a.node_name == node_name
+    }
+    return svc.health_check_node_port, len(local)
+
+
 def local_endpoint_counts(model: Model, node_name: str) -> dict[ServiceKey, tuple[int, int]]:
     """Service → (healthCheckNodePort, ready local endpoints) for ETP=Local Services (pure)."""
     out: dict[ServiceKey, tuple[int, int]] = {}
-    for key, svc in model.services.items():
-        if not svc.health_check_node_port or svc.proxy_name:
-            continue
-        se = model.endpoints_of(key)
-        local = {a.ip for a in se.addresses if a.ready and a.node_name == node_name}
-        out[key] = (svc.health_check_node_port, len(local))
+    for key in model.services:
+        entry = local_endpoint_count(model, key, node_name)
+        if entry is not None:
+            out[key] = entry
     return out
 
 
 class ServiceHealthServers:
-    """One HTTP listener per healthCheckNodePort, reconciled after every sync."""
+    """One HTTP listener per healthCheckNodePort, reconciled after every sync.
+
+    A `Consumer` of the sync runner, fed once the data plane has programmed the model
+    (as kube-proxy syncs its health check servers after a successful sync); only the
+    Services that changed are looked at."""
+
+    name = "health check nodePorts"
+    after_sync = True
 
     def __init__(self, node_name: str, state: HealthState, addresses: tuple[str, ...]) -> None:
         self.node_name = node_name
@@ -181,8 +197,18 @@ class ServiceHealthServers:
 
         return handle
 
-    async def update(self, model: Model) -> None:
-        self.counts = local_endpoint_counts(model, self.node_name)
+    async def update(self, model: Model, changed: frozenset[ServiceKey] | None) -> None:
+        if changed is None:
+            self.counts = local_endpoint_counts(model, self.node_name)
+        else:
+            counts = dict(self.counts)
+            for key in changed:
+                entry = local_endpoint_count(model, key, self.node_name)
+                if entry is None:
+                    counts.pop(key, None)
+                else:
+                    counts[key] = entry
+            self.counts = counts
         want = {port: key for key, (port, _) in self.counts.items()}
         for port in [p for p in self._servers if want.get(p) != self._servers[p][0]]:
             key, runner = self._servers.pop(port)

@@ -26,7 +26,8 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -48,7 +49,6 @@ log = logging.getLogger("proxy.kube")
 NOT_IN_POD = (
     "not in a pod and no --kubeconfig/--manifests given: pass --kubeconfig PATH or --manifests PATH"
 )
-RESOURCE_NAMES = {SERVICE: "services", ENDPOINT_SLICE: "endpointslices"}
 
 
 def _first_line(e: BaseException) -> str:
@@ -115,6 +115,10 @@ class Backoff:
         self._n = 0
 
 
+# Failures where the server gave no answer at all.
+_NO_ANSWER = (urllib3.exceptions.HTTPError, ConnectionError, OSError, TimeoutError)
+
+
 class _Expired(Exception):
     """The watch's resourceVersion is gone from the server's history (410)."""
 
@@ -129,20 +133,27 @@ class _Informer:
         store: Store,
         stopping: threading.Event,
         *,
-        backoff: Backoff,
+        resource: str,
+        conn_backoff: Backoff,
+        list_backoff: Backoff,
         watch_timeout: tuple[int, int],
         list_timeout: float,
-        label_selector: str,
+        label_selector: str = "",
+        field_selector: str = "",
+        sleep: Callable[[float], object] | None = None,
     ) -> None:
         self.kind = kind
-        self.resource = RESOURCE_NAMES[kind]
+        self.resource = resource
         self._list_fn = list_fn
         self._store = store
         self._stopping = stopping
-        self._backoff = backoff
+        self._conn_backoff = conn_backoff
+        self._list_backoff = list_backoff
         self._watch_timeout = watch_timeout
         self._list_timeout = list_timeout
-        self._selector = label_selector
+        self._label_selector = label_selector
+        self._field_selector = field_selector
+        self._sleep = sleep or stopping.wait
         self.rv = ""  # last resourceVersion seen (list, object or bookmark)
         self.events = 0  # events handled by the current watch
         self.streaming = False  # the current watch got its response (so a break is a drop)
@@ -160,14 +171,15 @@ class _Informer:
                 try:
                     self._list()
                     need_list = False
-                    self._backoff.reset()
+                    self._conn_backoff.reset()  # the server answers
                 except Exception as e:
                     if self._stopping.is_set():
                         return
                     why = f"list failed: {_describe(e)}"
-                    self._restart("error", why, "retrying the list", self._backoff.next())
+                    self._restart("error", why, "retrying the list", self._delay_after(e))
                     continue
             started, self.events, self.streaming = time.monotonic(), 0, False
+            error: BaseException | None = None
             try:
                 self._watch()
                 reason, why = "closed", "stream ended"
@@ -178,17 +190,37 @@ class _Informer:
                 # Broken mid-stream (server restart, dropped connection): resume.
                 reason = "closed" if self.streaming else "error"
                 why = f"stream broken: {_describe(e)}" if self.streaming else _describe(e)
+                error = e
             except Exception as e:
-                reason, why = "error", _describe(e)
+                reason, why, error = "error", _describe(e), e
             if self._stopping.is_set():
                 return
-            # Useful work done → resume now; otherwise back off, so a server that
-            # closes or fails every stream at once never makes this a busy loop.
+            # Useful work done → resume now, and a later relist is quick again. Otherwise
+            # back off, so a server that closes or fails every stream at once never makes
+            # this a busy loop.
             healthy = reason != "error" and (self.events or time.monotonic() - started >= 1.0)
             if healthy:
-                self._backoff.reset()
-            step = "relisting" if need_list else f"resuming from resourceVersion {self.rv}"
-            self._restart(reason, why, step, 0.0 if healthy else self._backoff.next())
+                self._conn_backoff.reset()
+                self._list_backoff.reset()
+            if need_list:
+                # The server answered (410): relist soon, on the list's own backoff. The
+                # connection backoff may sit at its cap after an outage; client-go keeps
+                # the two apart (backoffManager / initConnBackoffManager) for this.
+                self._conn_backoff.reset()
+                delay = self._list_backoff.next()
+                step = "relisting"
+            else:
+                delay = 0.0 if healthy else self._delay_after(error)
+                step = f"resuming from resourceVersion {self.rv}"
+            self._restart(reason, why, step, delay)
+
+    def _delay_after(self, error: BaseException | None) -> float:
+        """The wait before retrying after `error`: the connection backoff when the server
+        did not answer (down, unreachable, stream cut or ended at once), else the list's
+        backoff (it answered, with an error status, an ERROR event or garbage)."""
+        if error is None or isinstance(error, _NO_ANSWER):
+            return self._conn_backoff.next()
+        return self._list_backoff.next()
 
     def _restart(self, reason: str, why: str, step: str, delay: float) -> None:
         """Count and log (one line) a restart of the list/watch, then wait `delay`."""
@@ -197,7 +229,7 @@ class _Informer:
         when = f" in {delay:.2f}s" if delay else ""
         log.log(level, "watch %s: %s; %s%s", self.resource, why, step, when)
         if delay:
-            self._stopping.wait(delay)
+            self._sleep(delay)
 
     # -- list ------------------------------------------------------------------------------
 
@@ -300,8 +332,10 @@ class _Informer:
     # -- plumbing --------------------------------------------------------------------------
 
     def _call(self, **kw: Any) -> Any:
-        if self._selector:
-            kw["label_selector"] = self._selector
+        if self._label_selector:
+            kw["label_selector"] = self._label_selector
+        if self._field_selector:
+            kw["field_selector"] = self._field_selector
         resp = self._list_fn(_preload_content=False, **kw)
         self._set_resp(resp)
         if self._stopping.is_set():
@@ -331,46 +365,82 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {_first_line(e)}"
 
 
+@dataclass(frozen=True)
+class WatchedKind:
+    """One resource the source lists and watches into the store.
+
+    `list_fn(api)` returns the client's list function for it (called with `watch=True` to
+    watch); the selectors are sent with every request (e.g. this node's own Node object:
+    `field_selector="metadata.name=<node>"`).
+    """
+
+    kind: str  # the store's kind name
+    resource: str  # the API's plural, for logs and metrics
+    list_fn: Callable[[k8s.ApiClient], Callable[..., Any]]
+    label_selector: str = ""
+    field_selector: str = ""
+
+
+SERVICES = WatchedKind(
+    SERVICE, "services", lambda api: k8s.CoreV1Api(api).list_service_for_all_namespaces
+)
+ENDPOINT_SLICES = WatchedKind(
+    ENDPOINT_SLICE,
+    "endpointslices",
+    lambda api: k8s.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces,
+)
+DEFAULT_KINDS = (SERVICES, ENDPOINT_SLICES)
+
+
 class KubeSource:
     """Feeds a Store from the API server. Construct (raises UsageError on bad config),
     `start()`, optionally `wait_synced()` / `await synced()` (the store's `has_synced`
-    turns true at the same moment), `stop()` on shutdown. One-shot: not restartable."""
+    turns true at the same moment), `stop()` on shutdown. One-shot: not restartable.
+
+    `kinds` lists what is watched, one informer thread each (DEFAULT_KINDS: Services and
+    EndpointSlices); `api_client` is the client they share, for other parts that talk to
+    the same API server."""
 
     def __init__(
         self,
         cfg: Config,
         store: Store,
         *,
+        kinds: Sequence[WatchedKind] = DEFAULT_KINDS,
         backoff_initial: float = 0.5,
         backoff_cap: float = 30.0,
         watch_timeout: tuple[int, int] = (300, 600),
         list_timeout: float = 120.0,
         label_selectors: dict[str, str] | None = None,
+        sleep: Callable[[float], object] | None = None,
     ) -> None:
         self._cfg = cfg
         self._conf = self.check_config(cfg)
         self._api = k8s.ApiClient(self._conf)
         self._stopping = threading.Event()
-        core, disc = k8s.CoreV1Api(self._api), k8s.DiscoveryV1Api(self._api)
-        fns = {
-            SERVICE: core.list_service_for_all_namespaces,
-            ENDPOINT_SLICE: disc.list_endpoint_slice_for_all_namespaces,
-        }
         sel = label_selectors or {}
         self._informers = {
-            kind: _Informer(
-                kind,
-                fn,
+            k.kind: _Informer(
+                k.kind,
+                k.list_fn(self._api),
                 store,
                 self._stopping,
-                backoff=Backoff(backoff_initial, backoff_cap),
+                resource=k.resource,
+                conn_backoff=Backoff(backoff_initial, backoff_cap),
+                list_backoff=Backoff(backoff_initial, backoff_cap),
                 watch_timeout=watch_timeout,
                 list_timeout=list_timeout,
-                label_selector=sel.get(kind, ""),
+                label_selector=sel.get(k.kind, k.label_selector),
+                field_selector=k.field_selector,
+                sleep=sleep,
             )
-            for kind, fn in fns.items()
+            for k in kinds
         }
         self._started = False
+
+    @property
+    def api_client(self) -> k8s.ApiClient:
+        return self._api
 
     @staticmethod
     def check_config(cfg: Config) -> k8s.Configuration:
@@ -386,15 +456,12 @@ class KubeSource:
     def host(self) -> str:
         return str(self._conf.host)
 
-    @property
-    def api_client(self) -> k8s.ApiClient:
-        return self._api
-
     def start(self) -> None:
         if self._started:
             return
         self._started = True
-        log.info("watching Services and EndpointSlices at %s", self.host)
+        what = ", ".join(inf.resource for inf in self._informers.values())
+        log.info("watching %s at %s", what, self.host)
         for inf in self._informers.values():
             inf.thread.start()
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from proxy.config import UsageError
 from proxy.endpoints.store import ENDPOINT_SLICE, SERVICE, Store
 
 log = logging.getLogger("proxy.manifests")
@@ -88,6 +89,10 @@ class ManifestsSource:
     @property
     def api_client(self) -> None:
         return None  # no API server behind this source
+
+    def check(self) -> None:
+        if not self.root.exists():
+            raise UsageError(f"--manifests: {self.root} does not exist")
 
     def start(self) -> None:
         self.reload()

@@ -89,6 +89,7 @@ class IptablesDataPlane:
     """The iptables data plane (`--proxy-mode=iptables`)."""
 
     name = "iptables"
+    forwards = True
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -107,6 +108,9 @@ class IptablesDataPlane:
         self.last_restore_seconds = 0.0
         self.last_conntrack_seconds = 0.0
         self.syncs = 0
+
+    def served(self, model: Model) -> Model:
+        return model  # rules for the Services as they are
 
     @property
     def families(self) -> tuple[int, ...]:
@@ -240,6 +244,10 @@ class IptablesDataPlane:
         self.last_restore_seconds = restore_s
         self._set_rule_metrics(results)
         self.syncs += 1
+        if self.syncs == 1:  # takeover from the nftables mode: its tables go once ours are in
+            from proxy.nftables.dataplane import remove_tables_on_takeover
+
+            await remove_tables_on_takeover()
         log.debug(
             "iptables %s sync: render %.3fs, restore %.3fs",
             "full" if full else "partial",

@@ -9,7 +9,8 @@ fail the sync, so everything else keeps being served.
 Node mode (root): Service IPs are owned on kube-proxy-py0 (see addresses.py); NodePorts
 listen on the node addresses --nodeport-addresses allows. Laptop mode (not root, or
 userspace_laptop="on"): Services listen on 127.x.y.z addresses (see laptop.py), nothing
-in the kernel is changed, and `model_for_dns` gives DNS the addresses actually served.
+in the kernel is changed, and `served` is that rewritten model (the runner gives it to
+`sync` and to DNS, so names resolve to the addresses actually served).
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def _port_spec(svc: Service, t: Target) -> PortSpec | None:
 
 class UserspaceDataPlane:
     name = "userspace"
+    forwards = True
 
     def __init__(self, cfg: Config, api_client: ApiClient | None = None) -> None:
         self.cfg = cfg
@@ -119,11 +121,9 @@ class UserspaceDataPlane:
         self.forwarder: Forwarder | None = None
         self.source: SourcePolicy | None = None  # node mode: endpoints see client addresses
 
-    # -- DNS hook (daemon.py): the model as served, in laptop mode -----------------------------
-
-    @property
-    def model_for_dns(self) -> Callable[[Model], Model] | None:
-        return self.rewriter.rewrite if self.rewriter is not None else None
+    def served(self, model: Model) -> Model:
+        """The model as served: in laptop mode, on loopback addresses and shifted ports."""
+        return self.rewriter.rewrite(model) if self.rewriter is not None else model
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -322,10 +322,8 @@ class UserspaceDataPlane:
 
     async def sync(self, snap: Snapshot, full: bool) -> None:
         t0 = time.perf_counter()
-        model = snap.model
-        if self.rewriter is not None:
-            model = self.rewriter.rewrite(model)
-        elif self.addrs is not None and (full or not self._synced_once or not snap.changed):
+        model = snap.model  # already served(): laptop addresses in laptop mode
+        if self.addrs is not None and (full or not self._synced_once or not snap.changed):
             # Full and periodic syncs re-read the kernel: node addresses change, and someone
             # may have removed one of ours.
             ours, local = await self._netlink(self.addrs.survey)

@@ -146,18 +146,22 @@ class ManifestDir:
 # -- the daemon ----------------------------------------------------------------------------
 
 
+MODES = ("iptables", "nftables")  # the kernel data planes the e2e tests run in both
+
+
 def proxy_args(
     node: Node,
     *,
+    mode: str = "iptables",
     manifests: ManifestDir | Path | str | None = None,
     kubeconfig: Path | str | None = None,
     min_sync: str = "0s",
     cluster_cidr: str = CLUSTER_CIDR,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """The flags every iptables e2e daemon runs with (kube-proxy's names)."""
+    """The flags every iptables/nftables e2e daemon runs with (kube-proxy's names)."""
     args = [
-        "--proxy-mode=iptables",
+        f"--proxy-mode={mode}",
         "--hostname-override",
         node.name,
         "--cluster-cidr",
@@ -324,6 +328,22 @@ def kube_lines(node: Node, family: int = 4, *, save: str | None = None) -> list[
     binary = save or ("ip6tables-save" if family == 6 else "iptables-save")
     out = node.exec([binary]).stdout
     return [line for line in out.splitlines() if "KUBE-" in line]
+
+
+def nft_tables(node: Node) -> list[str]:
+    """`nft list tables` in NODE: e.g. ["table ip kube-proxy", "table ip6 kube-proxy"]."""
+    return [ln.strip() for ln in node.exec(["nft", "list", "tables"]).stdout.splitlines()]
+
+
+def programmed(node: Node, mode: str) -> str:
+    """What the data plane of MODE holds in NODE, as text (iptables-save lines that
+    mention KUBE-, or our nftables tables), for checks that something is gone."""
+    if mode == "nftables":
+        return "\n".join(
+            node.exec(["nft", "list", "table", fam, "kube-proxy"], check=False).stdout
+            for fam in ("ip", "ip6")
+        )
+    return "\n".join(kube_lines(node, 4) + kube_lines(node, 6))
 
 
 def node_addresses(node: Node) -> set[str]:

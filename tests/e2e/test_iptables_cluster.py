@@ -1,9 +1,9 @@
-"""iptables mode end to end on a two-node, dual-stack virtual cluster.
+"""iptables and nftables modes end to end on a two-node, dual-stack virtual cluster.
 
-node-a (pods a-web, client) and node-b (pods b-web, b-client) each run the daemon in
-iptables mode on one shared manifests directory, written before they start (the cases
-here are static, so one pair of daemons serves the whole module). Services live in
-198.19.20.0/24 and fd00:19::20:0/112 here.
+node-a (pods a-web, client) and node-b (pods b-web, b-client) each run the daemon on one
+shared manifests directory, written before they start (the cases here are static, so one
+pair of daemons per mode serves the module; the virtual cluster is built once for both
+modes). Services live in 198.19.20.0/24 and fd00:19::20:0/112 here.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from proxy.testbed import (
 from proxy.testbed import cluster as tb_cluster
 
 from .iptables_helpers import (
+    MODES,
     ManifestDir,
     cleanup_node,
     endpoint_slice,
@@ -79,8 +80,16 @@ def _manifests(c: Cluster) -> list[dict]:
     ]
 
 
+@dataclass
+class Bed:
+    c: Cluster
+    b_client: Host
+    manifests: ManifestDir
+
+
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    """The virtual cluster with its backends, shared by both modes."""
     work = tmp_path_factory.mktemp("iptables-cluster")
     with Testbed(workdir=work) as tb:
         c = tb_cluster.two_node_cluster(tb, dual_stack=True)
@@ -92,20 +101,29 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             start_backend(web, 8080, proto="http")
         manifests = ManifestDir(work / "manifests")
         manifests.write("cluster", *_manifests(c))
-        proxies: dict[str, ProxyProcess] = {}
-        try:
-            for node in c.nodes:
-                args = proxy_args(node, manifests=manifests, cluster_cidr=CLUSTER_CIDRS)
-                proxies[node.name] = node.start_proxy(args)
-            for p in proxies.values():
-                p.wait_ready()
-            yield Site(c, b_client, proxies)
-        finally:
-            problems = [msg for p in proxies.values() if (msg := stop_checked(p))]
-            for node in c.nodes:
-                cleanup_node(node)
-        if problems:
-            pytest.fail("\n".join(problems))
+        yield Bed(c, b_client, manifests)
+
+
+@pytest.fixture(scope="module", params=MODES)
+def site(bed: Bed, request: pytest.FixtureRequest) -> Iterator[Site]:
+    """One daemon per node in one mode; the nodes are cleaned before the next mode."""
+    c = bed.c
+    proxies: dict[str, ProxyProcess] = {}
+    try:
+        for node in c.nodes:
+            args = proxy_args(
+                node, mode=request.param, manifests=bed.manifests, cluster_cidr=CLUSTER_CIDRS
+            )
+            proxies[node.name] = node.start_proxy(args)
+        for p in proxies.values():
+            p.wait_ready()
+        yield Site(c, bed.b_client, proxies)
+    finally:
+        problems = [msg for p in proxies.values() if (msg := stop_checked(p))]
+        for node in c.nodes:
+            cleanup_node(node)
+    if problems:
+        pytest.fail("\n".join(problems))
 
 
 # -- 11. cross-node ------------------------------------------------------------------------

@@ -1,9 +1,9 @@
-"""iptables mode fed by an API server: watch recovery proven with traffic.
+"""iptables and nftables modes fed by an API server: watch recovery proven with traffic.
 
 The test API server (proxy/testbed/apiserver.py) runs in this process but listens inside the
 node's namespace (a socket made there with `node.socket()`), so the daemon reaches it at
-127.0.0.1 through a kubeconfig. One server and one daemon serve the module; each test
-uses its own Services (198.19.30.0/24).
+127.0.0.1 through a kubeconfig. Per mode, one server and one daemon serve the module (the
+virtual node is shared); each test uses its own Services (198.19.30.0/24).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from proxy.testbed import Host, Node, ProxyProcess, Testbed, client_request, sta
 from proxy.testbed.apiserver import ApiServer, wait_for
 
 from .iptables_helpers import (
+    MODES,
     cleanup_node,
     endpoint_slice,
     metric,
@@ -53,8 +54,17 @@ def web_service(name: str, ip: str) -> dict:
     return service(name, ip, [port(80, 8080)])
 
 
+@dataclass
+class Bed:
+    tb: Testbed
+    node: Node
+    webs: list[Host]
+    client: Host
+
+
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    """The virtual node and its pods, shared by both modes."""
     work = tmp_path_factory.mktemp("iptables-watch")
     with Testbed(workdir=work) as tb:
         node = tb.add_node("node-a", underlay_ip="198.18.200.1", pod_cidr="198.18.1.0/24")
@@ -64,29 +74,35 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         # so checks made before a sync fail fast instead of timing out.
         for w in webs:
             start_backend(w, 8080, proto="http")
+        yield Bed(tb, node, webs, client)
 
-        api = ApiServer()
-        # The initial list already holds a Service: the first sync must program it.
-        api.apply(web_service("alpha", "198.19.30.1"))
-        api.apply(endpoint_slice("alpha", webs[:2], port=8080))
-        sock = node.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        api.start(sock=sock)
-        proxy = None
-        try:
-            kubeconfig = api.kubeconfig(work / "kubeconfig")
-            # 100ms: bursts of watch events coalesce into one sync (the bounded-frequency path).
-            args = proxy_args(node, kubeconfig=kubeconfig, min_sync="100ms")
-            proxy = node.start_proxy(args)
-            proxy.wait_ready()
-            yield Site(tb, node, webs, client, api, proxy)
-        finally:
-            problem = stop_checked(proxy) if proxy is not None else None
-            api.stop()
-            cleanup_node(node)
-        if problem:
-            pytest.fail(problem)
+
+@pytest.fixture(scope="module", params=MODES)
+def site(bed: Bed, request: pytest.FixtureRequest) -> Iterator[Site]:
+    """A fresh API server and one daemon in one mode."""
+    node, webs = bed.node, bed.webs
+    api = ApiServer()
+    # The initial list already holds a Service: the first sync must program it.
+    api.apply(web_service("alpha", "198.19.30.1"))
+    api.apply(endpoint_slice("alpha", webs[:2], port=8080))
+    sock = node.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    api.start(sock=sock)
+    proxy = None
+    try:
+        kubeconfig = api.kubeconfig(bed.tb.workdir / f"kubeconfig-{request.param}")
+        # 100ms: bursts of watch events coalesce into one sync (the bounded-frequency path).
+        args = proxy_args(node, mode=request.param, kubeconfig=kubeconfig, min_sync="100ms")
+        proxy = node.start_proxy(args)
+        proxy.wait_ready()
+        yield Site(bed.tb, node, webs, bed.client, api, proxy)
+    finally:
+        problem = stop_checked(proxy) if proxy is not None else None
+        api.stop()
+        cleanup_node(node)
+    if problem:
+        pytest.fail(problem)
 
 
 def counts(api: ApiServer) -> tuple[dict[str, int], dict[str, int]]:

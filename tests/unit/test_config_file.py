@@ -213,7 +213,7 @@ def test_unknown_fields_are_warned_about_with_their_path(
         ("iptables: {masqueradeBit: '14'}", "iptables.masqueradeBit: expected a whole number"),
         ("iptables: 5", "iptables: expected a mapping, got int"),
         ("clusterCIDR: banana", "clusterCIDR: 'banana' is not a CIDR"),
-        ("mode: ipvs", "mode: 'ipvs' is not one of iptables, userspace, none"),
+        ("mode: ipvs", "mode: 'ipvs' is not one of iptables, nftables, userspace, none"),
         ("healthzBindAddress: 10256", "healthzBindAddress: expected an address"),
         ("conntrack: {min: true}", "conntrack.min: expected a whole number, got bool True"),
     ],

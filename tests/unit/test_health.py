@@ -120,8 +120,9 @@ def test_service_health_server_answers_with_local_count() -> None:
         srv = ServiceHealthServers("a", HealthState(60), ("127.0.0.1",))
         out = []
         async with aiohttp.ClientSession() as http:
-            for m in (model, empty):
-                await srv.update(m)
+            # The first model whole, then only what changed (as the sync runner feeds it).
+            for m, changed in ((model, None), (empty, frozenset({("default", "lb")}))):
+                await srv.update(m, changed)
                 async with http.get(f"http://127.0.0.1:{port}/") as r:
                     out.append(
                         (

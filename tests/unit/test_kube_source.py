@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -422,3 +423,57 @@ def test_backoff_grows_exponentially_with_jitter_up_to_the_cap() -> None:
     assert all(later >= earlier * 0.8 for earlier, later in itertools.pairwise(delays))
     b.reset()
     assert b.next() <= 0.6
+
+
+class SleepRecorder:
+    """Stands in for the informers' backoff waits: records each delay per resource and
+    returns at once, except that a thread with `hold_after` delays is held until released
+    (the outage goes on, without real waiting)."""
+
+    def __init__(self, hold_after: int) -> None:
+        self.delays: dict[str, list[float]] = {}
+        self.hold_after = hold_after
+        self.held: set[str] = set()
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+
+    def __call__(self, delay: float) -> None:
+        resource = threading.current_thread().name.removeprefix("kube-")
+        with self.lock:
+            mine = self.delays.setdefault(resource, [])
+            mine.append(delay)
+            hold = len(mine) == self.hold_after
+            if hold:
+                self.held.add(resource)
+        if hold:
+            self.release.wait(60)
+
+
+def test_relist_after_an_outage_does_not_wait_out_the_connection_backoff(env: Env) -> None:
+    """Bug 6: one backoff served connection errors and the relist after a 410, so after a
+    long outage the relist waited the 30 s cap again. Reconnects stay jittered and capped;
+    the relist, once the server answers, comes after the list's own short backoff."""
+    env.api.create(svc("a", "198.19.0.1"))
+    sleeps = SleepRecorder(hold_after=12)
+    src = env.source(backoff_initial=0.5, backoff_cap=30.0, sleep=sleeps)
+    src.start()
+    assert src.wait_synced(20)
+    wait_for(lambda: env.api.open_watches() == 2, "both watches open")
+    host, port = env.api.address
+    env.api.stop()  # the outage: connections refused from now on
+    env.api.create(svc("during", "198.19.0.2"))  # changed meanwhile, history compacted
+    env.api.compact(keep_last=0)
+    wait_for(lambda: sleeps.held == {"services", "endpointslices"}, "both watches held")
+    outage = sleeps.delays["services"]
+    # Exponential, jittered by at most 20 %, capped at 30 s.
+    assert outage[0] <= 0.6 and all(d <= 30.0 for d in outage), outage
+    assert outage[-1] == 30.0 and outage[-5] >= 0.8 * 30.0, outage
+    assert len({round(d, 6) for d in outage[:6]}) == 6, outage  # grows (and is jittered)
+    env.api.start(host=host, port=port)
+    sleeps.release.set()  # the next reconnect gets through: 410, relist
+    wait_for(lambda: cluster_ip(env.store, "during") == "198.19.0.2", "the relist")
+    for resource in ("services", "endpointslices"):
+        wait_for(lambda r=resource: len(sleeps.delays[r]) > sleeps.hold_after, f"{resource} 410")
+        relist_delay = sleeps.delays[resource][sleeps.hold_after]
+        assert relist_delay <= 0.6, sleeps.delays[resource]
+    assert env.api.list_count("services") == 2

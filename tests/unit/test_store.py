@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import threading
+from datetime import UTC, datetime
 
 import pytest
+from prometheus_client import REGISTRY
 
-from proxy.endpoints.store import ENDPOINT_SLICE, SERVICE, Store
+from proxy.endpoints.store import ENDPOINT_SLICE, SERVICE, Snapshot, Store
 from tests.unit.factories import endpoint, service, slice_
 
 
@@ -119,21 +122,58 @@ def test_orphan_slice_logged_once_and_used_when_service_arrives(caplog) -> None:
     )
 
 
-def test_trigger_time_is_earliest_pending() -> None:
-    s = Store()
+ANN = "endpoints.kubernetes.io/last-change-trigger-time"
+START = 1_800_000_000.0  # the store's (the daemon's) start, epoch seconds
+
+
+def _at(seconds_after_start: float) -> dict[str, str]:
+    ts = datetime.fromtimestamp(START + seconds_after_start, UTC)
+    return {ANN: ts.isoformat().replace("+00:00", "Z")}
+
+
+def test_trigger_times_are_kept_per_change_after_start() -> None:
+    s = Store(start_time=START)
     s.replace(SERVICE, [service("web")])
     s.replace(ENDPOINT_SLICE, [])
     s.snapshot()
-    ann = "endpoints.kubernetes.io/last-change-trigger-time"
-    s.upsert(ENDPOINT_SLICE, slice_("web", annotations={ann: "2026-01-01T00:00:10Z"}))
-    s.upsert(
-        ENDPOINT_SLICE,
-        slice_(
-            "web", endpoints=[endpoint("198.18.1.5")], annotations={ann: "2026-01-01T00:00:20Z"}
-        ),
-    )
+    s.upsert(ENDPOINT_SLICE, slice_("web", annotations=_at(10)))
+    s.upsert(ENDPOINT_SLICE, slice_("web", endpoints=[endpoint("198.18.1.5")], annotations=_at(20)))
+    s.upsert(ENDPOINT_SLICE, slice_("web", endpoints=[endpoint("198.18.1.5")], annotations=_at(20)))
     snap = s.snapshot()
-    assert snap.trigger_times[("default", "web")] == 1767225610.0
+    # kube-proxy observes one latency per change (the repeat is no change).
+    assert snap.trigger_times == {("default", "web"): (START + 10, START + 20)}
+    assert s.snapshot().trigger_times == {}
+
+
+def test_trigger_times_from_before_start_are_ignored_on_start_and_relist() -> None:
+    """Bug 5: the initial list (and every relist) fed trigger times older than the
+    daemon to the network-programming latency metric."""
+    s = Store(start_time=START)
+    old = slice_("web", annotations=_at(-3600))
+    s.replace(SERVICE, [service("web")])
+    s.replace(ENDPOINT_SLICE, [old])
+    assert s.snapshot().trigger_times == {}
+    s.replace(ENDPOINT_SLICE, [old])  # a relist: nothing changed
+    assert s.snapshot().trigger_times == {}
+    # A relist that carries a change made while the watch was down counts, as kube-proxy's.
+    moved = slice_("web", endpoints=[endpoint("198.18.1.7")], annotations=_at(30))
+    s.replace(ENDPOINT_SLICE, [moved])
+    assert s.snapshot().trigger_times == {("default", "web"): (START + 30,)}
+
+
+def test_deleting_a_slice_drops_its_services_pending_trigger_times() -> None:
+    s = Store(start_time=START)
+    s.replace(SERVICE, [service("web")])
+    s.replace(
+        ENDPOINT_SLICE,
+        [slice_("web", "web-1"), slice_("web", "web-2", endpoints=[endpoint("198.18.1.9")])],
+    )
+    s.snapshot()
+    s.upsert(ENDPOINT_SLICE, slice_("web", "web-1", annotations=_at(5), endpoints=[]))
+    s.delete(ENDPOINT_SLICE, slice_("web", "web-2"))
+    snap = s.snapshot()
+    assert snap.changed == {("default", "web")}
+    assert snap.trigger_times == {}  # as kube-proxy: a deletion's annotation is stale
 
 
 def test_listeners_are_notified() -> None:
@@ -145,11 +185,67 @@ def test_listeners_are_notified() -> None:
     assert calls == [1]
 
 
-def test_service_and_endpoint_changes_are_counted_apart(store: Store) -> None:
+def _sample(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+def test_service_and_endpoint_changes_are_counted_per_event(store: Store) -> None:
+    """Bug 5: the totals were added at sync time (lost when a sync failed); kube-proxy
+    counts every event as it arrives, pending ones by Service."""
     store.snapshot()
+    svc0 = _sample("kubeproxy_sync_proxy_rules_service_changes_total")
+    ep0 = _sample("kubeproxy_sync_proxy_rules_endpoint_changes_total")
     store.upsert(SERVICE, service("web", ip="198.19.0.99"))
     store.upsert(ENDPOINT_SLICE, slice_("db", endpoints=[endpoint("198.18.9.9")]))
     store.upsert(ENDPOINT_SLICE, slice_("web", endpoints=[endpoint("198.18.9.8")]))
+    store.upsert(ENDPOINT_SLICE, slice_("web", endpoints=[endpoint("198.18.9.7")]))
+    assert _sample("kubeproxy_sync_proxy_rules_service_changes_total") == svc0 + 1
+    assert _sample("kubeproxy_sync_proxy_rules_endpoint_changes_total") == ep0 + 3
+    assert _sample("kubeproxy_sync_proxy_rules_service_changes_pending") == 1
+    assert _sample("kubeproxy_sync_proxy_rules_endpoint_changes_pending") == 2
     snap = store.snapshot()
     assert snap.changed == {("default", "web"), ("default", "db")}
-    assert (snap.service_changes, snap.endpoint_changes) == (1, 2)
+    assert _sample("kubeproxy_sync_proxy_rules_endpoint_changes_pending") == 0
+    store.replace(SERVICE, [service("web", ip="198.19.0.99")])  # a relist: one event each
+    assert _sample("kubeproxy_sync_proxy_rules_service_changes_total") == svc0 + 1 + 2
+
+
+def test_snapshot_does_not_wait_for_a_relist_being_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bug 2: the store's lock was held while a whole list was parsed, and the loop takes
+    it for every snapshot: a relist of 3k Services stalled DNS and new connections for
+    hundreds of ms. Here the parse of one object blocks until the snapshot has returned."""
+    from proxy.endpoints import store as store_module
+
+    store = Store()
+    store.replace(SERVICE, [service("web")])
+    store.replace(ENDPOINT_SLICE, [slice_("web")])
+    store.snapshot()
+    parsing, release = threading.Event(), threading.Event()
+    real_parse = store_module.parse_service
+
+    def parse(obj: dict) -> object:
+        if obj["metadata"]["name"] == "blocker":
+            parsing.set()
+            release.wait(60)
+        return real_parse(obj)
+
+    monkeypatch.setattr(store_module, "parse_service", parse)
+    relist = [service("web"), service("blocker", ip="198.19.0.12"), service("db", ip="198.19.0.11")]
+    writer = threading.Thread(target=store.replace, args=(SERVICE, relist))
+    writer.start()
+    try:
+        assert parsing.wait(60), "the relist never reached the blocking parse"
+        snaps: list[Snapshot] = []
+        reader = threading.Thread(target=lambda: snaps.append(store.snapshot()))
+        reader.start()
+        reader.join(60)  # a generous deadline for the state asserted below
+        assert snaps, "snapshot() waited for the relist's parse"
+        assert set(snaps[0].model.services) == {("default", "web")}  # the relist is not half in
+    finally:
+        release.set()
+        writer.join(60)
+    assert set(store.snapshot().model.services) == {
+        ("default", "web"),
+        ("default", "blocker"),
+        ("default", "db"),
+    }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import os
 import socket
@@ -92,10 +93,11 @@ class Harness:
         self.store.replace("EndpointSlice", slices)
 
     async def sync(self, full: bool = False) -> None:
-        await self.dp.sync(self.store.snapshot(), full)
+        snap = self.store.snapshot()  # as the sync runner hands it on: the served model
+        await self.dp.sync(dataclasses.replace(snap, model=self.dp.served(snap.model)), full)
 
     def addr(self, name: str, ns: str = "default") -> str:
-        model = self.dp.model_for_dns(self.store.snapshot().model)
+        model = self.dp.served(self.store.snapshot().model)
         return model.services[(ns, name)].cluster_ips[0]
 
     async def serve(self, *ports: int, port: int = 8080, proto: str = "TCP", **spec) -> str:

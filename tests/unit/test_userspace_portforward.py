@@ -9,6 +9,7 @@ which serves pods/portforward with the kubelet's framing and dials the Pods' pod
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import os
@@ -84,7 +85,8 @@ class Harness:
     async def set(self, services: list[dict], slices: list[dict], full: bool = False) -> None:
         self.store.replace("Service", services)
         self.store.replace("EndpointSlice", slices)
-        await self.dp.sync(self.store.snapshot(), full)
+        snap = self.store.snapshot()  # as the sync runner hands it on: the served model
+        await self.dp.sync(dataclasses.replace(snap, model=self.dp.served(snap.model)), full)
 
 
 @pytest.fixture

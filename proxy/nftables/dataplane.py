@@ -1,0 +1,291 @@
+"""nftables mode: the DataPlane that renders the model and applies it per IP family.
+
+A sync renders (in a worker thread) one nft transaction per family and runs it through
+libnftables (or `nft -f -`, when the library cannot be loaded). Transactions are atomic:
+a failed one changes nothing, the previous state is forgotten and the runner's retry is
+a full sync, which recreates the table. After the first successful sync the iptables
+mode's (or kube-proxy's) leftovers are removed, so a node switching modes is never
+without Service rules. Stale UDP/SCTP conntrack entries are cleared as in the iptables
+mode (proxy/iptables/conntrack.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import time
+
+from prometheus_client import Counter, Gauge
+
+from proxy.config import Config, PrivilegeError, UsageError
+from proxy.endpoints.store import Snapshot
+from proxy.iptables import conntrack
+from proxy.iptables.backend import has_net_admin
+from proxy.model import Model, ip_family
+from proxy.nftables.nft import (
+    INSTALL_HINT,
+    LibNftables,
+    NftCommand,
+    NftError,
+    first_error,
+    open_nft,
+)
+from proxy.nftables.render import TABLE, NftConfig, RenderResult, RenderState, render
+
+log = logging.getLogger("proxy.nftables")
+
+PRIVILEGE_HINT = (
+    "nftables mode needs CAP_NET_ADMIN: run as root or with CAP_NET_ADMIN, "
+    "or use --proxy-mode=userspace"
+)
+
+# kube-proxy's nftables-mode metric names.
+SYNC_FAILURES = Counter(
+    "kubeproxy_sync_proxy_rules_nftables_sync_failures",
+    "Cumulative proxy nftables sync failures",
+)
+CLEANUP_FAILURES = Counter(
+    "kubeproxy_sync_proxy_rules_nftables_cleanup_failures",
+    "Cumulative proxy nftables cleanup failures",
+)
+ELEMENTS = Gauge(
+    "kubeproxy_py_nftables_elements",
+    "Map and set elements this proxy holds in its nftables tables",
+    ["ip_family"],
+)
+CHAINS = Gauge(
+    "kubeproxy_py_nftables_chains",
+    "Chains in this proxy's nftables tables",
+    ["ip_family"],
+)
+
+
+def _family_name(family: int) -> str:
+    return "ip6" if family == 6 else "ip"
+
+
+def delete_tables(nft: LibNftables | NftCommand, families=(4, 6)) -> list[str]:
+    """Delete `ip kube-proxy` / `ip6 kube-proxy` (absent ones are fine); errors as text."""
+    errors = []
+    for fam in families:
+        t = f"{_family_name(fam)} {TABLE}"
+        # "add" first: deleting a table that is not there is an error.
+        res = nft.run(f"add table {t}\ndelete table {t}\n")
+        if res.rc != 0:
+            errors.append(f"{t}: {first_error(res.err, '')}")
+    return errors
+
+
+def ipv6_available() -> bool:
+    return os.path.exists("/proc/net/if_inet6")
+
+
+class NftablesDataPlane:
+    """The nftables data plane (`--proxy-mode=nftables`)."""
+
+    name = "nftables"
+    forwards = True
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.nft: LibNftables | NftCommand | None = None
+        self.families: tuple[int, ...] = (4,)
+        self.conntrack = conntrack.Conntrack()
+        self.local_ips: tuple[str, ...] = ()
+        self.node_ips: dict[int, str] = {}
+        self.tcp_be_liberal = False
+        self._state: dict[int, RenderState | None] = {}
+        self._model: Model | None = None
+        self._took_over = False
+        self.last_render_seconds = 0.0
+        self.last_apply_seconds = 0.0
+        self.last_restore_seconds = 0.0  # same as last_apply_seconds (bench compatibility)
+        self.last_conntrack_seconds = 0.0
+        self.syncs = 0
+
+    def served(self, model: Model) -> Model:
+        return model  # rules for the Services as they are
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _open(self) -> LibNftables | NftCommand:
+        if not has_net_admin():
+            raise PrivilegeError(PRIVILEGE_HINT)
+        try:
+            return open_nft()
+        except FileNotFoundError:
+            raise UsageError(INSTALL_HINT) from None
+
+    async def start(self) -> None:
+        self.nft = self._open()
+        v6 = self.cfg.ipv6
+        if v6 == "on" and not ipv6_available():
+            raise UsageError("--ipv6=on but this kernel has no IPv6; pass --ipv6=off")
+        self.families = (4, 6) if v6 != "off" and ipv6_available() else (4,)
+        from proxy.iptables.dataplane import _sysctl_on
+
+        self.tcp_be_liberal = _sysctl_on("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
+        probe = await asyncio.to_thread(self.nft.run, "list tables\n")
+        if probe.rc != 0:
+            raise UsageError(f"nft does not work here: {first_error(probe.err, '')}")
+        if not self.conntrack.available:
+            log.warning(
+                "conntrack not found: stale UDP flows will not be cleared after endpoint "
+                "changes; install the conntrack package"
+            )
+        await self._refresh_addresses()
+        kind = "libnftables" if isinstance(self.nft, LibNftables) else "nft command"
+        fams = ", ".join(f"{_family_name(f)} {TABLE}" for f in self.families)
+        log.info("nftables data plane ready (%s): tables %s", kind, fams)
+
+    async def stop(self) -> None:
+        """Leave the tables in place (like kube-proxy) so traffic keeps flowing."""
+        return None
+
+    async def cleanup(self) -> None:
+        """Delete both tables. Idempotent."""
+        nft = self.nft or self._open()
+        errors = await asyncio.to_thread(delete_tables, nft)
+        self._state.clear()
+        if errors:
+            CLEANUP_FAILURES.inc()
+            raise RuntimeError("nftables cleanup failed: " + "; ".join(errors))
+        log.info("nftables: removed tables ip %s and ip6 %s", TABLE, TABLE)
+
+    # -- sync ------------------------------------------------------------------------------
+
+    def render_config(self, family: int) -> NftConfig:
+        cfg = self.cfg
+        return NftConfig(
+            family=family,
+            node_name=cfg.hostname,
+            cluster_cidrs=tuple(c for c in cfg.cluster_cidrs if ip_family(c) == family),
+            masquerade_all=cfg.masquerade_all,
+            masquerade_mark=cfg.masquerade_mark,
+            nodeport_addresses=tuple(c for c in cfg.nodeport_addresses if ip_family(c) == family),
+            local_ips=tuple(ip for ip in self.local_ips if ip_family(ip) == family),
+            node_ip=self.node_ips.get(family, ""),
+            conntrack_tcp_be_liberal=self.tcp_be_liberal,
+        )
+
+    async def _refresh_addresses(self) -> None:
+        from proxy.iptables.dataplane import local_addresses
+
+        try:
+            self.local_ips, self.node_ips = await asyncio.to_thread(local_addresses)
+        except Exception as e:  # keep the previous list
+            log.warning("cannot list local addresses: %s", e)
+
+    async def sync(self, snap: Snapshot, full: bool) -> None:
+        if self.nft is None:
+            await self.start()
+        full = full or any(self._state.get(f) is None for f in self.families)
+        try:
+            await self._sync(snap, full)
+        except Exception:
+            SYNC_FAILURES.inc()
+            self._state.clear()  # unknown now: the retry recreates the tables
+            raise
+
+    async def _sync(self, snap: Snapshot, full: bool) -> None:
+        assert self.nft is not None
+        model = snap.model
+        if full or not snap.changed:
+            await self._refresh_addresses()
+        results: dict[int, RenderResult] = {}
+        t0 = time.perf_counter()
+        for fam in self.families:
+            job = functools.partial(
+                render,
+                model,
+                self.render_config(fam),
+                changed=None if full else snap.changed,
+                previous=None if full else self._state.get(fam),
+            )
+            results[fam] = await asyncio.to_thread(job)
+        self.last_render_seconds = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        for fam, res in results.items():
+            if res.text:
+                out = await asyncio.to_thread(self.nft.run, res.text)
+                if out.rc != 0:
+                    raise NftError(
+                        f"nft: {_family_name(fam)} {TABLE} transaction failed: "
+                        f"{first_error(out.err, res.text)}"
+                    )
+            self._state[fam] = res.state
+            ELEMENTS.labels(ip_family=str(fam)).set(res.elements)
+            CHAINS.labels(ip_family=str(fam)).set(res.chains)
+        self.last_apply_seconds = self.last_restore_seconds = time.perf_counter() - t0
+        self.syncs += 1
+        t0 = time.perf_counter()
+        if not self._took_over:
+            self._took_over = True
+            await self._remove_iptables_leftovers()
+        takeover = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        await self._clear_conntrack(model, None if full else snap.changed)
+        self.last_conntrack_seconds = time.perf_counter() - t0
+        (log.info if full else log.debug)(
+            "nftables %s sync: render %.3fs, nft %.3fs, %d elements in %d chains%s, "
+            "conntrack %.3fs",
+            "full" if full else "partial",
+            self.last_render_seconds,
+            self.last_apply_seconds,
+            sum(r.elements for r in results.values()),
+            sum(r.chains for r in results.values()),
+            f", iptables leftovers check {takeover:.3f}s" if takeover > 0.0005 else "",
+            self.last_conntrack_seconds,
+        )
+
+    async def _remove_iptables_leftovers(self) -> None:
+        """Takeover: the iptables mode's (or kube-proxy's) chains go once ours are in."""
+        from proxy.iptables.dataplane import IptablesDataPlane
+
+        try:
+            await IptablesDataPlane(self.cfg).cleanup()
+        except UsageError:
+            pass  # no iptables binaries: nothing of theirs can be there
+        except Exception as e:
+            log.warning("could not remove iptables-mode leftovers: %s", e)
+
+    async def _clear_conntrack(self, model: Model, changed: frozenset | None) -> None:
+        prev, self._model = self._model, model
+        try:
+            if prev is None:
+                entries: list[conntrack.Entry] = []
+                for fam in self.families:
+                    entries += await self.conntrack.list(fam)
+                flushes = conntrack.reconcile(entries, model)
+            else:
+                job = functools.partial(
+                    conntrack.stale_flushes, prev, model, self.cfg.hostname, changed
+                )
+                flushes = await asyncio.to_thread(job)
+            await self.conntrack.flush([f for f in flushes if f.family in self.families])
+        except Exception:
+            log.exception("conntrack cleanup failed")
+
+
+async def remove_tables_on_takeover() -> None:
+    """For the other modes' takeover: delete our tables if there are any. Quiet when nft
+    is not installed or nothing is there; never raises."""
+    try:
+        nft = open_nft()
+        listing = await asyncio.to_thread(nft.run, "list tables\n")
+        present = [
+            fam
+            for fam in (4, 6)
+            if f"table {_family_name(fam)} {TABLE}" in listing.out.splitlines()
+        ]
+        if present:
+            errors = await asyncio.to_thread(delete_tables, nft, present)
+            if errors:
+                log.warning("could not remove nftables-mode tables: %s", "; ".join(errors))
+            else:
+                log.info("removed the nftables mode's tables (takeover)")
+    except Exception as e:
+        log.debug("no nftables tables removed: %s", e)

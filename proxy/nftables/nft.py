@@ -1,0 +1,124 @@
+"""Running nft transactions: libnftables in-process (ctypes), or the `nft` command.
+
+libnftables is what `nft` itself is built on; calling it in-process saves a fork/exec and
+keeps its ruleset cache between calls (see README.md for the measurements). Debian's
+python3-nftables binds the same library, but it lives in the system interpreter's
+dist-packages, out of reach of a virtualenv; the five calls needed are bound here.
+
+A call blocks while the kernel commits; ctypes releases the GIL for it, so the data
+plane runs it in a worker thread and the event loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass
+
+_SBIN = "/usr/sbin:/sbin:/usr/local/sbin"
+INSTALL_HINT = "nft not found: install the nftables package (apt-get install nftables)"
+
+
+@dataclass(frozen=True, slots=True)
+class NftResult:
+    rc: int
+    out: str
+    err: str
+
+
+class NftError(RuntimeError):
+    """nft refused a transaction; the kernel is unchanged (transactions are atomic)."""
+
+
+def find_nft() -> str | None:
+    import os
+
+    return shutil.which("nft", path=os.pathsep.join([os.environ.get("PATH", ""), _SBIN]))
+
+
+class LibNftables:
+    """One libnftables context (not thread-safe: calls are serialised)."""
+
+    def __init__(self, *, json_output: bool = False) -> None:
+        name = ctypes.util.find_library("nftables") or "libnftables.so.1"
+        lib = ctypes.CDLL(name)
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
+        lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+        self._lib = lib
+        self._ctx = lib.nft_ctx_new(0)
+        if not self._ctx:
+            raise OSError("nft_ctx_new failed")
+        lib.nft_ctx_buffer_output(self._ctx)
+        lib.nft_ctx_buffer_error(self._ctx)
+        if json_output:
+            lib.nft_ctx_output_set_flags(self._ctx, 1 << 4)  # NFT_CTX_OUTPUT_JSON
+        self._lock = threading.Lock()
+
+    def run(self, text: str) -> NftResult:
+        with self._lock:
+            rc = self._lib.nft_run_cmd_from_buffer(self._ctx, text.encode())
+            out = self._lib.nft_ctx_get_output_buffer(self._ctx) or b""
+            err = self._lib.nft_ctx_get_error_buffer(self._ctx) or b""
+        return NftResult(rc, out.decode(errors="replace"), err.decode(errors="replace"))
+
+    def close(self) -> None:
+        if self._ctx:
+            self._lib.nft_ctx_free(self._ctx)
+            self._ctx = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+class NftCommand:
+    """The `nft` binary, one process per call (`nft -f -`)."""
+
+    def __init__(self, binary: str | None = None) -> None:
+        found = binary or find_nft()
+        if found is None:
+            raise FileNotFoundError(INSTALL_HINT)
+        self.binary = found
+
+    def run(self, text: str) -> NftResult:
+        p = subprocess.run(
+            [self.binary, "-f", "-"], input=text.encode(), capture_output=True, timeout=600
+        )
+        return NftResult(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode())
+
+
+def open_nft(prefer: str = "auto") -> LibNftables | NftCommand:
+    """libnftables when it loads (and `prefer` allows), else the nft command."""
+    if prefer in ("auto", "lib"):
+        try:
+            return LibNftables()
+        except OSError:
+            if prefer == "lib":
+                raise
+    return NftCommand()
+
+
+def first_error(err: str, text: str) -> str:
+    """nft's error output → one line: the message and the offending input line."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):
+        if "Error:" in ln:
+            msg = ln.split("Error:", 1)[1].strip()
+            where = ln.split("Error:", 1)[0].rstrip(": ")
+            src = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            return f"{msg} ({where}: {src[:200]})" if where else f"{msg}: {src[:200]}"
+    return (lines[0] if lines else "nft failed")[:300]
