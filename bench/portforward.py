@@ -31,6 +31,9 @@ Figures, alternating each round (medians; ratios are medians of same-round ratio
                       tunnels make small
   first connection    the first one after start (port-forward opens a tunnel for it)
   connections/s       new connections back to back (the pool refills as fast as it can)
+  CPU per connection  the proxy process's CPU time over that run, per connection: through
+                      port-forward it includes opening the tunnel that replaces the one
+                      used (kubectl: its SPDY streams)
 
 Targets (issue 12): download at least 0.5 of kubectl's; a new connection at most 2 of a
 direct one's. Uses kubectl from PATH (a contender without it is reported missing).
@@ -312,6 +315,7 @@ def run(ctx: Run) -> SuiteResult:
     f_setup = fig("set-up cost of a new connection, p50", "ms", DIRECT, "lower")
     f_first = fig("first connection after start", "ms", DIRECT, "lower")
     f_rate = fig("new connections/s, back to back", "conn/s", DIRECT)
+    f_conn_cpu = fig("proxy CPU per new connection (tunnel refill included)", "µs", DIRECT, "lower")
     os.sched_setaffinity(0, {int(LOAD_CPU)})  # the clients (this process) on the load CPU
     step = ctx.task("port-forward", total=rounds * len(names))
     try:
@@ -333,9 +337,10 @@ def run(ctx: Run) -> SuiteResult:
                         f_new.add(name, statistics.median(f for f, _ in paced) * 1e3)
                         f_rt.add(name, statistics.median(r for _, r in paced) * 1e3)
                         f_setup.add(name, statistics.median(f - r for f, r in paced) * 1e3)
-                        t0 = time.perf_counter()
+                        c0, t0 = cpu_seconds(pid), time.perf_counter()
                         connections(ep, conns, 0)
                         f_rate.add(name, conns / (time.perf_counter() - t0))
+                        f_conn_cpu.add(name, (cpu_seconds(pid) - c0) * 1e6 / conns)
                 except Exception as e:  # one contender failing must not lose the others
                     res.missing.setdefault(name, f"failed: {e}".splitlines()[0][:300])
                 step.done()
