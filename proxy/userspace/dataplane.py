@@ -172,10 +172,11 @@ class UserspaceDataPlane:
             return
         try:
             backends = (await iptables_backend.select(self.cfg)).values()
+            why = await TransparentRouting(backends).setup()
         except UsageError as e:
             why = str(e)
-        else:
-            why = await TransparentRouting(backends).setup()
+        except Exception as e:  # whatever it is, proxying from the node's address still works
+            why = f"{type(e).__name__}: {e}"
         if why:
             if want == "on":
                 raise UsageError(f"--userspace-preserve-client-ip=on: {why}")

@@ -144,7 +144,11 @@ class TransparentRouting:
             except OSError as e:
                 return f"IP_TRANSPARENT refused ({e.strerror or e})"
         for be in self.backends:
-            res = await run([be.restore, "--noflush"], stdin=mangle_rules(), timeout=30)
+            try:
+                res = await run([be.restore, "--noflush"], stdin=mangle_rules(), timeout=30)
+            except (OSError, RuntimeError) as e:  # it exited before reading its input
+                await self.cleanup()
+                return f"{be}: the mangle rule cannot be added ({e})"
             if res.rc != 0:
                 await self.cleanup()
                 return f"{be}: the mangle rule cannot be added ({_first_line(res.err)})"

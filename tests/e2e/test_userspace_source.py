@@ -219,6 +219,7 @@ def test_fallback_to_the_node_address_where_the_kernel_refuses(
         script.write_text(
             textwrap.dedent("""\
                 #!/bin/sh
+                cat >/dev/null  # it reads its input, then fails on the rule
                 echo "iptables-restore v1.8.9 (nf_tables): Couldn't load match \\`socket':No such file or directory" >&2
                 exit 2
             """)  # noqa: E501
