@@ -21,7 +21,7 @@ from proxy import metrics
 from proxy.config import Config, UsageError
 from proxy.endpoints.store import Snapshot
 from proxy.iptables import conntrack
-from proxy.iptables.applier import Applier
+from proxy.iptables.applier import Applier, RestoreError
 from proxy.iptables.backend import (
     INSTALL_HINT,
     Backend,
@@ -45,6 +45,8 @@ from proxy.model import Model, ip_family
 # chains of one transaction on iptables 1.8.9 (measured: 32k chains 20 s in one restore,
 # 1.3 s in 4k chunks); see render(chunk_chains=).
 NFT_CHUNK_CHAINS = 4000
+# Stale chains one restore may set aside because a rule outside this proxy jumps to them.
+MAX_HELD_PER_RESTORE = 16
 
 log = logging.getLogger("proxy.iptables")
 
@@ -104,6 +106,9 @@ class IptablesDataPlane:
         # (or missing) means unknown, so the next sync must be full.
         self._state: dict[int, RenderState | None] = {}
         self._model: Model | None = None  # the last model fully applied
+        # Per family: stale chains a rule outside this proxy still jumps to, so -X fails.
+        # They are flushed and kept (see _restore), and deleted once nothing jumps to them.
+        self._held: dict[int, set[tuple[str, str]]] = {}
         self.last_render_seconds = 0.0
         self.last_restore_seconds = 0.0
         self.last_conntrack_seconds = 0.0
@@ -239,8 +244,10 @@ class IptablesDataPlane:
                     )
             for part in results[fam].pre:  # nft: big writes in Service-sized chunks
                 restore_s += await ap.restore(part)
-            restore_s += await ap.restore(results[fam].text)
+            restore_s += await self._restore(fam, results[fam].text)
             self._state[fam] = results[fam].state
+            if self._held.get(fam) and (full or not snap.changed):  # full and periodic
+                await self._delete_held(fam, results[fam].state)
         self.last_restore_seconds = restore_s
         self._set_rule_metrics(results)
         self.syncs += 1
@@ -255,6 +262,51 @@ class IptablesDataPlane:
             restore_s,
         )
         await self._clear_conntrack(model, None if full else snap.changed)
+
+    async def _restore(self, family: int, text: str) -> float:
+        """Restore `text`; a stale chain that a rule outside this proxy still jumps to
+        (so its -X fails) does not fail the sync: it is flushed and kept, and the same
+        input runs again without that -X. Otherwise one foreign rule would block every
+        later change on the node (each retry failing the same way); an empty chain only
+        returns, so the foreign rule no longer reaches any endpoint."""
+        ap = self.appliers[family]
+        for _ in range(MAX_HELD_PER_RESTORE):
+            try:
+                return await ap.restore(text)
+            except RestoreError as e:
+                fail = e.failure
+                if fail is None or not fail.referenced_by or not fail.rule.startswith("-X "):
+                    raise
+                lines = text.split("\n")
+                if lines[fail.line - 1].strip() != fail.rule:
+                    raise
+                metrics.IPTABLES_RESTORE_FAILURES.inc()
+                self._held.setdefault(family, set()).add((fail.table, fail.chain))
+                log.warning(
+                    "%s; a rule outside this proxy holds the chain: it is flushed and kept, "
+                    "and deleted once nothing jumps to it",
+                    e,
+                )
+                text = "\n".join(lines[: fail.line - 1] + lines[fail.line :])
+        return await ap.restore(text)
+
+    async def _delete_held(self, family: int, state: RenderState) -> None:
+        """Try again to delete the stale chains set aside by _restore (periodic and full
+        syncs), unless the model wants them again."""
+        ap, held = self.appliers[family], self._held[family]
+        for table, chain in sorted(held):
+            if (table, chain) in state.chains:
+                held.discard((table, chain))
+                continue
+            try:
+                await ap.restore(f"*{table}\n:{chain} - [0:0]\n-X {chain}\nCOMMIT\n")
+            except RestoreError as e:
+                log.debug("%s: chain %s/%s still held: %s", ap.backend, table, chain, e)
+                continue
+            held.discard((table, chain))
+            log.info(
+                "%s: deleted chain %s/%s: nothing jumps to it any more", ap.backend, table, chain
+            )
 
     async def _full_previous(self, family: int) -> RenderState:
         """`previous` for a full render, so chains no longer wanted are deleted.

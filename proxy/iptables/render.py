@@ -13,7 +13,7 @@ rewritten every time, per-Service chains only for Services in `changed` (plus an
 records or chain set differ from what `previous` recorded, so a wrong `changed` cannot
 leave a jump to a missing chain or stale endpoints).
 
-Speed: each Service's share of the text (a `_Fragment`) is kept in the RenderState and
+Speed: each Service's share of the text (a `ServiceFragment`) is kept in the RenderState and
 reused by the next render while the Service and its endpoints are the same records, so
 renders after the first cost little more than joining strings.
 """
@@ -23,7 +23,7 @@ from __future__ import annotations
 import gc
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import repeat
 from operator import itemgetter
 from types import MappingProxyType
@@ -36,7 +36,16 @@ from proxy.iptables.names import (
     local_chain,
     service_chain,
 )
-from proxy.model import Model, Service, ServiceKey, ip_family, usable_endpoints
+from proxy.model import (
+    Endpoint,
+    Model,
+    PortSpec,
+    Service,
+    ServiceEndpoints,
+    ServiceKey,
+    ip_family,
+    usable_endpoints,
+)
 
 FILTER = "filter"
 NAT = "nat"
@@ -144,7 +153,7 @@ class RenderState:
     service_rules: Mapping[ServiceKey, int] = field(default_factory=_empty_map)  # nat rules
     config: RenderConfig | None = None  # None: unknown, so the next render is full
     # Per-Service rendered text, reused while a Service's records are unchanged.
-    fragments: Mapping[ServiceKey, object] = field(
+    fragments: Mapping[ServiceKey, ServiceFragment] = field(
         default_factory=_empty_map, repr=False, compare=False
     )
 
@@ -211,78 +220,85 @@ def _nodeport_destinations(cfg: RenderConfig) -> tuple[list[str], bool]:
 
 _first = itemgetter(0)
 
-# Indexes into _Fragment.top: the top-level chains a Service adds rules to.
-F_SERVICES, F_EXTERNAL, F_NODEPORTS, F_FIREWALL, N_SERVICES, N_NODEPORTS = range(6)
+
+@dataclass(slots=True)
+class TopLevelRules:
+    """The rules one Service adds to the top-level chains, per table and chain (kube-proxy
+    writes them straight into its filterRules/natRules buffers)."""
+
+    filter_services: list[str] = field(default_factory=list)  # KUBE-SERVICES (filter)
+    filter_external_services: list[str] = field(default_factory=list)  # KUBE-EXTERNAL-SERVICES
+    filter_nodeports: list[str] = field(default_factory=list)  # KUBE-NODEPORTS (filter)
+    filter_firewall: list[str] = field(default_factory=list)  # KUBE-PROXY-FIREWALL
+    nat_services: list[str] = field(default_factory=list)  # KUBE-SERVICES (nat)
+    nat_nodeports: list[str] = field(default_factory=list)  # KUBE-NODEPORTS (nat)
+
+    def extend(self, other: TopLevelRules) -> None:
+        self.filter_services += other.filter_services
+        self.filter_external_services += other.filter_external_services
+        self.filter_nodeports += other.filter_nodeports
+        self.filter_firewall += other.filter_firewall
+        self.nat_services += other.nat_services
+        self.nat_nodeports += other.nat_nodeports
 
 
-class _Port:
-    """One Service port, planned: kube-proxy's servicePortInfo plus CategorizeEndpoints.
+@dataclass(slots=True)
+class EndpointInfo:
+    """kube-proxy's endpointInfo: one endpoint of a Service port and its KUBE-SEP chain."""
 
-    Endpoints are (string, ip, SEP chain) triples; the string is kube-proxy's "ip:port" /
-    "[ip]:port", which orders the endpoints and names their chains.
-    """
-
-    __slots__ = (
-        "affinity",
-        "cip",
-        "cluster",
-        "ext",
-        "ext_local",
-        "fw",
-        "has_external",
-        "has_internal",
-        "internal",
-        "lb_ips",
-        "local",
-        "mpp",
-        "port",
-        "reach",
-        "spn",
-        "src_ranges",
-        "svc",
-        "svl",
-        "uses_ext",
-        "uses_fw",
-    )
+    endpoint: str  # BaseEndpointInfo.String(): "ip:port" / "[ip]:port", orders and names
+    ip: str
+    chain_name: str
 
 
-class _Fragment:
+@dataclass(slots=True)
+class ServicePortInfo:
+    """One Service port, planned: kube-proxy's servicePortInfo plus the per-port locals
+    of syncProxyRules (CategorizeEndpoints' results, which chains are used)."""
+
+    name_string: str  # ServicePortName.String(): ns/name or ns/name:port
+    protocol_match: str  # "-m tcp -p tcp"
+    cluster_ip: str
+    port: int
+    load_balancer_ips: list[str]
+    load_balancer_source_ranges: list[str]
+    sticky_max_age_seconds: int  # 0: no session affinity
+    external_policy_local: bool
+    cluster_policy_chain_name: str  # KUBE-SVC-…
+    local_policy_chain_name: str  # KUBE-SVL-…
+    external_chain_name: str  # KUBE-EXT-…
+    firewall_chain_name: str  # KUBE-FW-…
+    internal_policy_chain: str  # the policy chain internal traffic goes to
+    cluster_endpoints: list[EndpointInfo]
+    local_endpoints: list[EndpointInfo]
+    all_locally_reachable_endpoints: list[EndpointInfo]
+    has_internal_endpoints: bool
+    has_external_endpoints: bool
+    uses_external_traffic_chain: bool
+    uses_fw_chain: bool
+
+
+@dataclass(slots=True)
+class ServiceFragment:
     """One Service's share of a render; reusable while `svc` and `eps` are unchanged.
 
     Its chains are kept as two text blocks (declarations, rules) rather than lists of
     lines: a fraction of the memory, and the final join has fewer pieces.
     """
 
-    __slots__ = (
-        "comments",
-        "decl",
-        "eps",
-        "n_endpoints",
-        "n_rules",
-        "names",
-        "ports",
-        "rules",
-        "svc",
-        "top",
-    )
+    svc: Service
+    eps: ServiceEndpoints | None
+    ports: list[ServicePortInfo] | None = field(default_factory=list)  # None once written
+    top: TopLevelRules = field(default_factory=TopLevelRules)
+    names: frozenset[tuple[str, str]] = _NONE  # (table, chain) of its own chains
+    n_endpoints: int = 0
+    comments: bool | None = None  # which flavour decl/rules were written in
+    decl: str = ""  # "\n"-joined chain declarations
+    rules: str = ""  # "\n"-joined rules
+    n_rules: int = 0
 
-    def __init__(self, svc: Service, eps: object) -> None:
-        self.svc = svc
-        self.eps = eps
-        self.ports: list[_Port] | None = []  # None once written (re-planned if needed)
-        self.top: tuple[list[str], ...] = ([], [], [], [], [], [])
-        self.names: frozenset[tuple[str, str]] = _NONE
-        self.n_endpoints = 0
-        self.comments: bool | None = None  # which flavour decl/rules were written in
-        self.decl = ""  # "\n"-joined chain declarations
-        self.rules = ""  # "\n"-joined rules
-        self.n_rules = 0
-
-    def copy(self) -> _Fragment:
-        f = _Fragment.__new__(_Fragment)
-        for a in _Fragment.__slots__:
-            setattr(f, a, getattr(self, a))
-        return f
+    def copy(self) -> ServiceFragment:
+        return replace(self)
 
 
 class _Renderer:
@@ -299,7 +315,7 @@ class _Renderer:
 
     # -- planning -------------------------------------------------------------------------
 
-    def plan(self, svc: Service, svc_eps) -> _Fragment | None:
+    def plan(self, svc: Service, svc_eps: ServiceEndpoints | None) -> ServiceFragment | None:
         """The Service's top-level rules and chain names (None: not proxied here)."""
         if svc.proxy_name or svc.headless or svc.type == "ExternalName":
             return None
@@ -308,7 +324,7 @@ class _Renderer:
         cip = next((ip for ip in svc.cluster_ips if ip_family(ip) == fam), None)
         if cip is None:
             return None  # kube-proxy's change tracker drops it for this family
-        f = _Fragment(svc, svc_eps)
+        f = ServiceFragment(svc, svc_eps)
         ext_ips = [ip for ip in svc.external_ips if ip_family(ip) == fam]
         lb_ips = [ip for ip in svc.load_balancer_ips if ip_family(ip) == fam]
         ranges = [c for c in svc.load_balancer_source_ranges if ip_family(c) == fam]
@@ -318,6 +334,7 @@ class _Renderer:
         if len(ports) > 1:
             ports = sorted(ports, key=lambda p: (p.port, p.protocol))
         names: list[str] = []
+        planned: list[ServicePortInfo] = []
         for port in ports:
             raw = svc_eps.ports.get((port.name, port.protocol), ()) if svc_eps else ()
             if raw:
@@ -330,54 +347,60 @@ class _Renderer:
                     items.sort(key=_first)  # kube-proxy orders endpoints by that string
             else:
                 items = []
-            f.ports.append(
+            planned.append(
                 self._plan_port(svc, port, cip, ext_ips, lb_ips, ranges, items, f, names)
             )
+        f.ports = planned
         f.names = frozenset(zip(repeat(NAT), names))
         return f
 
-    def _plan_port(self, svc, port, cip, ext_ips, lb_ips, ranges, items, f, names) -> _Port:
-        p = _Port()
+    def _plan_port(
+        self,
+        svc: Service,
+        port: PortSpec,
+        cip: str,
+        ext_ips: list[str],
+        lb_ips: list[str],
+        ranges: list[str],
+        items: list[tuple[str, Endpoint]],
+        f: ServiceFragment,
+        names: list[str],
+    ) -> ServicePortInfo:
         spn = svc.port_name_string(port)
         proto = port.protocol.lower()
-        p.spn = spn
-        p.cip = cip
-        p.port = port.port
-        p.lb_ips = lb_ips
-        p.src_ranges = ranges
-        p.affinity = svc.session_affinity_timeout
-        p.mpp = mpp = f"-m {proto} -p {proto}"
-        p.svc = svc_chain = service_chain(spn, proto)
-        p.svl = svl = local_chain(spn, proto)
-        p.ext = ext = external_chain(spn, proto)
-        p.fw = fw = firewall_chain(spn, proto)
+        mpp = f"-m {proto} -p {proto}"
+        svc_chain = service_chain(spn, proto)
+        svl = local_chain(spn, proto)
+        ext = external_chain(spn, proto)
+        fw = firewall_chain(spn, proto)
 
         externally = bool(port.node_port or lb_ips or ext_ips)
-        etp_local = p.ext_local = svc.external_traffic_local
+        etp_local = svc.external_traffic_local
         itp_local = svc.internal_traffic_local
         uses_cluster = not itp_local or externally
         uses_local = itp_local or (etp_local and externally)
 
         # CategorizeEndpoints (no topology hints); terminating fallback via usable_endpoints.
-        cluster: list[tuple[str, str, str]] = []
-        local: list[tuple[str, str, str]] = []
-        reach: list[tuple[str, str, str]] = []
+        cluster: list[EndpointInfo] = []
+        local: list[EndpointInfo] = []
+        reach: list[EndpointInfo] = []
         has_endpoints = False
         if items:
-            eps = [e for _, e in items]
+            eps = tuple(e for _, e in items)
             usable = usable_endpoints(svc, eps, self.node, local_only=False)
             has_endpoints = bool(usable)
             if len(usable) == len(items):  # all usable (the common case), same order
-                cluster = [(s, e.ip, endpoint_chain(spn, proto, s)) for s, e in items]
+                cluster = [EndpointInfo(s, e.ip, endpoint_chain(spn, proto, s)) for s, e in items]
             else:
                 by_id = {id(e): s for s, e in items}
                 cluster = [
-                    (by_id[id(e)], e.ip, endpoint_chain(spn, proto, by_id[id(e)])) for e in usable
+                    EndpointInfo(by_id[id(e)], e.ip, endpoint_chain(spn, proto, by_id[id(e)]))
+                    for e in usable
                 ]
             if uses_local:
                 by_id = {id(e): s for s, e in items}
                 local = [
-                    (by_id[id(e)], e.ip, endpoint_chain(spn, proto, by_id[id(e)]))
+                    EndpointInfo(by_id[id(e)], e.ip, endpoint_chain(spn, proto, by_id[id(e)]))
                     for e in usable_endpoints(svc, eps, self.node, local_only=True)
                 ]
             if not uses_cluster:
@@ -388,17 +411,35 @@ class _Renderer:
             else:
                 # Local endpoints are either ready (then all in `cluster`) or the
                 # serving-terminating fallback (then not in it): merge those in.
-                seen = {t[0] for t in cluster}
-                reach = cluster + [t for t in local if t[0] not in seen]
-        p.cluster = cluster
-        p.local = local
-        p.reach = reach
+                seen = {e.endpoint for e in cluster}
+                reach = cluster + [e for e in local if e.endpoint not in seen]
 
-        p.internal = svl if itp_local else svc_chain
-        p.has_internal = has_internal = has_endpoints and (not itp_local or bool(local))
-        p.has_external = has_external = has_endpoints and (not etp_local or bool(local))
-        p.uses_ext = uses_ext = has_endpoints and externally
-        p.uses_fw = uses_fw = has_endpoints and bool(lb_ips) and bool(ranges)
+        has_internal = has_endpoints and (not itp_local or bool(local))
+        has_external = has_endpoints and (not etp_local or bool(local))
+        uses_ext = has_endpoints and externally
+        uses_fw = has_endpoints and bool(lb_ips) and bool(ranges)
+        p = ServicePortInfo(
+            name_string=spn,
+            protocol_match=mpp,
+            cluster_ip=cip,
+            port=port.port,
+            load_balancer_ips=lb_ips,
+            load_balancer_source_ranges=ranges,
+            sticky_max_age_seconds=svc.session_affinity_timeout,
+            external_policy_local=etp_local,
+            cluster_policy_chain_name=svc_chain,
+            local_policy_chain_name=svl,
+            external_chain_name=ext,
+            firewall_chain_name=fw,
+            internal_policy_chain=svl if itp_local else svc_chain,
+            cluster_endpoints=cluster,
+            local_endpoints=local,
+            all_locally_reachable_endpoints=reach,
+            has_internal_endpoints=has_internal,
+            has_external_endpoints=has_external,
+            uses_external_traffic_chain=uses_ext,
+            uses_fw_chain=uses_fw,
+        )
         lb_chain = fw if uses_fw else ext
 
         # ---- top-level rules ----
@@ -412,12 +453,12 @@ class _Renderer:
             comment = f'"{spn} has no local endpoints"'
 
         if has_internal:
-            top[N_SERVICES].append(
+            top.nat_services.append(
                 f'-A KUBE-SERVICES -m comment --comment "{spn} cluster IP" {mpp} -d {cip} '
-                f"{dport} -j {p.internal}"
+                f"{dport} -j {p.internal_policy_chain}"
             )
         else:
-            top[F_SERVICES].append(
+            top.filter_services.append(
                 f"-A KUBE-SERVICES -m comment --comment {comment} {mpp} -d {cip} {dport} "
                 f"-j {target}"
             )
@@ -425,39 +466,39 @@ class _Renderer:
         no_ext = f"-A KUBE-EXTERNAL-SERVICES -m comment --comment {comment} {mpp} -d"
         for ip in ext_ips:
             if has_endpoints:
-                top[N_SERVICES].append(
+                top.nat_services.append(
                     f'-A KUBE-SERVICES -m comment --comment "{spn} external IP" {mpp} -d {ip} '
                     f"{dport} -j {ext}"
                 )
             if not has_external:
-                top[F_EXTERNAL].append(f"{no_ext} {ip} {dport} -j {target}")
+                top.filter_external_services.append(f"{no_ext} {ip} {dport} -j {target}")
         for ip in lb_ips:
             if has_endpoints:
-                top[N_SERVICES].append(
+                top.nat_services.append(
                     f'-A KUBE-SERVICES -m comment --comment "{spn} loadbalancer IP" {mpp} '
                     f"-d {ip} {dport} -j {lb_chain}"
                 )
             if uses_fw:
-                top[F_FIREWALL].append(
+                top.filter_firewall.append(
                     f'-A KUBE-PROXY-FIREWALL -m comment --comment "{spn} traffic not accepted '
                     f'by {fw}" {mpp} -d {ip} {dport} -j DROP'
                 )
             if not has_external:
-                top[F_EXTERNAL].append(f"{no_ext} {ip} {dport} -j {target}")
+                top.filter_external_services.append(f"{no_ext} {ip} {dport} -j {target}")
         if port.node_port:
             # NodePorts are not subject to loadBalancerSourceRanges (as upstream).
             if has_endpoints:
-                top[N_NODEPORTS].append(
+                top.nat_nodeports.append(
                     f"-A KUBE-NODEPORTS -m comment --comment {spn} {mpp} "
                     f"--dport {port.node_port} -j {ext}"
                 )
             if not has_external:
-                top[F_EXTERNAL].append(
+                top.filter_external_services.append(
                     f"-A KUBE-EXTERNAL-SERVICES -m comment --comment {comment} "
                     f"-m addrtype --dst-type LOCAL {mpp} --dport {port.node_port} -j {target}"
                 )
         if svc.health_check_node_port:
-            top[F_NODEPORTS].append(
+            top.filter_nodeports.append(
                 f'-A KUBE-NODEPORTS -m comment --comment "{spn} health check node port" '
                 f"-m tcp -p tcp --dport {svc.health_check_node_port} -j ACCEPT"
             )
@@ -471,12 +512,12 @@ class _Renderer:
             names.append(svc_chain)
         if local:
             names.append(svl)
-        names.extend([t[2] for t in reach])
+        names.extend([e.chain_name for e in reach])
         return p
 
     # -- writing --------------------------------------------------------------------------
 
-    def write(self, f: _Fragment, comments: bool) -> _Fragment:
+    def write(self, f: ServiceFragment, comments: bool) -> ServiceFragment:
         """`f` with its chain declarations and rules written (a copy if `f` already holds
         them in the other comment flavour, so earlier states stay intact)."""
         if f.comments == comments:
@@ -485,42 +526,49 @@ class _Renderer:
             f = f.copy()
         ports = f.ports
         if ports is None:  # written before in the other flavour: plan again (same result)
-            ports = self.plan(f.svc, f.eps).ports  # type: ignore[union-attr]
+            again = self.plan(f.svc, f.eps)
+            ports = again.ports if again is not None else None
         decl: list[str] = []
         rules: list[str] = []
-        if f.names:
-            for p in ports:  # type: ignore[union-attr]
+        if f.names and ports:
+            for p in ports:
                 self._write_port(p, decl, rules, comments)
         f.decl, f.rules, f.n_rules = "\n".join(decl), "\n".join(rules), len(rules)
         f.comments = comments
         f.ports = None  # the plan is bulky and rarely needed again
         return f
 
-    def _write_port(self, p: _Port, decl: list[str], out: list[str], comments: bool) -> None:
-        spn = p.spn
-        mpp = p.mpp
-        if p.uses_ext:
-            decl.append(f":{p.ext} - [0:0]")
-        if p.uses_fw:
-            decl.append(f":{p.fw} - [0:0]")
-        if p.cluster:
-            decl.append(f":{p.svc} - [0:0]")
-        if p.local:
-            decl.append(f":{p.svl} - [0:0]")
-        decl.extend([f":{t[2]} - [0:0]" for t in p.reach])
+    def _write_port(
+        self, p: ServicePortInfo, decl: list[str], out: list[str], comments: bool
+    ) -> None:
+        spn = p.name_string
+        mpp = p.protocol_match
+        svc_chain, svl = p.cluster_policy_chain_name, p.local_policy_chain_name
+        ext, fw = p.external_chain_name, p.firewall_chain_name
+        if p.uses_external_traffic_chain:
+            decl.append(f":{ext} - [0:0]")
+        if p.uses_fw_chain:
+            decl.append(f":{fw} - [0:0]")
+        if p.cluster_endpoints:
+            decl.append(f":{svc_chain} - [0:0]")
+        if p.local_endpoints:
+            decl.append(f":{svl} - [0:0]")
+        decl.extend([f":{e.chain_name} - [0:0]" for e in p.all_locally_reachable_endpoints])
 
         internal_masq = ""
-        if p.has_internal:
-            base = f'-m comment --comment "{spn} cluster IP" {mpp} -d {p.cip} --dport {p.port}'
+        internal = p.internal_policy_chain
+        if p.has_internal_endpoints:
+            base = (
+                f'-m comment --comment "{spn} cluster IP" {mpp} -d {p.cluster_ip} --dport {p.port}'
+            )
             if self.cfg.masquerade_all:
-                internal_masq = f"-A {p.internal} {base} -j KUBE-MARK-MASQ"
+                internal_masq = f"-A {internal} {base} -j KUBE-MARK-MASQ"
             elif self.cidr:
                 # Off-cluster sources are masqueraded so replies come back through us.
-                internal_masq = f"-A {p.internal} {base} ! -s {self.cidr} -j KUBE-MARK-MASQ"
+                internal_masq = f"-A {internal} {base} ! -s {self.cidr} -j KUBE-MARK-MASQ"
 
-        if p.uses_ext:
-            ext = p.ext
-            if not p.ext_local:
+        if p.uses_external_traffic_chain:
+            if not p.external_policy_local:
                 out.append(
                     f'-A {ext} -m comment --comment "masquerade traffic for {spn} external '
                     f'destinations" -j KUBE-MARK-MASQ'
@@ -531,7 +579,7 @@ class _Renderer:
                 if self.cidr:
                     out.append(
                         f'-A {ext} -m comment --comment "pod traffic for {spn} external '
-                        f'destinations" -s {self.cidr} -j {p.svc}'
+                        f'destinations" -s {self.cidr} -j {svc_chain}'
                     )
                 out.append(
                     f'-A {ext} -m comment --comment "masquerade LOCAL traffic for {spn} '
@@ -539,83 +587,92 @@ class _Renderer:
                 )
                 out.append(
                     f'-A {ext} -m comment --comment "route LOCAL traffic for {spn} external '
-                    f'destinations" -m addrtype --src-type LOCAL -j {p.svc}'
+                    f'destinations" -m addrtype --src-type LOCAL -j {svc_chain}'
                 )
-            if p.has_external:
-                out.append(f"-A {ext} -j {p.svl if p.ext_local else p.svc}")
+            if p.has_external_endpoints:
+                out.append(f"-A {ext} -j {svl if p.external_policy_local else svc_chain}")
 
-        if p.uses_fw:
-            head = f'-A {p.fw} -m comment --comment "{spn} loadbalancer IP"'
+        if p.uses_fw_chain:
+            head = f'-A {fw} -m comment --comment "{spn} loadbalancer IP"'
             node_ip = self.node_ip
             allow_from_node = False
-            for cidr in p.src_ranges:
-                out.append(f"{head} -s {cidr} -j {p.ext}")
+            for cidr in p.load_balancer_source_ranges:
+                out.append(f"{head} -s {cidr} -j {ext}")
                 if node_ip is not None and node_ip in ipaddress.ip_network(cidr):
                     allow_from_node = True
             if allow_from_node:
                 # A VIP that is local to the node loops back with itself as the source.
-                out.extend([f"{head} -s {ip} -j {p.ext}" for ip in p.lb_ips])
+                out.extend([f"{head} -s {ip} -j {ext}" for ip in p.load_balancer_ips])
             # Whatever falls through is not DNATed and meets KUBE-PROXY-FIREWALL's DROP.
             out.append(
-                f'-A {p.fw} -m comment --comment "other traffic to {spn} will be dropped by '
+                f'-A {fw} -m comment --comment "other traffic to {spn} will be dropped by '
                 f'KUBE-PROXY-FIREWALL"'
             )
 
-        if p.cluster:
-            if internal_masq and p.internal == p.svc:
+        if p.cluster_endpoints:
+            if internal_masq and internal == svc_chain:
                 out.append(internal_masq)
-            _dispatch(out, p, p.svc, p.cluster, comments)
-        if p.local:
-            if internal_masq and p.internal == p.svl:
+            _dispatch(out, p, svc_chain, p.cluster_endpoints, comments)
+        if p.local_endpoints:
+            if internal_masq and internal == svl:
                 out.append(internal_masq)
-            _dispatch(out, p, p.svl, p.local, comments)
+            _dispatch(out, p, svl, p.local_endpoints, comments)
 
         # Endpoint chains: masquerade hairpin traffic (a pod reaching itself), then DNAT.
         sc = f" -m comment --comment {spn}" if comments else ""
-        if p.affinity:
-            for s, ip, sep in p.reach:
-                out.append(f"-A {sep}{sc} -s {ip} -j KUBE-MARK-MASQ")
+        if p.sticky_max_age_seconds:
+            for e in p.all_locally_reachable_endpoints:
+                sep = e.chain_name
+                out.append(f"-A {sep}{sc} -s {e.ip} -j KUBE-MARK-MASQ")
                 out.append(
-                    f"-A {sep}{sc} -m recent --name {sep} --set {mpp} -j DNAT --to-destination {s}"
+                    f"-A {sep}{sc} -m recent --name {sep} --set {mpp} -j DNAT "
+                    f"--to-destination {e.endpoint}"
                 )
         else:
-            for s, ip, sep in p.reach:
-                out.append(f"-A {sep}{sc} -s {ip} -j KUBE-MARK-MASQ")
-                out.append(f"-A {sep}{sc} {mpp} -j DNAT --to-destination {s}")
+            for e in p.all_locally_reachable_endpoints:
+                sep = e.chain_name
+                out.append(f"-A {sep}{sc} -s {e.ip} -j KUBE-MARK-MASQ")
+                out.append(f"-A {sep}{sc} {mpp} -j DNAT --to-destination {e.endpoint}")
 
 
-def _dispatch(out: list[str], p: _Port, chain: str, eps: list, comments: bool) -> None:
+def _dispatch(
+    out: list[str], p: ServicePortInfo, chain: str, eps: list[EndpointInfo], comments: bool
+) -> None:
     """writeServiceToEndpointRules: affinity matches first, then the i-th of n endpoints
     taken with probability 1/(n-i), the last one unconditionally."""
-    spn = p.spn
-    if p.affinity:
-        t = p.affinity
-        for s, _, sep in eps:
-            c = f' -m comment --comment "{spn} -> {s}"' if comments else ""
+    spn = p.name_string
+    if p.sticky_max_age_seconds:
+        t = p.sticky_max_age_seconds
+        for e in eps:
+            c = f' -m comment --comment "{spn} -> {e.endpoint}"' if comments else ""
             out.append(
-                f"-A {chain}{c} -m recent --name {sep} --rcheck --seconds {t} --reap -j {sep}"
+                f"-A {chain}{c} -m recent --name {e.chain_name} --rcheck --seconds {t} --reap "
+                f"-j {e.chain_name}"
             )
     n = len(eps)
     probability(n)  # fills the cache up to n
     probs = _PROBS
     last = n - 1
     if comments:
-        for i, (s, _, sep) in enumerate(eps):
+        for i, e in enumerate(eps):
             if i < last:
                 out.append(
-                    f'-A {chain} -m comment --comment "{spn} -> {s}" -m statistic --mode random '
-                    f"--probability {probs[n - i]} -j {sep}"
+                    f'-A {chain} -m comment --comment "{spn} -> {e.endpoint}" -m statistic '
+                    f"--mode random --probability {probs[n - i]} -j {e.chain_name}"
                 )
             else:
-                out.append(f'-A {chain} -m comment --comment "{spn} -> {s}" -j {sep}')
+                out.append(
+                    f'-A {chain} -m comment --comment "{spn} -> {e.endpoint}" -j {e.chain_name}'
+                )
     else:
-        for i, (_, _, sep) in enumerate(eps):
+        for i, e in enumerate(eps):
             if i < last:
                 out.append(
-                    f"-A {chain} -m statistic --mode random --probability {probs[n - i]} -j {sep}"
+                    f"-A {chain} -m statistic --mode random --probability {probs[n - i]} "
+                    f"-j {e.chain_name}"
                 )
             else:
-                out.append(f"-A {chain} -j {sep}")
+                out.append(f"-A {chain} -j {e.chain_name}")
 
 
 # -- render -----------------------------------------------------------------------------
@@ -627,7 +684,7 @@ def _chain_inputs(cfg: RenderConfig) -> tuple:
     return (cfg.family, cfg.node_name, _cluster_cidr(cfg), cfg.masquerade_all, cfg.node_ip)
 
 
-def _same(f: _Fragment, svc: Service, eps: object) -> bool:
+def _same(f: ServiceFragment, svc: Service, eps: ServiceEndpoints | None) -> bool:
     return (f.svc is svc or f.svc == svc) and (f.eps is eps or f.eps == eps)
 
 
@@ -673,15 +730,15 @@ def _render(
     )
     full = changed is None or not reuse
     changed = changed or frozenset()
-    old: Mapping[ServiceKey, _Fragment] = {}
-    if reuse:
-        old = previous.fragments  # type: ignore[assignment,union-attr]
+    old: Mapping[ServiceKey, ServiceFragment] = {}
+    if reuse and previous is not None:
+        old = previous.fragments
     prev_names = previous.service_chains if previous is not None else {}
     r = _Renderer(cfg)
 
     # Pass 1: plan every Service (or reuse its fragment); top-level rules are collected.
-    top: tuple[list[str], ...] = ([], [], [], [], [], [])
-    frags: list[tuple[ServiceKey, _Fragment, bool]] = []
+    top = TopLevelRules()
+    frags: list[tuple[ServiceKey, ServiceFragment, bool]] = []
     total_endpoints = 0
     services = model.services
     endpoints = model.endpoints
@@ -698,9 +755,7 @@ def _render(
             f = f.copy()
             f.svc, f.eps = svc, eps
         total_endpoints += f.n_endpoints
-        for dst, src in zip(top, f.top, strict=True):
-            if src:
-                dst += src
+        top.extend(f.top)
         frags.append((key, f, fresh))
 
     # Pass 2: write per-Service chains where needed. (Fragments from `previous` always hold
@@ -709,7 +764,7 @@ def _render(
     n_decl: list[str] = []
     n_rules: list[str] = []
     skipped = n_written = 0
-    new_frags: dict[ServiceKey, _Fragment] = {}
+    new_frags: dict[ServiceKey, ServiceFragment] = {}
     touched: list[ServiceKey] = []
     for key, f, fresh in frags:
         if not full and not fresh and prev_names.get(key, _NONE) == f.names:
@@ -807,7 +862,7 @@ def _render(
 
 def _assemble(
     cfg: RenderConfig,
-    top: tuple[list[str], ...],
+    top: TopLevelRules,
     n_decl: list[str],
     n_rules: list[str],
     n_rule_count: int,
@@ -831,11 +886,11 @@ def _assemble(
     )
     f_decl = [f":{c} - [0:0]" for c in FILTER_CHAINS]
     filter_rules = [
-        *top[F_SERVICES],
-        *top[F_EXTERNAL],
+        *top.filter_services,
+        *top.filter_external_services,
         *forward,
-        *top[F_NODEPORTS],
-        *top[F_FIREWALL],
+        *top.filter_nodeports,
+        *top.filter_firewall,
     ]
     if localhost:
         # route_localnet opens 127.0.0.0/8 to the network; kubelet's rule closes it again.
@@ -872,14 +927,14 @@ def _assemble(
     lines += n_decl
     lines += [f":{c} - [0:0]" for c in stale_nat]
     lines += nat_top
-    lines += top[N_SERVICES]
+    lines += top.nat_services
     lines += nodeport_jumps  # must stay the last rules of KUBE-SERVICES
-    lines += top[N_NODEPORTS]
+    lines += top.nat_nodeports
     lines += n_rules
     lines += [f"-X {c}" for c in stale_nat]
     lines.append("COMMIT\n")
-    nat_count = len(nat_top) + len(top[N_SERVICES]) + len(nodeport_jumps)
-    nat_count += len(top[N_NODEPORTS]) + n_rule_count
+    nat_count = len(nat_top) + len(top.nat_services) + len(nodeport_jumps)
+    nat_count += len(top.nat_nodeports) + n_rule_count
     return "\n".join(lines), {FILTER: len(filter_rules), NAT: nat_count}
 
 

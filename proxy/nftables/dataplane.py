@@ -202,7 +202,8 @@ class NftablesDataPlane:
                 model,
                 self.render_config(fam),
                 changed=None if full else snap.changed,
-                previous=None if full else self._state.get(fam),
+                # a full render reuses the unchanged Services' plans of a known state
+                previous=self._state.get(fam),
             )
             results[fam] = await asyncio.to_thread(job)
         self.last_render_seconds = time.perf_counter() - t0

@@ -4,6 +4,7 @@ python -m tests.e2e.userspace_backends MODE PORT [ARG]
   bulk N      receive exactly N bytes, answer "<sha256 hex>\\n", then send N bytes
               (a seeded random block repeated) followed by their sha256 hex; close.
   halfclose   read until the client's FIN, then answer "got <n>" and close.
+  stream      send 64 KiB chunks until the client goes away.
   udppeer     UDP: answer each datagram with the sender's "<ip>:<port>" (who it came from).
 Prints READY once listening.
 """
@@ -31,6 +32,9 @@ def serve_bulk(conn: socket.socket, n: int) -> None:
             break
         h.update(data)
         got += len(data)
+    if got < n:  # the client went away
+        conn.close()
+        return
     conn.sendall(h.hexdigest().encode() + b"\n")
     block = bulk_block()
     out = hashlib.sha256()
@@ -50,6 +54,15 @@ def serve_halfclose(conn: socket.socket) -> None:
         n += len(data)
     conn.sendall(f"got {n}".encode())
     conn.close()
+
+
+def serve_stream(conn: socket.socket) -> None:
+    chunk = b"s" * 65536
+    try:
+        while True:
+            conn.sendall(chunk)
+    except OSError:
+        conn.close()
 
 
 def serve_udp_peer(port: int) -> None:
@@ -74,7 +87,7 @@ def main() -> None:
     print("READY", flush=True)
     while True:
         conn, _ = s.accept()
-        target = serve_bulk if mode == "bulk" else serve_halfclose
+        target = {"bulk": serve_bulk, "halfclose": serve_halfclose, "stream": serve_stream}[mode]
         args = (conn, arg) if mode == "bulk" else (conn,)
         threading.Thread(target=target, args=args, daemon=True).start()
 
