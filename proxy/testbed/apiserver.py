@@ -261,7 +261,7 @@ class ApiServer:
         self.dial = dial
         self.portforward_grace = portforward_grace
         self.portforward_requests: Counter[str] = Counter()  # "ns/name" → WebSockets opened
-        self._tunnels: set[socket.socket] = set()
+        self._tunnels: dict[socket.socket, str] = {}  # open tunnel → "ns/name" of its Pod
 
     # -- objects ---------------------------------------------------------------------------
 
@@ -398,9 +398,10 @@ class ApiServer:
             _shutdown(conn)
         return len(victims)
 
-    def open_portforwards(self) -> int:
+    def open_portforwards(self, pod: str | None = None) -> int:
+        """Port-forward WebSockets (or SPDY sessions) open now, to `pod` ("ns/name") or all."""
         with self._conns_lock:
-            return len(self._tunnels)
+            return sum(1 for p in self._tunnels.values() if pod is None or p == pod)
 
     def stall_watches(self, seconds: float) -> None:
         """Hold back events (and bookmarks) from every watch stream for `seconds`."""
@@ -684,7 +685,7 @@ class ApiServer:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._conns_lock:
             self.portforward_requests[f"{ns}/{name}"] += 1
-            self._tunnels.add(conn)
+            self._tunnels[conn] = f"{ns}/{name}"
         try:
             if proto == spdy.UPGRADE:
                 session = spdy.SpdySession(
@@ -719,7 +720,7 @@ class ApiServer:
             pf.serve(ws, podname, uid, ip, ports, self.dial, grace=self.portforward_grace)
         finally:
             with self._conns_lock:
-                self._tunnels.discard(conn)
+                self._tunnels.pop(conn, None)
 
 
 def _shutdown(conn: socket.socket) -> None:

@@ -25,8 +25,9 @@ an error: the kubelet writes the prefixes, then dials the Pod, and a refused dia
 back on the error channel right after them. Until then nothing is read from the client,
 so a failed tunnel is retried on another endpoint like a refused connect. After that,
 an error or a broken WebSocket resets the client. There is no half-close through the
-kubelet's port-forward: when the client is done sending, the tunnel keeps carrying the
-endpoint's answer until the endpoint closes.
+kubelet's port-forward: after the client's FIN the tunnel keeps carrying the endpoint's
+answer while it keeps coming, and ends once the endpoint has been quiet for
+QUIET_AFTER_FIN (a client that closed cannot be told from one that half-closed).
 
 UDP cannot be carried by port-forward (the kubelet forwards TCP only).
 """
@@ -58,6 +59,9 @@ log = logging.getLogger("proxy.userspace.portforward")
 PROTOCOL = "v4.channel.k8s.io"
 DATA, ERROR = 0, 1
 SETTLE = 0.01  # s after the port prefixes without an error: the Pod accepted
+# s: after the client's FIN, the tunnel ends once the Pod has been quiet this long (the
+# protocol cannot pass the FIN on; containerd ends a port-forward 1 s after one side ends)
+QUIET_AFTER_FIN = 1.0
 WARM_MAX = 8  # warm tunnels per endpoint at most
 WARM_MAX_AGE = 5.0  # s: warm tunnels older than this are replaced (servers close idle ones)
 IDLE_KEEP = 30.0  # s: an endpoint unused this long keeps no warm tunnels
@@ -133,6 +137,7 @@ class Tunnel:
         "flushing",
         "fwd",
         "key",
+        "last_pod",
         "pending",
         "pod_done",
         "settled",
@@ -152,6 +157,7 @@ class Tunnel:
         self.flushing = False  # attached, `pending` not yet written: keep the order
         self.pod_done = False  # the Pod's side ended cleanly (FIN passed to the client)
         self.client_done = False  # the client sent its FIN
+        self.last_pod = 0.0  # when the Pod last sent something (after the client's FIN)
         self._up: asyncio.Task | None = None
         self._down: asyncio.Task | None = fwd.loop.create_task(self._read())
 
@@ -192,7 +198,7 @@ class Tunnel:
                 elif self.client is not None and not self.flushing:
                     await loop.sock_sendall(self.client, memoryview(data)[1:])
                     conn = self.conn
-                    conn.last = time.monotonic()
+                    conn.last = self.last_pod = time.monotonic()
                     conn.backend.stats.bytes_to_client += len(data) - 1
                 else:
                     self.pending.append(data[1:])
@@ -253,10 +259,23 @@ class Tunnel:
             return
         except asyncio.CancelledError:
             return
-        # The client is done sending. The kubelet's protocol has no half-close: keep
-        # carrying the Pod's answer until it closes.
+        # The client is done sending (a half-close, or it closed). The kubelet's protocol
+        # cannot pass that on: keep carrying the Pod's answer while it keeps coming.
         self.client_done = True
         if self.pod_done and self.conn is not None:
+            self.conn.close()
+        else:
+            self.last_pod = time.monotonic()
+            self.fwd.loop.call_later(QUIET_AFTER_FIN, self._quiet)
+
+    def _quiet(self) -> None:
+        """After the client's FIN: end the tunnel once the Pod has been quiet long enough."""
+        if self.conn is None:
+            return
+        left = self.last_pod + QUIET_AFTER_FIN - time.monotonic()
+        if left > 0:
+            self.fwd.loop.call_later(left, self._quiet)
+        else:
             self.conn.close()
 
     def close(self) -> None:
