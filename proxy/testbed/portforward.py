@@ -28,12 +28,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import io
 import logging
 import socket
 import struct
 import threading
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import Any
 
 log = logging.getLogger("proxy.testbed.portforward")
 
@@ -93,7 +94,7 @@ class ServerWebSocket:
     """The server end of one WebSocket on a blocking socket (reads from `rfile`, the
     request's buffered reader, so bytes the HTTP parser already buffered are not lost)."""
 
-    def __init__(self, sock: socket.socket, rfile: BinaryIO, base64_codec: bool) -> None:
+    def __init__(self, sock: socket.socket, rfile: io.BufferedIOBase, base64_codec: bool) -> None:
         self.sock = sock
         self.rfile = rfile
         self.b64 = base64_codec

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import resource
@@ -39,6 +40,7 @@ from proxy.userspace.metrics import GLOBAL
 from proxy.userspace.transparent import SourcePolicy, transparent_socket
 
 if TYPE_CHECKING:
+    from proxy.model import Endpoint
     from proxy.userspace.portforward import Forwarder, Tunnel
 
 log = logging.getLogger("proxy.userspace.tcp")
@@ -387,11 +389,12 @@ class TcpConn:
         self.ep = ep
         self.tried.append(ep_key(ep))
         if eng.forwarder is not None:
-            self._open_tunnel(eng.forwarder)
+            self._open_tunnel(eng.forwarder, ep)
             return
         fam = socket.AF_INET6 if ":" in ep.ip else socket.AF_INET
         typ = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
         src = eng.source
+        bs: Any
         try:
             if src is not None and src.preserve(self.client_ip, ep, self.backend.target.external):
                 bs = transparent_socket(fam, socket.SOCK_STREAM, self.client[:2])
@@ -444,18 +447,18 @@ class TcpConn:
 
     # -- connect phase through the API server (port-forward) -----------------------------
 
-    def _open_tunnel(self, fwd: Forwarder) -> None:
-        key = (self.ep.pod, self.ep.port)
+    def _open_tunnel(self, fwd: Forwarder, ep: Endpoint) -> None:
+        key = (ep.pod, ep.port)
         t = fwd.take(key)
         if t is not None:  # warm: already settled, no round trip
-            self._attach(t)
+            self._attach(t, ep)
             return
         timeout = TUNNEL_TIMEOUTS[min(self.attempt, len(TUNNEL_TIMEOUTS) - 1)]
         task = fwd.loop.create_task(fwd.open(key, timeout))
-        task.add_done_callback(self._tunnel_opened)
+        task.add_done_callback(functools.partial(self._tunnel_opened, ep))
         self.tunnel = task
 
-    def _tunnel_opened(self, task: asyncio.Task) -> None:
+    def _tunnel_opened(self, ep: Endpoint, task: asyncio.Task) -> None:
         if task.cancelled():
             return
         e = task.exception()
@@ -467,14 +470,14 @@ class TcpConn:
         if e is not None:
             self._failed(errno.ECONNREFUSED, str(e))
         else:
-            self._attach(task.result())
+            self._attach(task.result(), ep)
 
-    def _attach(self, t: Tunnel) -> None:
+    def _attach(self, t: Tunnel, ep: Endpoint) -> None:
         """The tunnel carries the client's bytes itself (no pumps: see portforward.py)."""
         b = self.backend
-        if b.balancer.succeeded(self.ep):
-            log.info("%s: endpoint %s answers again", b.label, self.ep)
-        self.tried = None
+        if b.balancer.succeeded(ep):
+            log.info("%s: endpoint %s answers again", b.label, ep)
+        self.tried = None  # type: ignore[assignment]
         self.tunnel = t
         t.attach(self)
 
