@@ -27,9 +27,11 @@ from proxy.model import Model, ip_family
 from proxy.nftables.nft import (
     INSTALL_HINT,
     LibNftables,
+    Nft,
     NftCommand,
     NftError,
     first_error,
+    open_both,
     open_nft,
 )
 from proxy.nftables.render import TABLE, NftConfig, RenderResult, RenderState, render
@@ -66,7 +68,7 @@ def _family_name(family: int) -> str:
     return "ip6" if family == 6 else "ip"
 
 
-def delete_tables(nft: LibNftables | NftCommand, families=(4, 6)) -> list[str]:
+def delete_tables(nft: Nft | LibNftables | NftCommand, families=(4, 6)) -> list[str]:
     """Delete `ip kube-proxy` / `ip6 kube-proxy` (absent ones are fine); errors as text."""
     errors = []
     for fam in families:
@@ -90,7 +92,7 @@ class NftablesDataPlane:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.nft: LibNftables | NftCommand | None = None
+        self.nft: Nft | None = None
         self.families: tuple[int, ...] = (4,)
         self.conntrack = conntrack.Conntrack()
         self.local_ips: tuple[str, ...] = ()
@@ -110,11 +112,11 @@ class NftablesDataPlane:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def _open(self) -> LibNftables | NftCommand:
+    def _open(self) -> Nft:
         if not has_net_admin():
             raise PrivilegeError(PRIVILEGE_HINT)
         try:
-            return open_nft()
+            return open_both()
         except FileNotFoundError:
             raise UsageError(INSTALL_HINT) from None
 
@@ -136,9 +138,18 @@ class NftablesDataPlane:
                 "changes; install the conntrack package"
             )
         await self._refresh_addresses()
-        kind = "libnftables" if isinstance(self.nft, LibNftables) else "nft command"
+        kind = self.nft.describe()
         fams = ", ".join(f"{_family_name(f)} {TABLE}" for f in self.families)
         log.info("nftables data plane ready (%s): tables %s", kind, fams)
+
+    async def hand_over(self) -> None:
+        return None  # no listening sockets: the kernel's rules serve the traffic
+
+    async def drain(self, timeout: float) -> None:
+        return None  # no proxied connections either
+
+    def predecessor_gone(self) -> None:
+        return None
 
     async def stop(self) -> None:
         """Leave the tables in place (like kube-proxy) so traffic keeps flowing."""

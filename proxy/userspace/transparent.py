@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import socket
@@ -185,6 +186,7 @@ class TransparentRouting:
 def _routing(add: bool, families: tuple[int, ...]) -> int:
     """Add (or remove) the fwmark rule and the local default route, per family."""
     from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
 
     done = 0
     with IPRoute() as ipr:
@@ -203,9 +205,11 @@ def _routing(add: bool, families: tuple[int, ...]) -> int:
                 "scope": 254,
             }  # fmt: skip  (host scope, as `ip route add local` sets)
             if add:
-                with contextlib.suppress(Exception):  # already there (a restart)
-                    ipr.rule("del", **rule)
-                ipr.rule("add", **rule)
+                try:
+                    ipr.rule("add", **rule)
+                except NetlinkError as e:
+                    if e.code != errno.EEXIST:  # there already: a restart, or a handover
+                        raise
                 ipr.route("replace", **route)
                 done += 2
             else:
