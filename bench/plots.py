@@ -117,15 +117,19 @@ def bars(name: str) -> Any:
         figs = [f for f in res.figures if any(f.value(c) is not None for c in f.samples)]
         if not figs:
             return None
-        fig, axes = plt.subplots(1, len(figs), figsize=(4.2 * len(figs), 4), squeeze=False)
-        for ax, f in zip(axes[0], figs, strict=True):
+        cols = min(4, len(figs))
+        rows = -(-len(figs) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4 * rows), squeeze=False)
+        for ax in axes.flat[len(figs) :]:
+            ax.axis("off")
+        for ax, f in zip(axes.flat, figs, strict=False):
             names = [c for c in f.samples if f.value(c) is not None]
             vals = [f.value(c) or 0 for c in names]
             drawn = ax.bar(names, vals, color=[f"C{i}" for i in range(len(names))])
             for b, v in zip(drawn, vals, strict=True):
                 ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()),
                             ha="center", va="bottom", fontsize=8)  # fmt: skip
-            ax.set_title(f"{f.name} ({f.unit}, {f.better} is better)", fontsize=9)
+            ax.set_title(f"{f.name}\n({f.unit}, {f.better} is better)", fontsize=9)
             ax.tick_params(axis="x", rotation=20, labelsize=8)
         fig.tight_layout()
         path = out / f"{name}.png"
