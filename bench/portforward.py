@@ -14,6 +14,8 @@ Contenders (each proxy process pinned to CPU 1, everything else to CPU 0):
   userspace port-forward   the daemon on the laptop, --userspace-endpoint-access=port-forward
   kubectl port-forward     `kubectl port-forward pod/bulk` on the laptop (Go, SPDY through the
                            API server): the reference for throughput
+  kubectl …, WebSocket     the same with KUBECTL_PORT_FORWARD_WEBSOCKETS=true: SPDY tunnelled
+                           in a WebSocket (kubectl ≥ 1.31 against API servers ≥ 1.31)
   userspace direct         the daemon on the devbox, --userspace-endpoint-access=direct: a
                            connection through the userspace proxy straight to the pod, the
                            reference for what a new connection costs
@@ -66,7 +68,8 @@ BULK_PORT, HELLO_PORT = 9000, 7070
 KUBECTL_BULK, KUBECTL_HELLO = 19000, 17070  # kubectl's local ports in the laptop
 PROXY_CPU, LOAD_CPU = "1", "0"
 PF, KUBECTL, DIRECT = "userspace port-forward", "kubectl port-forward", "userspace direct"
-CONTENDERS = (PF, KUBECTL, DIRECT)
+KUBECTL_WS = "kubectl port-forward, WebSocket tunnel"  # KUBECTL_PORT_FORWARD_WEBSOCKETS=true
+CONTENDERS = (PF, KUBECTL, KUBECTL_WS, DIRECT)
 
 BULK_SERVER = """
 import socket, sys, threading
@@ -198,12 +201,20 @@ class Cluster:
         from proxy.userspace.laptop import laptop_address
 
         log = self.work / f"{name.replace(' ', '-')}.log"
-        if name == KUBECTL:
+        if name in (KUBECTL, KUBECTL_WS):
             argv = ["taskset", "-c", PROXY_CPU, "kubectl", "--kubeconfig", str(self.kubeconfig),
                     "port-forward", "pod/bulk", f"{KUBECTL_BULK}:{BULK_PORT}",
                     f"{KUBECTL_HELLO}:{HELLO_PORT}"]  # fmt: skip
+            # kubectl ≥ 1.31 can tunnel its SPDY session in a WebSocket (what API servers
+            # ≥ 1.31 translate); this kubectl still defaults to the SPDY upgrade.
+            ws = "true" if name == KUBECTL_WS else "false"
             with open(log, "wb") as out:
-                p = self.laptop.run(argv, stdout=out, stderr=subprocess.STDOUT)
+                p = self.laptop.run(
+                    argv,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env={"KUBECTL_PORT_FORWARD_WEBSOCKETS": ws},
+                )
             text = lambda: log.read_text(errors="replace")  # noqa: E731
             _wait(lambda: text().count("Forwarding from 127.0.0.1") >= 2, name, p, log)
             ep = Endpoint(self.laptop, "127.0.0.1", KUBECTL_BULK, KUBECTL_HELLO)
@@ -297,8 +308,9 @@ def run(ctx: Run) -> SuiteResult:
     )
     names = list(CONTENDERS)
     if subprocess.run(["which", "kubectl"], capture_output=True).returncode != 0:
-        res.missing[KUBECTL] = "kubectl not found on PATH"
-        names.remove(KUBECTL)
+        for k in (KUBECTL, KUBECTL_WS):
+            res.missing[k] = "kubectl not found on PATH"
+            names.remove(k)
     res.notes.append(
         "The test API server is Python and local: through port-forward a round trip crosses "
         "it (two thread hops), where a real cluster adds network round trips to the API "
