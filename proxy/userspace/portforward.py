@@ -66,6 +66,9 @@ WARM_MAX = 8  # warm tunnels per endpoint at most
 WARM_MAX_AGE = 5.0  # s: warm tunnels older than this are replaced (servers close idle ones)
 IDLE_KEEP = 30.0  # s: an endpoint unused this long keeps no warm tunnels
 AUTH_REFRESH = 60.0  # s between re-reads of the credentials (tokens rotate, plugins expire)
+# s: a taken warm tunnel is replaced this much later, so that opening the replacement (an
+# HTTP request and upgrade: CPU on this loop) does not delay the connection's first bytes
+REFILL_DELAY = 0.05
 CHUNK = 256 * 1024
 _DATA_PREFIX = bytes([DATA])
 
@@ -417,10 +420,15 @@ class Forwarder:
         if t is None:
             pool.want = min(self.warm_max, pool.want + 1)
             self.stats["cold"] += 1
+            self._refill(key, pool, now)
         else:
             self.stats["warm"] += 1
-        self._refill(key, pool, now)
+            self.loop.call_later(REFILL_DELAY, self._refill_later, key, pool)
         return t
+
+    def _refill_later(self, key: TunnelKey, pool: _Pool) -> None:
+        if self.pools.get(key) is pool:
+            self._refill(key, pool, time.monotonic())
 
     def _refill(self, key: TunnelKey, pool: _Pool, now: float) -> None:
         if now < pool.retry_at:
