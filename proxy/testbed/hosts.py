@@ -142,9 +142,11 @@ class Host:
         log: Path | None = None,
         env: dict[str, str] | None = None,
         user: str | None = None,
+        wrap: Sequence[str] = (),
     ) -> ProxyProcess:
         """Run `python -m proxy ARGS` inside this host (a node, or e.g. a laptop); output
-        (stdout+stderr) goes to LOG. With `user`, as that user (setpriv), not root."""
+        (stdout+stderr) goes to LOG. With `user`, as that user (setpriv), not root. `wrap`
+        is a command prefix that execs its arguments (e.g. one dropping privileges)."""
         from .proxyproc import ProxyProcess
 
         self._proxies += 1
@@ -152,7 +154,7 @@ class Host:
             log = self.tb.workdir / f"proxy-{self.name}-{self._proxies}.log"
         log = Path(log)
         log.parent.mkdir(parents=True, exist_ok=True)
-        prefix = as_user(user) if user else []
+        prefix = [*(as_user(user) if user else []), *wrap]
         with open(log, "ab") as out:
             offset = out.tell()  # a reused log: only this run's lines count
             p = self.run(

@@ -29,9 +29,10 @@ from proxy.config import Config, UsageError
 from proxy.endpoints.store import Snapshot
 from proxy.handover import steer_to_newest, steer_to_oldest
 from proxy.iptables import backend as iptables_backend
-from proxy.model import Endpoint, Model, PortSpec, Service, usable_endpoints
+from proxy.model import UNKNOWN_NODE, Endpoint, Model, NodeInfo, PortSpec, Service
+from proxy.selection import usable_endpoints
 from proxy.userspace import metrics as umetrics
-from proxy.userspace.addresses import AddressOwner, pick_node_addresses
+from proxy.userspace.addresses import AddressOwner, nodeport_cidrs, pick_node_addresses
 from proxy.userspace.backend import Backend
 from proxy.userspace.balancer import Balancer, ep_key
 from proxy.userspace.laptop import LAPTOP_NODE_IP, LaptopRewriter
@@ -99,18 +100,29 @@ class UserspaceDataPlane:
     name = "userspace"
     forwards = True
 
-    def __init__(self, cfg: Config, api_client: ApiClient | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        api_client: ApiClient | None = None,
+        *,
+        loopback_nodeports: tuple[str, ...] = (),
+    ) -> None:
+        """`api_client`: the API server the source watches (port-forward goes through it;
+        None with --manifests). `loopback_nodeports`: serve only NodePorts, on these
+        loopback addresses, for another data plane whose kernel NAT cannot (see
+        localhost.py); no Service address is owned then."""
         self.cfg = cfg
-        self.api = api_client  # the API server the source watches (None: --manifests)
-        self.laptop = laptop_mode(cfg)
+        self.api = api_client
+        self.loopback_only = loopback_nodeports
+        self.laptop = laptop_mode(cfg) and not loopback_nodeports
         self.rewriter = LaptopRewriter(offset=cfg.userspace_port_offset) if self.laptop else None
-        self.plan = Plan(any_family=self.laptop)
+        self.plan = Plan(any_family=self.laptop, nodeports_only=bool(loopback_nodeports))
         self.backends: dict[Target, Backend] = {}
         self.listeners: dict[ListenerKey, TcpListener | UdpListener] = {}
         self.targets: dict[ListenerKey, Target] = {}  # what is open now
         self.addrs: AddressOwner | None = None
         self.tcp: TcpEngine | None = None
-        self.node_ips: tuple[str, ...] = (LAPTOP_NODE_IP,) if self.laptop else ()
+        self.node_ips: tuple[str, ...] = (LAPTOP_NODE_IP,) if self.laptop else loopback_nodeports
         self.foreign_ips: set[str] = set()  # local addresses that are not ours
         self._executor: ThreadPoolExecutor | None = None
         self._sweeper: asyncio.Task | None = None
@@ -121,6 +133,7 @@ class UserspaceDataPlane:
         self.access = ""
         self.forwarder: Forwarder | None = None
         self.source: SourcePolicy | None = None  # node mode: endpoints see client addresses
+        self._node: NodeInfo = UNKNOWN_NODE  # the node's zone decides topology
         self.handed_over = False  # listeners given to a successor (hand_over)
 
     def served(self, model: Model) -> Model:
@@ -150,6 +163,11 @@ class UserspaceDataPlane:
                 LAPTOP_NODE_IP,
                 rw.port_start,
                 rw.offset,
+            )
+        elif self.loopback_only:
+            log.info(
+                "localhost NodePorts on %s served by the userspace engine",
+                ", ".join(self.loopback_only),
             )
         else:
             self.addrs = AddressOwner(self.cfg.userspace_address_mode)
@@ -204,6 +222,9 @@ class UserspaceDataPlane:
     async def _start_access(self) -> None:
         """--userspace-endpoint-access: decide now, or probe at the first endpoints (auto)."""
         want = self.cfg.userspace_endpoint_access
+        if self.loopback_only:  # another mode's localhost NodePorts: its pods are local
+            self.access = "direct"
+            return
         if want == "port-forward" and self.api is None:
             raise UsageError(
                 "--userspace-endpoint-access=port-forward goes through the API server: "
@@ -370,7 +391,11 @@ class UserspaceDataPlane:
             # may have removed one of ours.
             ours, local = await self._netlink(self.addrs.survey)
             self.foreign_ips = set(local)
-            self.node_ips = pick_node_addresses(local, self.cfg.nodeport_addresses)
+            self.node_ips = pick_node_addresses(
+                local,
+                nodeport_cidrs(self.cfg, model.node, local),
+                loopback=self.cfg.localhost_nodeports,
+            )
             self.addrs.owned = set(ours)
             if self.source is not None:  # clients on the node keep the node's address
                 self.source.local_ips = frozenset(local)
@@ -384,7 +409,10 @@ class UserspaceDataPlane:
         if self.forwarder is not None:
             desired = self._tcp_only(desired)
 
-        wanted = self._sync_backends(model, desired, snap.changed, full or fresh)
+        # A new zone can change every Service's endpoints: refresh every backend.
+        refresh = full or fresh or model.node.zone != self._node.zone
+        self._node = model.node
+        wanted = self._sync_backends(model, desired, snap.changed, refresh)
         if self.forwarder is not None and (full or snap.changed or not self._synced_once):
             self.forwarder.retain(
                 tunnel_key(e) for b in self.backends.values() for e in b.balancer.endpoints
@@ -448,10 +476,13 @@ class UserspaceDataPlane:
             svc = model.services[t.service]
             port = _port_spec(svc, t)
             eps = model.endpoints_for(svc, port) if port is not None else ()
-            local = svc.external_traffic_local if t.external else svc.internal_traffic_local
-            usable = usable_endpoints(svc, eps, host, local_only=local)
-            if t.family:
-                usable = tuple(e for e in usable if e.family == t.family)
+            if t.family:  # topology is decided per family, as kube-proxy's proxiers do
+                eps = tuple(e for e in eps if e.family == t.family)
+            if t.from_node:  # the node itself: Cluster policy (kube-proxy's short circuit)
+                local = False
+            else:
+                local = svc.external_traffic_local if t.external else svc.internal_traffic_local
+            usable = usable_endpoints(eps, host, local_only=local, zone=model.node.zone)
             if self.forwarder is not None:
                 usable = self._with_pods(t, usable)
             if b is None:
