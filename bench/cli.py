@@ -1,6 +1,7 @@
 """`kube-proxy-py-bench`: how fast is each mode, next to the alternatives, on this machine.
 
     kube-proxy-py-bench {control-plane|data-plane|dns|all} [--quick] [--out DIR] [sizes…]
+    kube-proxy-py-bench {portforward|client-address} [--quick] [--rounds N]
     kube-proxy-py-bench readme --out DIR [--readme README.md]
 
 Runs as root: it builds its own virtual nodes (network namespaces) and references, runs
@@ -25,6 +26,8 @@ from . import machine, plots, report
 from .core import Run, SuiteResult, make_progress
 
 SUITES = ("control-plane", "data-plane", "dns")
+# Run by name only (not by `all`): the userspace mode's laptop and client-address figures.
+MORE_SUITES = ("portforward", "client-address")
 
 
 def _suite(name: str) -> Callable[[Run], SuiteResult]:
@@ -32,6 +35,10 @@ def _suite(name: str) -> Callable[[Run], SuiteResult]:
         from .control_plane import run
     elif name == "data-plane":
         from .data_plane import run
+    elif name == "portforward":
+        from .portforward import run
+    elif name == "client-address":
+        from .client_address import run
     else:
         from .dns import run
     return run
@@ -47,7 +54,7 @@ def _ints(text: str) -> list[int]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kube-proxy-py-bench", description=__doc__.split("\n")[0])
-    p.add_argument("suite", choices=(*SUITES, "all", "readme"))
+    p.add_argument("suite", choices=(*SUITES, *MORE_SUITES, "all", "readme"))
     p.add_argument("--quick", action="store_true", help="small sizes, short runs (< 2 min)")
     p.add_argument("--out", type=Path, help="output directory (default bench/results/<time>)")
     p.add_argument("--rounds", type=int, help="alternating rounds (default 3; quick 1)")

@@ -232,9 +232,10 @@ class Bench:
             _stop(p)
 
     @contextlib.contextmanager
-    def daemon(self, mode: str) -> Iterator[Endpoint]:
-        log = self.work / f"daemon-{mode}.log"
+    def daemon(self, mode: str, *extra: str) -> Iterator[Endpoint]:
+        log = self.work / f"daemon-{'-'.join([mode, *extra]).replace('--', '')}.log"
         args = [
+            *extra,
             "--proxy-mode",
             mode,
             "--manifests",

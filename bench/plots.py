@@ -110,4 +110,40 @@ def dns(res: SuiteResult, out: Path) -> Path | None:
     return path
 
 
-PLOTS = {"data-plane": data_plane, "control-plane": control_plane, "dns": dns}
+def bars(name: str) -> Any:
+    """A bar chart per figure of a suite (contenders side by side)."""
+
+    def plot(res: SuiteResult, out: Path) -> Path | None:
+        figs = [f for f in res.figures if any(f.value(c) is not None for c in f.samples)]
+        if not figs:
+            return None
+        cols = min(4, len(figs))
+        rows = -(-len(figs) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4 * rows), squeeze=False)
+        for ax in axes.flat[len(figs) :]:
+            ax.axis("off")
+        for ax, f in zip(axes.flat, figs, strict=False):
+            names = [c for c in f.samples if f.value(c) is not None]
+            vals = [f.value(c) or 0 for c in names]
+            drawn = ax.bar(names, vals, color=[f"C{i}" for i in range(len(names))])
+            for b, v in zip(drawn, vals, strict=True):
+                ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()),
+                            ha="center", va="bottom", fontsize=8)  # fmt: skip
+            ax.set_title(f"{f.name}\n({f.unit}, {f.better} is better)", fontsize=9)
+            ax.tick_params(axis="x", rotation=20, labelsize=8)
+        fig.tight_layout()
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    return plot
+
+
+PLOTS = {
+    "data-plane": data_plane,
+    "control-plane": control_plane,
+    "dns": dns,
+    "portforward": bars("portforward"),
+    "client-address": bars("client-address"),
+}

@@ -163,6 +163,9 @@ class Config:
     # userspace: reach endpoints directly, through the API server's pods/portforward, or
     # probe which works (auto)
     userspace_endpoint_access: str = "auto"
+    # userspace node mode: endpoints see the client's address (IP_TRANSPARENT); "auto":
+    # where the kernel allows it, else the node's address (logged); "on": or fail; "off"
+    userspace_preserve_client_ip: str = "auto"
     # NodePorts also answer on 127.0.0.1 (kube-proxy's --iptables-localhost-nodeports)
     localhost_nodeports: bool = True
     # kube-proxy's conntrack settings (KubeProxyConntrackConfiguration); 0 leaves the
@@ -380,6 +383,9 @@ SETTINGS: tuple[Setting, ...] = (
     S("userspace_endpoint_access", _choice("auto", "direct", "port-forward"),
       "--userspace-endpoint-access", own="userspace.endpointAccess",
       help="userspace: endpoints directly, through the API server's port-forward, or auto"),
+    S("userspace_preserve_client_ip", _choice("auto", "on", "off"),
+      "--userspace-preserve-client-ip", own="userspace.preserveClientIP",
+      help="userspace node mode: endpoints see the client's address (auto: where possible)"),
     S("iptables_backend", _choice("auto", "legacy", "nft"), "--iptables-backend",
       own="iptables.backend", help="default: what the node uses"),
     S("ipv6", _choice("auto", "on", "off"), "--ipv6", own="ipv6",

@@ -36,12 +36,14 @@ from proxy.model import Model, ServiceKey
 from proxy.sync import SyncRunner
 
 if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
+
     from proxy.dns import DnsServer
 
 log = logging.getLogger("proxy")
 
 
-def make_dataplane(cfg: Config) -> DataPlane:
+def make_dataplane(cfg: Config, api_client: ApiClient | None = None) -> DataPlane:
     if cfg.proxy_mode == "iptables":
         from proxy.iptables.dataplane import IptablesDataPlane
 
@@ -53,7 +55,7 @@ def make_dataplane(cfg: Config) -> DataPlane:
     if cfg.proxy_mode == "userspace":
         from proxy.userspace.dataplane import UserspaceDataPlane
 
-        return UserspaceDataPlane(cfg)
+        return UserspaceDataPlane(cfg, api_client)
     return NoDataPlane()
 
 
@@ -158,7 +160,7 @@ async def run(cfg: Config) -> int:
     # data plane touches the node: a daemon that exits on a typo leaves no rules behind.
     source = make_source(cfg, store)
     source.check()
-    dataplane = make_dataplane(cfg)
+    dataplane = make_dataplane(cfg, source.api_client)
     # A previous instance on this node (a rolling update) hands its sockets over once we
     # are synced; see proxy/handover.py.
     handover = Handover(

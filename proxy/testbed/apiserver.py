@@ -1,6 +1,6 @@
 """A small Kubernetes API server for tests, with real list/watch semantics.
 
-Serves Services and Nodes (core/v1) and EndpointSlices (discovery.k8s.io/v1) over plain
+Serves Services, Pods and Nodes (core/v1) and EndpointSlices (discovery.k8s.io/v1) over plain
 HTTP the way the real API server does it, so an informer's recovery paths are exercised
 rather than assumed:
 
@@ -18,12 +18,16 @@ rather than assumed:
   `metadata.name` and `metadata.namespace` with `=`, `==`, `!=` (anything else: 400, as
   the real server answers an unsupported field label); a MODIFIED object that stops
   (starts) matching a selector is sent as DELETED (ADDED), as the watch cache does;
-- Nodes are cluster-scoped: `/api/v1/nodes`, no namespace (under a namespace: 404).
+- Nodes are cluster-scoped: `/api/v1/nodes`, no namespace (under a namespace: 404);
+- `pods/NAME/portforward` over WebSocket with the kubelet's channel framing
+  (`v4.channel.k8s.io`; see proxy/testbed/portforward.py), connecting to the Pod's
+  `status.podIP` from the server's own network namespace (`dial`).
 
 Test controls (methods, and the same over HTTP under /admin for a server in another
 process or network namespace): create/update/apply/delete objects, `compact(keep_last)`,
 `drop_watches()`, `stall_watches(s)` / `release_watches()`, `send_bookmarks()`,
-`inject_event()` (a raw line to the open streams), and counts of list and watch requests.
+`inject_event()` (a raw line to the open streams), `drop_portforwards()` (break every open
+tunnel), and counts of list, watch and port-forward requests.
 
 In a test:   with ApiServer().start() as api: api.apply(svc); ... api.url
 As a process: python -m proxy.testbed.apiserver --listen 127.0.0.1:8080 --load objs.yaml
@@ -42,6 +46,7 @@ import re
 import select
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -55,6 +60,9 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import yaml
+
+from proxy.testbed import portforward as pf
+from proxy.testbed import spdy
 
 log = logging.getLogger("proxy.testbed.apiserver")
 
@@ -74,6 +82,7 @@ class Resource:
 
 RESOURCES = {
     "services": Resource("services", "Service", "v1", "/api/v1"),
+    "pods": Resource("pods", "Pod", "v1", "/api/v1"),
     "nodes": Resource("nodes", "Node", "v1", "/api/v1", namespaced=False),
     "endpointslices": Resource(
         "endpointslices", "EndpointSlice", "discovery.k8s.io/v1", "/apis/discovery.k8s.io/v1"
@@ -86,6 +95,8 @@ _PATH_RE = re.compile(
     r"(?:/namespaces/(?P<ns>[^/]+))?/(?P<res>" + "|".join(RESOURCES) + r")"
     r"(?:/(?P<name>[^/]+))?/?$"
 )
+# Subresources: only pods/portforward (see proxy/testbed/portforward.py).
+_PORTFORWARD_RE = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)/portforward$")
 
 
 def resource_of(kind_or_resource: str) -> Resource:
@@ -271,7 +282,13 @@ def _key(obj: dict[str, Any], namespaced: bool = True) -> tuple[str, str]:
 class ApiServer:
     """The server's state and test controls; `start()` serves it over HTTP."""
 
-    def __init__(self, *, history_limit: int = 100_000) -> None:
+    def __init__(
+        self,
+        *,
+        history_limit: int = 100_000,
+        dial: pf.Dial = pf.default_dial,
+        portforward_grace: float = pf.CLOSE_GRACE,
+    ) -> None:
         self._cond = threading.Condition()
         self._rv = 1  # last assigned resourceVersion
         self._objects: dict[str, dict[tuple[str, str], _Stored]] = {r: {} for r in RESOURCES}
@@ -288,6 +305,11 @@ class ApiServer:
         self._thread: threading.Thread | None = None
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
+        # pods/portforward: how the server reaches Pods, and the tunnels open now.
+        self.dial = dial
+        self.portforward_grace = portforward_grace
+        self.portforward_requests: Counter[str] = Counter()  # "ns/name" → WebSockets opened
+        self._tunnels: dict[socket.socket, str] = {}  # open tunnel → "ns/name" of its Pod
 
     # -- objects ---------------------------------------------------------------------------
 
@@ -418,6 +440,22 @@ class ApiServer:
             _shutdown(w.conn)
         return len(victims)
 
+    def drop_portforwards(self) -> int:
+        """Break every open port-forward WebSocket abruptly (no close frame), as a lost
+        connection to the API server would. Returns how many were broken."""
+        with self._conns_lock:
+            victims = list(self._tunnels)
+        for conn in victims:
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            _shutdown(conn)
+        return len(victims)
+
+    def open_portforwards(self, pod: str | None = None) -> int:
+        """Port-forward WebSockets (or SPDY sessions) open now, to `pod` ("ns/name") or all."""
+        with self._conns_lock:
+            return sum(1 for p in self._tunnels.values() if pod is None or p == pod)
+
     def stall_watches(self, seconds: float) -> None:
         """Hold back events (and bookmarks) from every watch stream for `seconds`."""
         with self._cond:
@@ -457,6 +495,8 @@ class ApiServer:
                 "watches": dict(self.watch_requests),
                 "openWatches": dict(Counter(w.resource for w in self._watches)),
                 "objects": {r: len(o) for r, o in self._objects.items()},
+                "portforwards": dict(self.portforward_requests),
+                "openPortforwards": self.open_portforwards(),
             }
 
     # -- list / watch (called by the HTTP handler) -----------------------------------------
@@ -646,6 +686,95 @@ class ApiServer:
         with self._conns_lock:
             (self._conns.add if add else self._conns.discard)(conn)
 
+    def serve_portforward(self, h: _Handler, ns: str, name: str, query: str) -> None:
+        """…/pods/NAME/portforward, upgraded to the kubelet's WebSocket channels
+        (`v4.channel.k8s.io`, ports in the query), to SPDY/3.1 (kubectl), or to SPDY
+        tunnelled in WebSocket (`SPDY/3.1+portforward.k8s.io`, kubectl ≥ 1.31)."""
+        pod = self.get("pods", ns, name)
+        if pod is None:
+            raise KeyError(f'pods "{name}" not found')
+        upgrade = h.headers.get("Upgrade", "").lower()
+        if upgrade not in ("websocket", spdy.UPGRADE.lower()):
+            h.send_status(400, "BadRequest", "Upgrade request required")
+            return
+        ip = pf.pod_address(pod)
+        if not ip:
+            raise ValueError(f"pod {name} does not have a host assigned")
+        uid = str((pod.get("metadata") or {}).get("uid", ""))
+        podname = f"{name}_{ns}"  # the kubelet names a Pod this way in its messages
+        if upgrade == "websocket":
+            supported = (*pf.SUPPORTED, spdy.TUNNEL_PROTOCOL)
+            proto = pf.choose_protocol(h.headers.get("Sec-WebSocket-Protocol"), supported)
+            ports = []
+            if proto != spdy.TUNNEL_PROTOCOL:
+                ports = pf.ports_param(parse_qs(query, keep_blank_values=True).get("ports", []))
+            key = h.headers.get("Sec-WebSocket-Key", "")
+            if proto is None or not key:
+                offered = h.headers.get("Sec-WebSocket-Protocol")
+                h.send_status(
+                    403, "Forbidden", f"requested protocol(s) are not supported: {offered}"
+                )
+                return
+            h.send_response(101, "Switching Protocols")
+            h.send_header("Upgrade", "websocket")
+            h.send_header("Connection", "Upgrade")
+            h.send_header("Sec-WebSocket-Accept", pf.accept_key(key))
+            if proto:
+                h.send_header("Sec-WebSocket-Protocol", proto)
+        else:
+            versions = [v.strip() for v in h.headers.get_all("X-Stream-Protocol-Version") or []]
+            if spdy.PROTOCOL not in ",".join(versions).split(","):
+                h.send_status(403, "Forbidden", f"unsupported stream protocols: {versions}")
+                return
+            proto, ports = spdy.UPGRADE, []
+            h.send_response(101, "Switching Protocols")
+            h.send_header("Connection", "Upgrade")
+            h.send_header("Upgrade", spdy.UPGRADE)
+            h.send_header("X-Stream-Protocol-Version", spdy.PROTOCOL)
+        h.end_headers()
+        h.wfile.flush()
+        h.close_connection = True
+        conn = h.connection
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._conns_lock:
+            self.portforward_requests[f"{ns}/{name}"] += 1
+            self._tunnels[conn] = f"{ns}/{name}"
+        try:
+            if proto == spdy.UPGRADE:
+                session = spdy.SpdySession(
+                    lambda: h.rfile.read1(1 << 18),
+                    conn.sendall,
+                    podname,
+                    uid,
+                    ip,
+                    self.dial,
+                    grace=self.portforward_grace,
+                )
+                session.serve()
+                return
+            ws = pf.ServerWebSocket(conn, h.rfile, proto == pf.V4_BASE64)
+            if proto == spdy.TUNNEL_PROTOCOL:
+
+                def read() -> bytes:
+                    try:
+                        while True:
+                            if data := ws.recv_message()[1]:  # empty ones carry nothing
+                                return data
+                    except pf.WsClosed:
+                        return b""
+
+                session = spdy.SpdySession(
+                    read, ws.send_message, podname, uid, ip, self.dial,
+                    grace=self.portforward_grace,
+                )  # fmt: skip
+                session.serve()
+                ws.close()
+                return
+            pf.serve(ws, podname, uid, ip, ports, self.dial, grace=self.portforward_grace)
+        finally:
+            with self._conns_lock:
+                self._tunnels.pop(conn, None)
+
 
 def _shutdown(conn: socket.socket) -> None:
     with contextlib.suppress(OSError):
@@ -712,6 +841,11 @@ _DISCOVERY: dict[str, Any] = {
         "name": "services", "singularName": "service", "namespaced": True, "kind": "Service",
         "verbs": ["create", "delete", "get", "list", "update", "watch"],
         "shortNames": ["svc"]}, {
+        "name": "pods", "singularName": "pod", "namespaced": True, "kind": "Pod",
+        "verbs": ["create", "delete", "get", "list", "update", "watch"],
+        "shortNames": ["po"]}, {
+        "name": "pods/portforward", "singularName": "", "namespaced": True,
+        "kind": "PodPortForwardOptions", "verbs": ["create", "get"]}, {
         "name": "nodes", "singularName": "node", "namespaced": False, "kind": "Node",
         "verbs": ["create", "delete", "get", "list", "update", "watch"],
         "shortNames": ["no"]}]},
@@ -804,6 +938,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_json(200, _DISCOVERY[path])
             elif method == "GET" and path in ("/healthz", "/readyz", "/livez"):
                 self.send_json(200, b"ok")
+            elif m := _PORTFORWARD_RE.match(path):
+                self.server.api.serve_portforward(self, m["ns"], m["name"], url.query)
             elif m := _PATH_RE.match(path):
                 self._resource(method, m, q)
             else:
@@ -876,6 +1012,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_json(200, api.delete(parts[1], "", parts[2]))
         elif parts == ["drop-watches"] and method == "POST":
             self.send_json(200, {"dropped": api.drop_watches()})
+        elif parts == ["drop-portforwards"] and method == "POST":
+            self.send_json(200, {"dropped": api.drop_portforwards()})
         elif parts == ["compact"] and method == "POST":
             keep = int(q.get("keep_last", "0"))
             self.send_json(200, {"minValidResourceVersion": api.compact(keep)})
@@ -1027,6 +1165,9 @@ class AdminClient:
 
     def drop_watches(self) -> int:
         return self._call("POST", "/admin/drop-watches")["dropped"]
+
+    def drop_portforwards(self) -> int:
+        return self._call("POST", "/admin/drop-portforwards")["dropped"]
 
     def compact(self, keep_last: int = 0) -> int:
         return self._call("POST", f"/admin/compact?keep_last={keep_last}")[

@@ -3,7 +3,8 @@
 tcp:  each connection gets "<reply>\\n", then everything it sends is echoed back.
 udp:  each datagram is answered with b"<reply>:" + datagram.
 http: HTTP/1.1 (keep-alive) 200, body "<reply>\\n", headers X-Backend and X-Client-Addr;
-      GET /client answers with the caller's IP instead (for source-IP tests).
+      GET /client answers with the caller's IP instead (for source-IP tests); GET /bytes/N
+      answers N pseudo-random bytes with their sha256 in X-Sha256 (downloads).
 Prints READY on stdout once every socket is bound. Stdlib only: it runs inside pods.
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
+import random
 import socket
 import sys
 
@@ -59,7 +62,12 @@ async def _http(reply: bytes, r: asyncio.StreamReader, w: asyncio.StreamWriter) 
                 headers[k.strip().lower()] = v.strip().lower()
             if n := int(headers.get("content-length", "0") or 0):
                 await r.readexactly(n)
-            body = (peer[0] if path == "/client" else reply.decode()).encode() + b"\n"
+            if path.startswith("/bytes/") and path[7:].isdigit():
+                body = download(int(path[7:]))
+                extra = f"X-Sha256: {hashlib.sha256(body).hexdigest()}\r\n".encode()
+            else:
+                body = (peer[0] if path == "/client" else reply.decode()).encode() + b"\n"
+                extra = b""
             close = headers.get("connection") == "close" or parts[-1] == "HTTP/1.0"
             w.write(
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
@@ -68,10 +76,11 @@ async def _http(reply: bytes, r: asyncio.StreamReader, w: asyncio.StreamWriter) 
                 + b"\r\n"
                 + f"X-Client-Addr: {peer[0]}:{peer[1]}\r\n".encode()
                 + f"Content-Length: {len(body)}\r\n".encode()
+                + extra
                 + (b"Connection: close\r\n" if close else b"")
                 + b"\r\n"
-                + body
             )
+            w.write(body)
             await w.drain()
             if close:
                 return
@@ -79,6 +88,11 @@ async def _http(reply: bytes, r: asyncio.StreamReader, w: asyncio.StreamWriter) 
         pass
     finally:
         w.close()
+
+
+def download(n: int) -> bytes:
+    """N bytes of a seeded pseudo-random pattern (GET /bytes/N), the same every time."""
+    return random.Random(n).randbytes(n)
 
 
 class _Udp(asyncio.DatagramProtocol):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import socket as _socket
 import subprocess
 import sys
@@ -37,6 +38,23 @@ def family_of(ip: str) -> int:
     return _socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else _socket.AF_INET
 
 
+def as_user(user: str) -> list[str]:
+    """A command prefix that runs the rest as USER (and its group), with no capabilities.
+
+    When the interpreter lives where USER cannot read it (e.g. a virtualenv under /root),
+    the process may read files as root would (CAP_DAC_READ_SEARCH, inherited and ambient)
+    and nothing else: it still cannot bind low ports or change the network."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise RuntimeError("setpriv (util-linux) is needed to run a process as another user")
+    group = "nogroup" if user == "nobody" else user
+    base = [setpriv, f"--reuid={user}", f"--regid={group}", "--clear-groups"]
+    ok = subprocess.run([*base, sys.executable, "-c", "pass"], capture_output=True)
+    if ok.returncode == 0:
+        return base
+    return [*base, "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+
+
 class Host:
     """One network namespace of the testbed (a pod, an outside host, or a node)."""
 
@@ -47,6 +65,7 @@ class Host:
         self.ip = ip
         self.ipv6 = ipv6
         self.node: Node | None = None  # the node a pod lives on
+        self._proxies = 0
         self._sockets: weakref.WeakSet[_socket.socket] = weakref.WeakSet()
 
     def __repr__(self) -> str:
@@ -116,6 +135,37 @@ class Host:
             return self.run(argv, **popen_kw)
         return self.exec(argv, timeout=timeout, check=check, **popen_kw)
 
+    def start_proxy(
+        self,
+        args: Sequence[str],
+        *,
+        log: Path | None = None,
+        env: dict[str, str] | None = None,
+        user: str | None = None,
+        wrap: Sequence[str] = (),
+    ) -> ProxyProcess:
+        """Run `python -m proxy ARGS` inside this host (a node, or e.g. a laptop); output
+        (stdout+stderr) goes to LOG. With `user`, as that user (setpriv), not root. `wrap`
+        is a command prefix that execs its arguments (e.g. one dropping privileges)."""
+        from .proxyproc import ProxyProcess
+
+        self._proxies += 1
+        if log is None:
+            log = self.tb.workdir / f"proxy-{self.name}-{self._proxies}.log"
+        log = Path(log)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        prefix = [*(as_user(user) if user else []), *wrap]
+        with open(log, "ab") as out:
+            offset = out.tell()  # a reused log: only this run's lines count
+            p = self.run(
+                [*prefix, sys.executable, "-m", "proxy", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        return ProxyProcess(self, p, log, list(args), offset)
+
     # -- sockets and routes -----------------------------------------------------------------
 
     def socket(
@@ -165,32 +215,3 @@ class Node(Host):
         self.pod_cidr = pod_cidr
         self.pod_cidr_v6 = pod_cidr_v6
         self.pods: list[Host] = []
-        self._proxies = 0
-
-    def start_proxy(
-        self,
-        args: Sequence[str],
-        *,
-        log: Path | None = None,
-        env: dict[str, str] | None = None,
-        wrap: Sequence[str] = (),
-    ) -> ProxyProcess:
-        """Run `python -m proxy ARGS` inside this node; output (stdout+stderr) goes to LOG.
-        `wrap` is a command prefix that execs its arguments (e.g. one dropping privileges)."""
-        from .proxyproc import ProxyProcess
-
-        self._proxies += 1
-        if log is None:
-            log = self.tb.workdir / f"proxy-{self.name}-{self._proxies}.log"
-        log = Path(log)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as out:
-            offset = out.tell()  # a reused log: only this run's lines count
-            p = self.run(
-                [*wrap, sys.executable, "-m", "proxy", *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
-        return ProxyProcess(self, p, log, list(args), offset)

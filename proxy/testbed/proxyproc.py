@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .hosts import Node
+    from .hosts import Host
 
 # The daemon logs "synced N services" after every successful sync (contract with daemon.py).
 SYNC_RE = re.compile(r"synced \d+ services|sync done")
@@ -59,7 +59,7 @@ def connect_host(host: str) -> str:
 class ProxyProcess:
     def __init__(
         self,
-        node: Node,
+        node: Host,
         popen: subprocess.Popen,
         log_path: Path,
         args: list[str],

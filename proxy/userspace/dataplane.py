@@ -23,13 +23,14 @@ import resource
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.config import Config, UsageError
 from proxy.dataplane import LARGE_MODEL
 from proxy.endpoints.store import Snapshot
 from proxy.handover import steer_to_newest, steer_to_oldest
-from proxy.model import UNKNOWN_NODE, Model, NodeInfo, PortSpec, Service
+from proxy.iptables import backend as iptables_backend
+from proxy.model import UNKNOWN_NODE, Endpoint, Model, NodeInfo, PortSpec, Service
 from proxy.selection import usable_endpoints
 from proxy.userspace import metrics as umetrics
 from proxy.userspace.addresses import AddressOwner, nodeport_cidrs, pick_node_addresses
@@ -45,8 +46,13 @@ from proxy.userspace.listeners import (
     listen_error,
     open_listener,
 )
+from proxy.userspace.portforward import ApiTarget, Forwarder, probe_direct, tunnel_key
 from proxy.userspace.tcp import ENGINES, TcpEngine, TcpListener
+from proxy.userspace.transparent import CHAIN, MARK, TABLE, SourcePolicy, TransparentRouting
 from proxy.userspace.udp import UdpListener
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
 
 log = logging.getLogger("proxy.userspace")
 
@@ -95,11 +101,19 @@ class UserspaceDataPlane:
     name = "userspace"
     forwards = True
 
-    def __init__(self, cfg: Config, *, loopback_nodeports: tuple[str, ...] = ()) -> None:
-        """`loopback_nodeports`: serve only NodePorts, on these loopback addresses, for
-        another data plane whose kernel NAT cannot (see localhost.py); no Service
-        address is owned then."""
+    def __init__(
+        self,
+        cfg: Config,
+        api_client: ApiClient | None = None,
+        *,
+        loopback_nodeports: tuple[str, ...] = (),
+    ) -> None:
+        """`api_client`: the API server the source watches (port-forward goes through it;
+        None with --manifests). `loopback_nodeports`: serve only NodePorts, on these
+        loopback addresses, for another data plane whose kernel NAT cannot (see
+        localhost.py); no Service address is owned then."""
         self.cfg = cfg
+        self.api = api_client
         self.loopback_only = loopback_nodeports
         self.laptop = laptop_mode(cfg) and not loopback_nodeports
         self.rewriter = LaptopRewriter(offset=cfg.userspace_port_offset) if self.laptop else None
@@ -116,6 +130,10 @@ class UserspaceDataPlane:
         self._logged: dict[Any, str] = {}  # what is currently broken → reason (log once)
         self._empty: set[Target] = set()  # backends with no usable endpoint (logged)
         self._synced_once = False
+        # How endpoints are reached: "direct", "port-forward", or "" until auto has probed.
+        self.access = ""
+        self.forwarder: Forwarder | None = None
+        self.source: SourcePolicy | None = None  # node mode: endpoints see client addresses
         self._node: NodeInfo = UNKNOWN_NODE  # the node's zone decides topology
         self.handed_over = False  # listeners given to a successor (hand_over)
 
@@ -162,8 +180,109 @@ class UserspaceDataPlane:
                     "CAP_NET_ADMIN, or as a normal user for laptop mode"
                 ) from None
             log.info("node mode: Service addresses owned via %s", kind)
+            await self._start_client_ip()
         log.info("userspace TCP engine %s, open files limit %d", self.tcp.engine, soft)
+        await self._start_access()
         self._sweeper = loop.create_task(self._sweep_loop(), name="userspace-sweeper")
+
+    async def _start_client_ip(self) -> None:
+        """Node mode: endpoints see the client's address where the kernel allows it."""
+        want = self.cfg.userspace_preserve_client_ip
+        if want == "off":
+            log.info("client addresses: off (endpoints see the node's address)")
+            return
+        try:
+            backends = (await iptables_backend.select(self.cfg)).values()
+            why = await TransparentRouting(backends).setup()
+        except UsageError as e:
+            why = str(e)
+        except Exception as e:  # whatever it is, proxying from the node's address still works
+            why = f"{type(e).__name__}: {e}"
+        if why:
+            if want == "on":
+                raise UsageError(f"--userspace-preserve-client-ip=on: {why}")
+            log.warning("client addresses not preserved: %s; endpoints see the node's address", why)
+            return
+        assert self.tcp is not None
+        self.source = self.tcp.source = SourcePolicy(
+            self.cfg.hostname,
+            self.cfg.cluster_cidrs,
+            masquerade_all=self.cfg.masquerade_all,
+        )
+        log.info(
+            "client addresses preserved: endpoints see the client's address (IP_TRANSPARENT; "
+            "mangle chain %s marks replies %#x, ip rule → table %d); the node's address for "
+            "hairpin, clients on the node, and traffic the endpoint would not answer through "
+            "this node (external traffic to other nodes%s)",
+            CHAIN,
+            MARK,
+            TABLE,
+            ", ClusterIP traffic from outside --cluster-cidr" if self.cfg.cluster_cidrs else "",
+        )
+
+    async def _start_access(self) -> None:
+        """--userspace-endpoint-access: decide now, or probe at the first endpoints (auto)."""
+        want = self.cfg.userspace_endpoint_access
+        if self.loopback_only:  # another mode's localhost NodePorts: its pods are local
+            self.access = "direct"
+            return
+        if want == "port-forward" and self.api is None:
+            raise UsageError(
+                "--userspace-endpoint-access=port-forward goes through the API server: "
+                "use --kubeconfig (or run in a pod), not --manifests"
+            )
+        if want == "direct" or self.api is None:
+            why = "requested" if want == "direct" else "no API server"
+            await self._use_access("direct", why)
+        elif want == "port-forward":
+            await self._use_access("port-forward", "requested")
+        elif not self.laptop:
+            await self._use_access("direct", "node mode: pod IPs are routed here")
+        else:
+            log.info("endpoint access auto: probing the first endpoints")
+
+    async def _use_access(self, access: str, why: str) -> None:
+        self.access = access
+        if access == "direct":
+            log.info("endpoint access: direct (%s)", why)
+            return
+        assert self.api is not None and self.tcp is not None
+        tcp = self.tcp
+        target = ApiTarget.from_configuration(self.api.configuration)
+
+        def count(n: int) -> None:
+            tcp.nfds += n
+
+        self.forwarder = Forwarder(target, asyncio.get_running_loop(), count_fds=count)
+        await self.forwarder.start()
+        tcp.forwarder = self.forwarder
+        umetrics.GLOBAL.tunnels = self.forwarder.stats
+        log.info(
+            "endpoint access: port-forward through the API server at %s (%s); TCP only, "
+            "UDP Service ports are not served",
+            target.url,
+            why,
+        )
+
+    async def _probe_access(self, model: Model) -> None:
+        """auto: direct when a few endpoints answer a TCP connect, else port-forward."""
+        sample: dict[str, tuple[str, int]] = {}
+        for eps in model.endpoints.values():
+            for (_, proto), lst in eps.ports.items():
+                for e in lst:
+                    if proto == "TCP" and e.ready and e.ip not in sample:
+                        sample[e.ip] = (e.ip, e.port)
+                if len(sample) >= 5:
+                    break
+            if len(sample) >= 5:
+                break
+        if not sample:
+            return  # nothing to probe yet: decide at a later sync
+        reachable, seen = await probe_direct(list(sample.values()))
+        if reachable:
+            await self._use_access("direct", f"auto: endpoints answer directly ({seen})")
+        else:
+            await self._use_access("port-forward", f"auto: endpoints unreachable ({seen})")
 
     async def hand_over(self) -> None:
         """Stop accepting: UDP listeners are steered to a successor's sockets (ours stay
@@ -218,8 +337,19 @@ class UserspaceDataPlane:
         for b in self.backends.values():
             for c in list(b.conns):
                 c.close()
+            umetrics.drop_stats(b.label, b.target.protocol)  # the next data plane starts at 0
         if self.tcp is not None:
             self.tcp.close()
+        if self.forwarder is not None:
+            st = self.forwarder.stats
+            log.info(
+                "port-forward: %d connections on warm tunnels, %d on tunnels opened for them, "
+                "%d tunnels could not be opened",
+                st["warm"],
+                st["cold"],
+                st["failed"],
+            )
+            await self.forwarder.close()
         self._update_gauges()
         await self._close_netlink()
 
@@ -245,7 +375,12 @@ class UserspaceDataPlane:
             with contextlib.suppress(Exception):
                 await self._netlink(owner.close)
             await self._close_netlink()
-        log.info("userspace cleanup: released %d Service addresses", len(released))
+        removed = await TransparentRouting(await iptables_backend.all_backends()).cleanup()
+        log.info(
+            "userspace cleanup: released %d Service addresses%s",
+            len(released),
+            ", removed the client-address rules" if removed else "",
+        )
 
     # -- sync --------------------------------------------------------------------------------
 
@@ -263,6 +398,12 @@ class UserspaceDataPlane:
                 loopback=self.cfg.localhost_nodeports,
             )
             self.addrs.owned = set(ours)
+            if self.source is not None:  # clients on the node keep the node's address
+                self.source.local_ips = frozenset(local)
+        fresh = not self._synced_once
+        if not self.access:
+            await self._probe_access(model)
+            fresh = fresh or bool(self.access)  # decided now: every backend follows it
         if len(model.services) >= LARGE_MODEL:  # O(Services): not on the loop
             desired, problems = await asyncio.to_thread(
                 self.plan.desired, model.services, self.node_ips
@@ -271,11 +412,17 @@ class UserspaceDataPlane:
             desired, problems = self.plan.desired(model.services, self.node_ips)
         for key, msg in problems:
             self._once(("problem", key, msg), msg, "%s/%s: %s", key[0], key[1], msg)
+        if self.forwarder is not None:
+            desired = self._tcp_only(desired)
 
         # A new zone can change every Service's endpoints: refresh every backend.
-        refresh = full or not self._synced_once or model.node.zone != self._node.zone
+        refresh = full or fresh or model.node.zone != self._node.zone
         self._node = model.node
         wanted = self._sync_backends(model, desired, snap.changed, refresh)
+        if self.forwarder is not None and (full or snap.changed or not self._synced_once):
+            self.forwarder.retain(
+                tunnel_key(e) for b in self.backends.values() for e in b.balancer.endpoints
+            )
 
         bad_ips: set[str] = set()
         release: set[str] = set()
@@ -342,6 +489,8 @@ class UserspaceDataPlane:
             else:
                 local = svc.external_traffic_local if t.external else svc.internal_traffic_local
             usable = usable_endpoints(eps, host, local_only=local, zone=model.node.zone)
+            if self.forwarder is not None:
+                usable = self._with_pods(t, usable)
             if b is None:
                 bal = Balancer(usable, affinity_timeout=float(svc.session_affinity_timeout))
                 b = self.backends[t] = Backend(t, bal, umetrics.stats_for(t.label, t.protocol))
@@ -360,6 +509,26 @@ class UserspaceDataPlane:
                 self._empty.discard(t)
                 log.info("%s/%s has %d endpoints again", t.label, t.protocol, len(usable))
         return wanted
+
+    def _tcp_only(self, desired: dict[ListenerKey, Target]) -> dict[ListenerKey, Target]:
+        """Port-forward carries TCP only: UDP Service ports are not served (logged once)."""
+        out = {}
+        for key, t in desired.items():
+            if key[2] == "TCP":
+                out[key] = t
+            else:
+                why = "UDP cannot be tunnelled through the API server's port-forward"
+                self._once(("udp", t.label), why, "%s/%s: not served: %s", t.label, key[2], why)
+        return out
+
+    def _with_pods(self, t: Target, usable: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
+        """Port-forward needs the Pod behind an endpoint (its targetRef)."""
+        with_pod = tuple(e for e in usable if e.pod)
+        if len(with_pod) < len(usable):
+            n = len(usable) - len(with_pod)
+            why = f"{n} endpoints have no Pod (targetRef): port-forward cannot reach them"
+            self._once(("nopod", t.label), why, "%s: %s", t.label, why)
+        return with_pod
 
     def _drop_backend(self, t: Target) -> None:
         b = self.backends.pop(t)
@@ -452,14 +621,18 @@ class UserspaceDataPlane:
         g.addresses = len(self.addrs.owned) if self.addrs is not None else 0
 
     def sweep(self, now: float) -> None:
-        """Idle TCP connections and UDP sessions out, expired affinity entries out."""
+        """Idle TCP connections and UDP sessions out, expired affinity entries out, warm
+        port-forward tunnels refreshed."""
         if self.tcp is not None:
             self.tcp.update_budget()
+        if self.forwarder is not None:
+            self.forwarder.sweep(now)
+            umetrics.GLOBAL.warm_tunnels = self.forwarder.warm
         tcp_idle = self.cfg.userspace_tcp_idle_timeout
         udp_idle = self.cfg.udp_idle_timeout
         for b in list(self.backends.values()):
             if tcp_idle > 0 and b.conns:
-                for c in [c for c in b.conns if c.up is not None and now - c.last > tcp_idle]:
+                for c in [c for c in b.conns if c.established and now - c.last > tcp_idle]:
                     log.debug("%s: closing connection idle for %.0fs", b.label, now - c.last)
                     c.close()
             for u in b.udp:

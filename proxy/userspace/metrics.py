@@ -56,6 +56,8 @@ class Globals:
         "addresses",
         "listen_failures",
         "listeners",
+        "tunnels",
+        "warm_tunnels",
     )
 
     def __init__(self) -> None:
@@ -64,6 +66,9 @@ class Globals:
         self.addresses = 0
         self.address_failures = 0
         self.accept_pauses = 0
+        # port-forward (Forwarder.stats): connections on warm / cold tunnels, failed opens
+        self.tunnels: dict[str, int] = {}
+        self.warm_tunnels = 0
 
 
 STATS: dict[tuple[str, str], Stats] = {}
@@ -140,6 +145,18 @@ class _Collector:
             P + "address_failures",
             "Service addresses that could not be added",
             value=g.address_failures,
+        )
+        tunnels = CounterMetricFamily(
+            P + "portforward_tunnels",
+            "Connections carried through the API server's port-forward, by tunnel: warm "
+            "(opened ahead), cold (opened for it); failed: tunnels that could not be opened",
+            labels=["tunnel"],
+        )
+        for how in ("warm", "cold", "failed"):
+            tunnels.add_metric([how], g.tunnels.get(how, 0))
+        yield tunnels
+        yield GaugeMetricFamily(
+            P + "portforward_warm_tunnels", "Tunnels open and ready for use", value=g.warm_tunnels
         )
         yield CounterMetricFamily(
             P + "accept_pauses",

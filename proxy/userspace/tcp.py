@@ -24,22 +24,31 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import resource
 import socket
 import struct
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.userspace.backend import Backend
 from proxy.userspace.balancer import ep_key
 from proxy.userspace.listeners import ListenerKey, fmt_key
 from proxy.userspace.metrics import GLOBAL
+from proxy.userspace.transparent import SourcePolicy, transparent_socket
+
+if TYPE_CHECKING:
+    from proxy.model import Endpoint
+    from proxy.userspace.portforward import Forwarder, Tunnel
 
 log = logging.getLogger("proxy.userspace.tcp")
 
 CONNECT_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
+# Through the API server's port-forward a tunnel costs an HTTP upgrade (over TLS, on a
+# real cluster) and the kubelet's dial: allow for a remote API server.
+TUNNEL_TIMEOUTS = (5.0, 5.0, 10.0, 10.0)
 ENGINES = ("auto", "splice", "copy")
 CONNECT_CHECK = 0.05  # seconds between checks of connect deadlines
 ACCEPT_BATCH = 64
@@ -112,6 +121,10 @@ class TcpEngine:
         # Connects in progress → deadline; one periodic check instead of a timer per connect.
         self.connecting: dict[TcpConn, float] = {}
         self._checking = False
+        # Endpoints through the API server's port-forward instead of connects (laptop).
+        self.forwarder: Forwarder | None = None
+        # Node mode: connections to endpoints from the client's address where possible.
+        self.source: SourcePolicy | None = None
 
     # -- connect timeouts --------------------------------------------------------------------
 
@@ -298,7 +311,7 @@ class TcpListener:
                 csock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
                 csock.close()
                 continue
-            TcpConn(eng, b, csock, addr[0]).connect()
+            TcpConn(eng, b, csock, addr).connect()
             if not self.listening:  # descriptors ran short serving it: accept no more now
                 return
 
@@ -323,6 +336,7 @@ class TcpConn:
         "attempt",
         "backend",
         "bsock",
+        "client",
         "client_ip",
         "closed",
         "csock",
@@ -331,15 +345,17 @@ class TcpConn:
         "ep",
         "last",
         "tried",
+        "tunnel",
         "up",
         "watching",
     )
 
-    def __init__(self, engine: TcpEngine, backend: Backend, csock: Any, client_ip: str):
+    def __init__(self, engine: TcpEngine, backend: Backend, csock: Any, client: tuple):
         self.engine = engine
         self.backend = backend
         self.csock = csock
-        self.client_ip = client_ip
+        self.client = client  # (ip, port, …) as accept() gave it
+        self.client_ip = client[0]
         self.bsock: Any = None  # _socket.socket
         self.ep = None
         self.tried: list = []
@@ -348,6 +364,7 @@ class TcpConn:
         self.up: Pump | None = None
         self.down: Pump | None = None
         self.closed = False
+        self.tunnel: Tunnel | asyncio.Task | None = None  # port-forward: the tunnel, or its opening
         self.last = _now()
         csock.setblocking(False)
         csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -371,13 +388,24 @@ class TcpConn:
             return
         self.ep = ep
         self.tried.append(ep_key(ep))
+        if eng.forwarder is not None:
+            self._open_tunnel(eng.forwarder, ep)
+            return
         fam = socket.AF_INET6 if ":" in ep.ip else socket.AF_INET
         typ = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+        src = eng.source
+        bs: Any
         try:
-            bs = _socket.socket(fam, typ)
+            if src is not None and src.preserve(self.client_ip, ep, self.backend.target.external):
+                bs = transparent_socket(fam, socket.SOCK_STREAM, self.client[:2])
+            else:
+                bs = _socket.socket(fam, typ)
         except OSError as e:
             bs = None
-            if e.errno in FD_ERRORS and eng.use_reserve(f"connect for {self.backend.label}", e):
+            # Out of descriptors: the reserve frees some. The client's address refused
+            # (it cannot be bound here): the node's address, as without the feature.
+            fds = e.errno in FD_ERRORS
+            if not fds or eng.use_reserve(f"connect for {self.backend.label}", e):
                 with contextlib.suppress(OSError):
                     bs = _socket.socket(fam, typ)
             if bs is None:
@@ -417,10 +445,47 @@ class TcpConn:
         self._stop_watching()
         self._failed(errno.ETIMEDOUT)
 
-    def _failed(self, err: int) -> None:
-        self.bsock.close()
-        self.bsock = None
-        self.engine.nfds -= 1
+    # -- connect phase through the API server (port-forward) -----------------------------
+
+    def _open_tunnel(self, fwd: Forwarder, ep: Endpoint) -> None:
+        key = (ep.pod, ep.port)
+        t = fwd.take(key)
+        if t is not None:  # warm: already settled, no round trip
+            self._attach(t, ep)
+            return
+        timeout = TUNNEL_TIMEOUTS[min(self.attempt, len(TUNNEL_TIMEOUTS) - 1)]
+        task = fwd.loop.create_task(fwd.open(key, timeout))
+        task.add_done_callback(functools.partial(self._tunnel_opened, ep))
+        self.tunnel = task
+
+    def _tunnel_opened(self, ep: Endpoint, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        e = task.exception()
+        if self.closed:
+            if e is None:
+                task.result().close()
+            return
+        self.tunnel = None
+        if e is not None:
+            self._failed(errno.ECONNREFUSED, str(e))
+        else:
+            self._attach(task.result(), ep)
+
+    def _attach(self, t: Tunnel, ep: Endpoint) -> None:
+        """The tunnel carries the client's bytes itself (no pumps: see portforward.py)."""
+        b = self.backend
+        if b.balancer.succeeded(ep):
+            log.info("%s: endpoint %s answers again", b.label, ep)
+        self.tried = None  # type: ignore[assignment]
+        self.tunnel = t
+        t.attach(self)
+
+    def _failed(self, err: int, why: str = "") -> None:
+        if self.bsock is not None:
+            self.bsock.close()
+            self.bsock = None
+            self.engine.nfds -= 1
         b = self.backend
         b.stats.connect_failures += 1
         ep = self.ep
@@ -430,7 +495,7 @@ class TcpConn:
                 "%s: endpoint %s failed (%s); skipping it for %gs",
                 b.label,
                 ep,
-                os.strerror(err),
+                why or os.strerror(err),
                 wait,
             )
         self.attempt += 1
@@ -439,6 +504,11 @@ class TcpConn:
             self.connect()
         else:
             self.reject("endpoints_failed")
+
+    @property
+    def established(self) -> bool:
+        """Connected to an endpoint (or tunnel), bytes flowing."""
+        return self.tried is None
 
     def _connected(self) -> None:
         b = self.backend
@@ -464,6 +534,12 @@ class TcpConn:
         self.closed = True
         if self.bsock is not None:
             self._stop_watching()
+        if self.tunnel is not None:
+            if isinstance(self.tunnel, asyncio.Task):
+                self.tunnel.cancel()
+            else:
+                self.tunnel.close()
+            self.tunnel = None
         for p in (self.up, self.down):
             if p is not None:
                 p.stop()

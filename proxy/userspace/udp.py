@@ -14,6 +14,7 @@ health and the datagram is retried once on another endpoint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
@@ -25,12 +26,14 @@ from proxy.userspace.backend import Backend
 from proxy.userspace.balancer import EpKey
 from proxy.userspace.listeners import ListenerKey
 from proxy.userspace.tcp import FD_ERRORS, TcpEngine
+from proxy.userspace.transparent import transparent_socket
 
 log = logging.getLogger("proxy.userspace.udp")
 
 _AGAIN = (BlockingIOError, InterruptedError)
 _BATCH = 64
 _MAX_DGRAM = 65535
+_UDP = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 _now = time.monotonic
 
 
@@ -129,11 +132,15 @@ class UdpListener:
         elif full:
             self.fds.out_of_fds(f"UDP session for {b.label}", None)
             return None
+        fam = socket.AF_INET6 if ":" in ep.ip else socket.AF_INET
+        src = self.fds.source
+        s = None
+        if src is not None and src.preserve(addr[0], ep, b.target.external):
+            with contextlib.suppress(OSError):  # refused: the node's address, as without
+                s = transparent_socket(fam, socket.SOCK_DGRAM, addr[:2])
         try:
-            s = socket.socket(
-                socket.AF_INET6 if ":" in ep.ip else socket.AF_INET,
-                socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
-            )
+            if s is None:
+                s = socket.socket(fam, _UDP)
         except OSError as e:
             if e.errno in FD_ERRORS:
                 self.fds.out_of_fds(f"UDP session for {b.label}", e)

@@ -5,6 +5,7 @@ python -m tests.e2e.userspace_backends MODE PORT [ARG]
               (a seeded random block repeated) followed by their sha256 hex; close.
   halfclose   read until the client's FIN, then answer "got <n>" and close.
   stream      send 64 KiB chunks until the client goes away.
+  udppeer     UDP: answer each datagram with the sender's "<ip>:<port>" (who it came from).
 Prints READY once listening.
 """
 
@@ -64,9 +65,21 @@ def serve_stream(conn: socket.socket) -> None:
         conn.close()
 
 
+def serve_udp_peer(port: int) -> None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", port))
+    print("READY", flush=True)
+    while True:
+        _, (ip, peer_port) = s.recvfrom(65535)
+        s.sendto(f"{ip}:{peer_port}".encode(), (ip, peer_port))
+
+
 def main() -> None:
     mode, port = sys.argv[1], int(sys.argv[2])
     arg = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    if mode == "udppeer":
+        serve_udp_peer(port)
+        return
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("0.0.0.0", port))

@@ -141,7 +141,7 @@ def test_writes_assign_increasing_versions_uids_and_timestamps(api: ApiServer) -
 
 
 def test_unknown_paths_and_discovery(api: ApiServer) -> None:
-    assert get(api, "/api/v1/pods")[0] == 404
+    assert get(api, "/api/v1/secrets")[0] == 404
     assert get(api, "/apis/discovery.k8s.io/v1/services")[0] == 404
     code, version = get(api, "/version")
     assert code == 200 and version["major"] == "1"
@@ -425,7 +425,12 @@ def test_admin_api_and_process_mode(tmp_path: Path) -> None:
         url = line.split()[-1]
         assert url in kc.read_text()
         admin = AdminClient(url)
-        assert admin.stats()["objects"] == {"services": 1, "endpointslices": 1, "nodes": 0}
+        assert admin.stats()["objects"] == {
+            "services": 1,
+            "pods": 0,
+            "nodes": 0,
+            "endpointslices": 1,
+        }
         admin.apply(svc("b", "198.19.0.2"))
         admin.apply(node("n1"))  # a cluster-scoped object, deleted without a namespace
         assert admin.delete("nodes", "", "n1")["metadata"]["name"] == "n1"

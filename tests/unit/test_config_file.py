@@ -66,6 +66,7 @@ userspace:
   udpMaxSessions: 100
   addressMode: local-route
   endpointAccess: direct
+  preserveClientIP: "off"
 """
 
 FULL_EXPECTED = {
@@ -106,6 +107,7 @@ FULL_EXPECTED = {
     "userspace_udp_max_sessions": 100,
     "userspace_address_mode": "local-route",
     "userspace_endpoint_access": "direct",
+    "userspace_preserve_client_ip": "off",
 }
 
 
