@@ -90,6 +90,20 @@ def parse_cidrs(text: str | list[str], what: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+NODEPORT_PRIMARY = "primary"
+
+
+def parse_nodeport_addresses(text: str | list[str], what: str) -> tuple[str, ...]:
+    """CIDRs, or kube-proxy's keyword `primary` (alone): the node's primary IPs."""
+    items = text if isinstance(text, list) else str(text).split(",")
+    words = [str(t).strip() for t in items if str(t).strip()]
+    if NODEPORT_PRIMARY in words:
+        if len(words) > 1:
+            raise UsageError(f"{what}: {NODEPORT_PRIMARY!r} must be given alone")
+        return (NODEPORT_PRIMARY,)
+    return parse_cidrs(words, what)
+
+
 def parse_upstreams(text: str | list[str], what: str) -> tuple[str, ...]:
     """Resolvers "IP", "IP:PORT" or "[v6]:PORT" (port 53 when left out) → "H:P" strings."""
     items = text if isinstance(text, list) else str(text).split(",")
@@ -118,6 +132,9 @@ class Config:
     masquerade_all: bool = False
     masquerade_bit: int = 14
     nodeport_addresses: tuple[str, ...] = ()  # CIDRs; empty: all local addresses
+    # --nodeport-addresses primary: only the node IPs (its Node's, else the addresses of
+    # its default routes), followed as they change
+    nodeport_primary: bool = False
     sync_period: float = 30.0
     min_sync_period: float = 1.0
     healthz_bind: tuple[str, int] | None = ("0.0.0.0", 10256)
@@ -229,6 +246,11 @@ HOSTPORT = Kind(
     lambda v, w: parse_hostport(str(v), w, allow_empty=True),
 )
 CIDRS = Kind('CIDRs such as "10.244.0.0/16"', (str, list), lambda v, w: parse_cidrs(v, w))
+NODEPORTS = Kind(
+    'CIDRs such as "10.0.0.0/8", or "primary"',
+    (str, list),
+    lambda v, w: parse_nodeport_addresses(v, w),
+)
 UPSTREAMS = Kind("a list of resolver addresses", (str, list), lambda v, w: parse_upstreams(v, w))
 
 
@@ -287,8 +309,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("masquerade_bit", INT, "--iptables-masquerade-bit", "iptables.masqueradeBit",
       help="fwmark bit for masquerading (0-31; 14)", zero_is_default=False,
       nft_path="nftables.masqueradeBit"),
-    S("nodeport_addresses", CIDRS, "--nodeport-addresses", "nodePortAddresses",
-      help="CIDRs of node addresses that accept NodePorts"),
+    S("nodeport_addresses", NODEPORTS, "--nodeport-addresses", "nodePortAddresses",
+      help="CIDRs of node addresses that accept NodePorts, or 'primary' (the node IPs)"),
     S("sync_period", DURATION, "--iptables-sync-period", "iptables.syncPeriod",
       help="resync period (default 30s; full syncs hourly)", nft_path="nftables.syncPeriod"),
     S("min_sync_period", DURATION, "--iptables-min-sync-period", "iptables.minSyncPeriod",
@@ -445,6 +467,8 @@ def _normalise(cfg: Config) -> None:
     if not cfg.hostname:  # --hostname-override='' or hostnameOverride: "": the hostname
         cfg.hostname = socket.gethostname().lower()
     cfg.cluster_domain = cfg.cluster_domain.strip(".").lower() or "cluster.local"
+    if cfg.nodeport_addresses == (NODEPORT_PRIMARY,):
+        cfg.nodeport_primary, cfg.nodeport_addresses = True, ()
     if cfg.ipv6 == "auto" and ipaddress.ip_address(cfg.bind_address).version == 6:
         cfg.ipv6 = "on"  # kube-proxy: an IPv6 bindAddress makes IPv6 the primary family
 

@@ -24,6 +24,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from proxy import nodesetup
 from proxy.config import Config, PrivilegeError, UsageError, describe
 from proxy.dataplane import Consumer, DataPlane, NoDataPlane
 from proxy.endpoints.source import Source
@@ -60,9 +61,10 @@ def make_source(cfg: Config, store: Store) -> Source:
         from proxy.endpoints.manifests import ManifestsSource
 
         return ManifestsSource(cfg.manifests, store)
-    from proxy.endpoints.kube import KubeSource
+    from proxy.endpoints.kube import DEFAULT_KINDS, KubeSource, this_node
 
-    return KubeSource(cfg, store)
+    # Services, EndpointSlices and this node's own Node (zone, node IPs).
+    return KubeSource(cfg, store, kinds=(*DEFAULT_KINDS, this_node(cfg.hostname)))
 
 
 def nodeport_hosts(cfg: Config) -> tuple[str, ...]:
@@ -141,8 +143,10 @@ async def cleanup(cfg: Config) -> int:
 async def run(cfg: Config) -> int:
     if cfg.cleanup:
         return await cleanup(cfg)
+    if cfg.init_only:  # privileged set-up for a container that will not have the rights
+        return await asyncio.to_thread(nodesetup.init_only, cfg)
     log.info("starting kube-proxy-py: %s", describe(cfg))
-    store = Store()
+    store = Store(node_name=cfg.hostname)
     # Every user error (unreadable kubeconfig, port in use, …) must surface before the
     # data plane touches the node: a daemon that exits on a typo leaves no rules behind.
     source = make_source(cfg, store)
@@ -206,6 +210,8 @@ async def _serve(
     dns: DnsServer | None,
     handover: Handover,
 ) -> int:
+    if nodesetup.sets_up_node(cfg):  # kube-proxy's conntrack settings, before any rule
+        await asyncio.to_thread(nodesetup.setup_conntrack, cfg)
     await dataplane.start()  # missing binaries / no privileges: still nothing programmed
 
     svc_health = None

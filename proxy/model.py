@@ -38,6 +38,23 @@ def normalize_ip(ip: str) -> str:
         raise ValueError(f"{ip!r} is not an IP address") from None
 
 
+def normalize_ip_sloppy(ip: str) -> tuple[str, bool]:
+    """Like normalize_ip, but also accepts IPv4 octets with leading zeros ("10.0.0.010"),
+    read as decimal like Go's ParseIPSloppy, which kube-proxy uses: old clusters still
+    hold such addresses from before the API server refused them. Returns (canonical
+    form, whether leading zeros were read)."""
+    try:
+        return normalize_ip(ip), False
+    except ValueError:
+        parts = ip.strip().split(".")
+        if len(parts) != 4 or not all(p.isascii() and p.isdigit() for p in parts):
+            raise
+        octets = [int(p) for p in parts]
+        if any(o > 255 for o in octets):
+            raise
+        return ".".join(map(str, octets)), True
+
+
 def ip_sort_key(ip: str) -> bytes:
     """Orders IPv4 before IPv6, numerically within a family (ip must be canonical)."""
     if ":" in ip:
@@ -99,6 +116,9 @@ class EndpointAddress:
     zone: str = ""
     hostname: str = ""  # endpoints[].hostname, for DNS
     pod: str = ""  # endpoints[].targetRef "namespace/name" when it is a Pod (port-forward)
+    # hints.forZones / hints.forNodes names (sorted, shared between equal endpoints)
+    zone_hints: tuple[str, ...] = ()
+    node_hints: tuple[str, ...] = ()
 
     @property
     def family(self) -> int:
@@ -117,6 +137,8 @@ class Endpoint:
     node_name: str = ""
     zone: str = ""
     pod: str = ""  # "namespace/name" of the Pod behind it (targetRef), for port-forward
+    zone_hints: tuple[str, ...] = ()  # hints.forZones: the zones that should use it
+    node_hints: tuple[str, ...] = ()  # hints.forNodes: the nodes that should use it
 
     @property
     def family(self) -> int:
@@ -147,6 +169,23 @@ EMPTY_ENDPOINTS = ServiceEndpoints()
 
 
 @dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """This node as its own Node object describes it (all empty until it is known)."""
+
+    zone: str = ""  # label topology.kubernetes.io/zone
+    # Its node IPs, at most one per family, the primary first (kube-proxy's
+    # GetNodeHostIPs over status.addresses): what `--nodeport-addresses primary` means.
+    addresses: tuple[str, ...] = ()
+
+    def ip(self, family: int) -> str:
+        """The node IP of one family ("" when the Node has none)."""
+        return next((ip for ip in self.addresses if ip_family(ip) == family), "")
+
+
+UNKNOWN_NODE = NodeInfo()
+
+
+@dataclass(frozen=True, slots=True)
 class Model:
     """A consistent snapshot of every Service this node serves and its endpoints."""
 
@@ -154,6 +193,7 @@ class Model:
     endpoints: Mapping[ServiceKey, ServiceEndpoints] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    node: NodeInfo = UNKNOWN_NODE  # topology (zone) and `--nodeport-addresses primary`
 
     def endpoints_of(self, key: ServiceKey) -> ServiceEndpoints:
         return self.endpoints.get(key, EMPTY_ENDPOINTS)
@@ -162,30 +202,10 @@ class Model:
         return self.endpoints.get(svc.key, EMPTY_ENDPOINTS).for_port(port)
 
 
-def usable_endpoints(
-    svc: Service,
-    endpoints: tuple[Endpoint, ...],
-    node_name: str,
-    *,
-    local_only: bool,
-) -> tuple[Endpoint, ...]:
-    """The endpoints traffic may go to, with kube-proxy's terminating fallback.
-
-    Ready endpoints are used; when none is ready, endpoints that are serving and
-    terminating are used instead (KEP-1669), so a rolling update does not black-hole.
-    With `local_only` (a Local traffic policy) only endpoints on this node count.
-    Pure: every data plane uses it so they agree on who gets traffic.
-    """
-    cands = [e for e in endpoints if e.node_name == node_name] if local_only else list(endpoints)
-    ready = tuple(e for e in cands if e.ready)
-    if ready:
-        return ready
-    return tuple(e for e in cands if e.serving and e.terminating)
-
-
 def make_model(
     services: Mapping[ServiceKey, Service],
     endpoints: Mapping[ServiceKey, ServiceEndpoints],
+    node: NodeInfo = UNKNOWN_NODE,
 ) -> Model:
     """Freeze two dicts into a Model (copies them; records are shared)."""
-    return Model(MappingProxyType(dict(services)), MappingProxyType(dict(endpoints)))
+    return Model(MappingProxyType(dict(services)), MappingProxyType(dict(endpoints)), node)

@@ -148,7 +148,8 @@ class SyncRunner:
 
         now = self.clock.monotonic()
         self._last_start = now
-        full = self._need_full or now - self._last_full >= self.full_period
+        # A new zone or node IP can change any Service's endpoints: a full sync.
+        full = self._need_full or snap.node_changed or now - self._last_full >= self.full_period
         periodic, self._periodic_due = self._periodic_due, False
         # Changes from a failed sync must not be forgotten.
         changed = self._pending_changed | snap.changed

@@ -42,7 +42,7 @@ from kubernetes.config.config_exception import ConfigException
 from proxy import metrics
 from proxy.config import Config, UsageError
 from proxy.endpoints.parse import object_ref
-from proxy.endpoints.store import ENDPOINT_SLICE, SERVICE, Store
+from proxy.endpoints.store import ENDPOINT_SLICE, NODE, SERVICE, Store
 
 log = logging.getLogger("proxy.kube")
 
@@ -403,6 +403,17 @@ ENDPOINT_SLICES = WatchedKind(
     lambda api: k8s.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces,
 )
 DEFAULT_KINDS = (SERVICES, ENDPOINT_SLICES)
+
+
+def this_node(name: str) -> WatchedKind:
+    """This node's own Node object (its zone and node IPs), as kube-proxy watches it: a
+    field selector on its name, so no other Node is ever sent."""
+    return WatchedKind(
+        NODE,
+        "nodes",
+        lambda api: k8s.CoreV1Api(api).list_node,
+        field_selector=f"metadata.name={name}",
+    )
 
 
 class KubeSource:

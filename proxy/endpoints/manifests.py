@@ -19,12 +19,14 @@ from typing import Any
 import yaml
 
 from proxy.config import UsageError
-from proxy.endpoints.store import ENDPOINT_SLICE, SERVICE, Store
+from proxy.endpoints.store import ENDPOINT_SLICE, NODE, SERVICE, Store
 
 log = logging.getLogger("proxy.manifests")
 
 _SUFFIXES = (".yaml", ".yml", ".json")
-_KINDS = {"Service": SERVICE, "EndpointSlice": ENDPOINT_SLICE}
+# A Node (the one named like this node) stands in for the watched Node object: its zone
+# label and addresses (topology, `--nodeport-addresses primary`) on the laptop/demo path.
+_KINDS = {"Service": SERVICE, "EndpointSlice": ENDPOINT_SLICE, "Node": NODE}
 
 try:  # libyaml's C loader is ~10x faster; fall back to the pure one
     _Loader: Any = yaml.CSafeLoader
@@ -152,17 +154,18 @@ class ManifestsSource:
                 )
                 good[str(f)] = self._good.get(str(f), [])
         self._good = good
-        by_kind: dict[str, list[dict]] = {SERVICE: [], ENDPOINT_SLICE: []}
+        by_kind: dict[str, list[dict]] = {SERVICE: [], ENDPOINT_SLICE: [], NODE: []}
         for objs in good.values():
             for obj in objs:
                 kind = _KINDS.get(obj.get("kind", ""))
                 if kind is not None:
                     meta = obj.setdefault("metadata", {}) if isinstance(obj, dict) else {}
-                    if isinstance(meta, dict):
+                    if isinstance(meta, dict) and kind != NODE:  # Nodes have no namespace
                         meta.setdefault("namespace", "default")
                     by_kind[kind].append(obj)
         self.store.replace(SERVICE, by_kind[SERVICE])
         self.store.replace(ENDPOINT_SLICE, by_kind[ENDPOINT_SLICE])
+        self.store.replace(NODE, by_kind[NODE])
         n_svc, n_sl = len(by_kind[SERVICE]), len(by_kind[ENDPOINT_SLICE])
         log.info(
             "manifests: %s %s: %d Services, %d EndpointSlices from %d files",

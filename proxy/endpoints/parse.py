@@ -8,6 +8,7 @@ of the object is still programmed.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 import sys
@@ -21,6 +22,7 @@ from proxy.model import (
     SERVICE_TYPES,
     Endpoint,
     EndpointAddress,
+    NodeInfo,
     PortKey,
     PortSpec,
     Service,
@@ -28,7 +30,7 @@ from proxy.model import (
     ServiceKey,
     ip_family,
     ip_sort_key,
-    normalize_ip,
+    normalize_ip_sloppy,
 )
 
 PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
@@ -77,13 +79,30 @@ def _list(v: Any) -> list:
     return v if isinstance(v, list) else []
 
 
-def _ip(v: Any, what: str) -> str:
+def _ip(v: Any, what: str, warnings: list[str]) -> str:
+    """An IP in canonical form; leading zeros are read as decimal, with a warning."""
     if not isinstance(v, str):
         raise ValueError(f"{what} is not a string")
     try:
-        return normalize_ip(v)
+        ip, sloppy = normalize_ip_sloppy(v)
     except ValueError:
         raise ValueError(f"{what} {v[:60]!r} is not an IP address") from None
+    if sloppy:
+        warnings.append(
+            f"{what} {v.strip()!r} has leading zeros; read as decimal {ip}, as kube-proxy does"
+        )
+    return ip
+
+
+def _cidr(v: Any, what: str, warnings: list[str]) -> str:
+    """A CIDR in canonical form (host bits cleared), leading zeros read as decimal."""
+    text = str(v).strip()
+    addr, slash, bits = text.partition("/")
+    try:
+        addr = _ip(addr, what, warnings)
+        return str(ipaddress.ip_network(f"{addr}{slash}{bits}", strict=False))
+    except ValueError:
+        raise ValueError(f"{what} {text[:60]!r} is not a CIDR") from None
 
 
 def _port_number(v: Any, what: str, *, allow_zero: bool = False) -> int:
@@ -104,7 +123,8 @@ def _protocol(v: Any) -> str:
 @dataclass(frozen=True, slots=True)
 class ParsedService:
     service: Service
-    problems: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()  # parts skipped
+    warnings: tuple[str, ...] = ()  # programmed, but worth a log line (e.g. leading zeros)
 
 
 def parse_service(obj: Any) -> ParsedService:
@@ -117,6 +137,7 @@ def parse_service(obj: Any) -> ParsedService:
         raise BadObject("no spec")
     status = obj.get("status") if isinstance(obj.get("status"), dict) else {}
     problems: list[str] = []
+    warnings: list[str] = []
 
     svc_type = spec.get("type") or "ClusterIP"
     if svc_type not in SERVICE_TYPES:
@@ -140,7 +161,7 @@ def parse_service(obj: Any) -> ParsedService:
             if raw == "":
                 continue
             try:
-                cluster_ips.append(_ip(raw, "clusterIP"))
+                cluster_ips.append(_ip(raw, "clusterIP", warnings))
             except ValueError as e:
                 raise BadObject(str(e)) from None
         if len({ip_family(i) for i in cluster_ips}) != len(cluster_ips):
@@ -176,25 +197,30 @@ def parse_service(obj: Any) -> ParsedService:
         out: list[str] = []
         for v in _list(values):
             try:
-                out.append(_ip(v, what))
+                out.append(_ip(v, what, warnings))
             except ValueError as e:
                 problems.append(f"{e}, skipped")
         return tuple(dict.fromkeys(out))
 
     external_ips = ip_list(spec.get("externalIPs"), "externalIP")
-    lb_ips = ()
+    lb_ips: tuple[str, ...] = ()
     if svc_type == "LoadBalancer":
         lb = status.get("loadBalancer") if isinstance(status.get("loadBalancer"), dict) else {}
+        # An ingress with ipMode Proxy is a load balancer that proxies to the nodes: its IP
+        # is not short-circuited on the node (kube-proxy drops it from the Service), so
+        # traffic to it from the node and pods goes out to the load balancer.
         ingress = [
-            i.get("ip") for i in _list(lb.get("ingress")) if isinstance(i, dict) and i.get("ip")
+            i.get("ip")
+            for i in _list(lb.get("ingress"))
+            if isinstance(i, dict) and i.get("ip") and i.get("ipMode") != "Proxy"
         ]
         lb_ips = ip_list(ingress, "loadBalancer ingress IP")
     ranges: list[str] = []
     for r in _list(spec.get("loadBalancerSourceRanges")):
         try:
-            ranges.append(str(ipaddress.ip_network(str(r).strip(), strict=False)))
-        except ValueError:
-            problems.append(f"loadBalancerSourceRange {str(r)[:60]!r} is not a CIDR, skipped")
+            ranges.append(_cidr(r, "loadBalancerSourceRange", warnings))
+        except ValueError as e:
+            problems.append(f"{e}, skipped")
 
     affinity_timeout = 0
     if spec.get("sessionAffinity") == "ClientIP":
@@ -239,7 +265,7 @@ def parse_service(obj: Any) -> ParsedService:
         publish_not_ready_addresses=bool(spec.get("publishNotReadyAddresses")),
         proxy_name=str(labels.get(PROXY_NAME_LABEL) or ""),
     )
-    return ParsedService(svc, tuple(problems))
+    return ParsedService(svc, tuple(problems), tuple(warnings))
 
 
 # A slice's endpoint is the same record as a merged address: merging then shares the
@@ -258,6 +284,55 @@ class Slice:
     endpoints: tuple[SliceEndpoint, ...]
     trigger_time: float  # epoch seconds, 0 when absent
     problems: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+# A handful of distinct hint sets repeated over every endpoint: one tuple each.
+_HINTS: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
+def _names(v: Any) -> tuple[str, ...]:
+    """hints.forZones / forNodes ([{name: …}]) → sorted names, shared between endpoints."""
+    names = sorted(
+        {n["name"] for n in _list(v) if isinstance(n, dict) and isinstance(n.get("name"), str)}
+    )
+    if not names:
+        return ()
+    key = tuple(names)
+    if len(_HINTS) > 4096:  # bounded: hint sets are few unless someone writes garbage
+        _HINTS.clear()
+    return _HINTS.setdefault(key, tuple(sys.intern(n) for n in key))
+
+
+def _hints(v: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(zone hints, node hints) of an endpoint's `hints` (empty when absent or malformed)."""
+    if not isinstance(v, dict):
+        return (), ()
+    return _names(v.get("forZones")), _names(v.get("forNodes"))
+
+
+ZONE_LABEL = "topology.kubernetes.io/zone"
+
+
+def parse_node(obj: Any) -> NodeInfo:
+    """This node's Node object → NodeInfo: its zone label and its node IPs as kube-proxy
+    picks them (GetNodeHostIPs: InternalIPs before ExternalIPs, the first of each family;
+    addresses that are not IPs are left out)."""
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    zone = labels.get(ZONE_LABEL) if isinstance(labels, dict) else None
+    status = obj.get("status") if isinstance(obj, dict) else None
+    addrs = _list(status.get("addresses") if isinstance(status, dict) else None)
+    by_family: dict[int, str] = {}
+    for kind in ("InternalIP", "ExternalIP"):
+        for a in addrs:
+            if isinstance(a, dict) and a.get("type") == kind:
+                with contextlib.suppress(ValueError):
+                    ip, _ = normalize_ip_sloppy(str(a.get("address", "")))
+                    by_family.setdefault(ip_family(ip), ip)
+    first = next(iter(by_family.values()), None)
+    ips = sorted(by_family.values(), key=lambda ip: ip != first)  # the first one leads
+    return NodeInfo(zone=zone if isinstance(zone, str) else "", addresses=tuple(ips))
 
 
 def _parse_time(v: Any) -> float:
@@ -280,6 +355,7 @@ def parse_slice(obj: Any) -> Slice:
         raise BadObject(f"addressType {str(addr_type)[:20]!r} is not proxied")
     want_version = 4 if addr_type == "IPv4" else 6
     problems: list[str] = []
+    warnings: list[str] = []
 
     ports: list[tuple[str, str, int]] = []
     for i, p in enumerate(_list(obj.get("ports"))):
@@ -303,7 +379,8 @@ def parse_slice(obj: Any) -> Slice:
             problems.append(f"endpoints[{i}] skipped: no addresses")
             continue
         try:
-            ip = _ip(addrs[0], "address")  # kube-proxy uses the first address only
+            # kube-proxy uses the first address only
+            ip = _ip(addrs[0], f"endpoints[{i}] address", warnings)
         except ValueError as e:
             problems.append(f"endpoints[{i}] skipped: {e}")
             continue
@@ -319,6 +396,7 @@ def parse_slice(obj: Any) -> Slice:
         hostname = ep.get("hostname") if isinstance(ep.get("hostname"), str) else ""
         node = ep.get("nodeName")
         zone = ep.get("zone")
+        zone_hints, node_hints = _hints(ep.get("hints"))
         pod, why = _pod_ref(ep.get("targetRef"), ns)
         if why:
             problems.append(f"endpoints[{i}].targetRef ignored: {why}")
@@ -333,6 +411,8 @@ def parse_slice(obj: Any) -> Slice:
                 zone=sys.intern(zone) if isinstance(zone, str) else "",
                 hostname=hostname.lower(),
                 pod=pod,
+                zone_hints=zone_hints,
+                node_hints=node_hints,
             )
         )
     return Slice(
@@ -343,6 +423,7 @@ def parse_slice(obj: Any) -> Slice:
         endpoints=tuple(eps),
         trigger_time=_parse_time(annotations.get(TRIGGER_TIME_ANNOTATION)),
         problems=tuple(problems),
+        warnings=tuple(warnings),
     )
 
 
@@ -385,7 +466,18 @@ def merge_slices(slices: list[Slice] | tuple[Slice, ...]) -> ServiceEndpoints:
     ports: dict[PortKey, tuple[Endpoint, ...]] = {}
     for pk, bucket in by_port.items():
         ports[pk] = tuple(
-            Endpoint(ip, port, e.ready, e.serving, e.terminating, e.node_name, e.zone, e.pod)
+            Endpoint(
+                ip,
+                port,
+                e.ready,
+                e.serving,
+                e.terminating,
+                e.node_name,
+                e.zone,
+                e.pod,
+                e.zone_hints,
+                e.node_hints,
+            )
             for (ip, port), e in sorted(
                 bucket.items(), key=lambda kv: (ip_sort_key(kv[0][0]), kv[0][1])
             )

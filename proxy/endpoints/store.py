@@ -37,15 +37,26 @@ from proxy.endpoints.parse import (
     Slice,
     merge_slices,
     object_ref,
+    parse_node,
     parse_service,
     parse_slice,
 )
-from proxy.model import EMPTY_ENDPOINTS, Model, Service, ServiceEndpoints, ServiceKey, make_model
+from proxy.model import (
+    EMPTY_ENDPOINTS,
+    UNKNOWN_NODE,
+    Model,
+    NodeInfo,
+    Service,
+    ServiceEndpoints,
+    ServiceKey,
+    make_model,
+)
 
 log = logging.getLogger("proxy.store")
 
 SERVICE = "Service"
 ENDPOINT_SLICE = "EndpointSlice"
+NODE = "Node"  # this node's own Node object: zone and node IPs (never gates the first sync)
 KINDS = (SERVICE, ENDPOINT_SLICE)
 TRIM_AFTER_OBJECTS = 2000  # relists at least this large are followed by memory.trim()
 
@@ -59,6 +70,9 @@ class Snapshot:
     # last-change-trigger-times (epoch s) of the changes to each changed Service's
     # endpoints, for the network-programming latency metric.
     trigger_times: dict[ServiceKey, tuple[float, ...]] = field(default_factory=dict)
+    # This node's zone or IPs changed: every Service's endpoints may differ (topology),
+    # so the sync is full (kube-proxy's proxier does a full sync on a Node change too).
+    node_changed: bool = False
 
 
 def _uid(obj: Any) -> Uid:
@@ -80,6 +94,7 @@ class _Parsed:
     record: Service | Slice | None
     error: str = ""
     problems: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
 
 def _parse(kind: str, obj: Any) -> _Parsed:
@@ -87,9 +102,9 @@ def _parse(kind: str, obj: Any) -> _Parsed:
     try:
         if kind == SERVICE:
             ps: ParsedService = parse_service(obj)
-            return _Parsed(uid, "", ps.service, problems=ps.problems)
+            return _Parsed(uid, "", ps.service, problems=ps.problems, warnings=ps.warnings)
         sl = parse_slice(obj)
-        return _Parsed(uid, "", sl, problems=sl.problems)
+        return _Parsed(uid, "", sl, problems=sl.problems, warnings=sl.warnings)
     except BadObject as e:
         # No reference to the raw object is kept: a list's decoded dicts are freed one by
         # one as they are parsed (see Store.replace), not all at the end.
@@ -131,7 +146,7 @@ class _Txn:
 class Store:
     """Thread-safe cache of Services and EndpointSlices with change tracking."""
 
-    def __init__(self, *, start_time: float | None = None) -> None:
+    def __init__(self, *, start_time: float | None = None, node_name: str = "") -> None:
         self._write = threading.Lock()  # writers only: held while working out a change
         self._lock = threading.Lock()  # the published state: held only to publish/snapshot
         # Published (written under both locks, read by snapshot under _lock).
@@ -147,6 +162,10 @@ class Store:
         # with the slices they had then.
         self._orphan_check: dict[ServiceKey, tuple[Uid, ...]] = {}
         self._synced: set[str] = set()
+        # This node (kind NODE): only the object named `node_name` counts ("": any one).
+        self.node_name = node_name
+        self._node: NodeInfo = UNKNOWN_NODE
+        self._node_changed = False
         # Writers' own (under _write only).
         self._slices: dict[Uid, Slice] = {}
         self._slices_by_svc: dict[ServiceKey, dict[str, Slice]] = {}
@@ -177,6 +196,10 @@ class Store:
     # -- events from sources ----------------------------------------------------------------
 
     def upsert(self, kind: str, obj: Any) -> None:
+        if kind == NODE:
+            if self._this_node(obj):
+                self._set_node(parse_node(obj))
+            return
         p = _parse(kind, obj)
         with self._write:
             txn = _Txn(self)
@@ -186,6 +209,10 @@ class Store:
             self._notify()
 
     def delete(self, kind: str, obj: Any) -> None:
+        if kind == NODE:
+            if self._this_node(obj):
+                self._set_node(UNKNOWN_NODE)
+            return
         with self._write:
             txn = _Txn(self)
             self._remove(kind, _uid(obj), txn)
@@ -199,6 +226,10 @@ class Store:
         `objs` is consumed once; an iterator that hands over each decoded object and keeps
         no reference to it (the Kubernetes source does this) lets the decoded list be
         freed while it is parsed: at 100k endpoints that halves the list's peak memory."""
+        if kind == NODE:
+            mine = [o for o in objs if self._this_node(o)]
+            self._set_node(parse_node(mine[0]) if mine else UNKNOWN_NODE, synced=True)
+            return
         parsed = [_parse(kind, obj) for obj in objs]  # the bulk of the work: no lock
         with self._write:
             txn = _Txn(self)
@@ -214,6 +245,27 @@ class Store:
         if len(parsed) >= TRIM_AFTER_OBJECTS:  # the decoded list is garbage now
             del parsed
             memory.trim()
+
+    def _this_node(self, obj: Any) -> bool:
+        meta = obj.get("metadata") if isinstance(obj, dict) else None
+        name = meta.get("name") if isinstance(meta, dict) else None
+        return isinstance(name, str) and (not self.node_name or name == self.node_name)
+
+    def _set_node(self, node: NodeInfo, *, synced: bool = False) -> None:
+        with self._write, self._lock:
+            changed = node != self._node
+            if changed:
+                log.info(
+                    "this node: zone %s, node IPs %s",
+                    node.zone or "(none)",
+                    ", ".join(node.addresses) or "(none)",
+                )
+                self._node = node
+                self._node_changed = True
+            if synced:
+                self._synced.add(NODE)
+        if changed or synced:
+            self._notify()
 
     # -- working out a change (_write held) --------------------------------------------------
 
@@ -240,6 +292,8 @@ class Store:
             metrics.SKIPPED_OBJECTS.labels(kind="ServicePort").inc()
         if txn.service(key) == p.record:
             return
+        for w in p.warnings:
+            log.warning("Service %s/%s: %s", key[0], key[1], w)
         txn.services[key] = p.record
         txn.svc_changed.add(key)
 
@@ -255,6 +309,8 @@ class Store:
         old = self._slices.get(uid)
         if old == sl:
             return
+        for w in p.warnings:
+            log.warning("EndpointSlice %s/%s: %s", uid[0], uid[1], w)
         self._slices[uid] = sl
         if old is not None and old.service != sl.service:  # relabelled to another Service
             self._slices_by_svc.get(old.service, {}).pop(sl.name, None)
@@ -347,7 +403,8 @@ class Store:
             self._svc_changed, self._ep_changed = set(), set()
             triggers = {k: tuple(v) for k, v in self._triggers.items()}
             self._triggers = {}
-            model = make_model(self._services, self._endpoints)
+            model = make_model(self._services, self._endpoints, self._node)
+            node_changed, self._node_changed = self._node_changed, False
             n_services, n_endpoints = len(self._services), self._n_endpoints
             # Only Services whose slices were written or which were deleted can have
             # new orphans: no scan of every slice on every sync.
@@ -373,4 +430,4 @@ class Store:
         metrics.ENDPOINTS.set(n_endpoints)
         metrics.SERVICE_CHANGES_PENDING.set(0)
         metrics.ENDPOINT_CHANGES_PENDING.set(0)
-        return Snapshot(model, changed, triggers)
+        return Snapshot(model, changed, triggers, node_changed)

@@ -55,10 +55,10 @@ OWNED_CHAINS = {
     },
     "mangle": {"KUBE-PROXY-CANARY"},
 }
-# kubelet's hint chain, which this proxy also writes: removed only when no kubelet uses
-# this backend (no KUBE-KUBELET-CANARY). kubelet's KUBE-FIREWALL is never touched, as in
-# kube-proxy.
-KUBELET_SHARED = {"mangle": {HINT_CHAIN}}
+# kubelet's chains this proxy also writes (the backend hint; KUBE-FIREWALL with its
+# "block incoming localnet connections" rule and jumps, for localhost NodePorts): removed
+# only when no kubelet uses this backend (no KUBE-KUBELET-CANARY), as they are then ours.
+KUBELET_SHARED = {"mangle": {HINT_CHAIN}, "filter": {"KUBE-FIREWALL"}}
 CLEANUP_TABLES = ("nat", "filter", "mangle")
 
 Jump = tuple[str, str, str, tuple[str, ...]]  # (table, builtin chain, kube chain, args)

@@ -27,7 +27,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from proxy.iptables.backend import run, which
-from proxy.model import Endpoint, Model, PortSpec, Service, ServiceKey, ip_family, usable_endpoints
+from proxy.model import Endpoint, Model, PortSpec, Service, ServiceKey, ip_family
+from proxy.selection import usable_endpoints
 
 log = logging.getLogger("proxy.iptables.conntrack")
 
@@ -82,8 +83,9 @@ def _serving(eps: Iterable[Endpoint]) -> set[tuple[str, int]]:
 
 
 def _usable(svc: Service, eps: tuple[Endpoint, ...], node_name: str) -> bool:
-    """True when some endpoint gets traffic (cluster-wide, terminating fallback)."""
-    return bool(usable_endpoints(svc, eps, node_name, local_only=False))
+    """True when some endpoint gets traffic (cluster-wide, terminating fallback; topology
+    never empties the set, so the zone does not matter)."""
+    return bool(usable_endpoints(eps, node_name, local_only=False))
 
 
 def _service_flushes(key: ServiceKey, old: Model | None, new: Model, node_name: str) -> set[Flush]:

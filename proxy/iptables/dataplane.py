@@ -30,8 +30,11 @@ from proxy.iptables.backend import (
     select,
     supports_random_fully,
 )
+from proxy.iptables.nfacct import NfAcct, collector, match_supported
 from proxy.iptables.render import (
     BASE_JUMPS,
+    KUBELET_JUMPS,
+    NFACCT_COUNTERS,
     RenderConfig,
     RenderResult,
     RenderState,
@@ -39,7 +42,9 @@ from proxy.iptables.render import (
     saved_chains,
     state_from_chains,
 )
-from proxy.model import Model, ip_family
+from proxy.model import UNKNOWN_NODE, Model, NodeInfo, ip_family
+from proxy.nodesetup import setup_route_localnet
+from proxy.userspace.localhost import LocalhostNodePorts, loopback_addresses
 
 # Chains per iptables-nft-restore transaction on big writes: --noflush is quadratic in the
 # chains of one transaction on iptables 1.8.9 (measured: 32k chains 20 s in one restore,
@@ -102,6 +107,12 @@ class IptablesDataPlane:
         self.node_ips: dict[int, str] = {}
         self.random_fully = True
         self.tcp_be_liberal = False
+        self.nfacct = NfAcct()
+        self.nfacct_counters: frozenset[str] = frozenset()  # counters rules may use
+        self._nfacct_refused = False  # a restore failed on the nfacct match
+        self.node: NodeInfo = UNKNOWN_NODE  # the last model's view of this node
+        # NodePorts on ::1, which NAT cannot serve (no route_localnet for IPv6)
+        self.loopback: LocalhostNodePorts | None = None
         # Per family: what the kernel holds after the last successful restore; None
         # (or missing) means unknown, so the next sync must be full.
         self._state: dict[int, RenderState | None] = {}
@@ -126,6 +137,8 @@ class IptablesDataPlane:
 
     async def start(self) -> None:
         check_privileges()
+        # NAT of NodePorts on 127.0.0.0/8 needs route_localnet (kube-proxy's proxier too).
+        await asyncio.to_thread(setup_route_localnet, self.cfg)
         self.backends = await select(self.cfg)
         self.appliers = {fam: Applier(be) for fam, be in self.backends.items()}
         self.random_fully = await supports_random_fully(self.backends[4])
@@ -137,33 +150,45 @@ class IptablesDataPlane:
                 "changes; install the conntrack package"
             )
         await self._refresh_addresses()
+        await self._ensure_nfacct()
 
         async def base(ap: Applier) -> None:
             await ap.ensure_hint()
-            added = await ap.ensure_jumps(BASE_JUMPS)
+            added = await ap.ensure_jumps(BASE_JUMPS + KUBELET_JUMPS)
             if added:
                 log.info("%s: added %d jumps from built-in chains", ap.backend, len(added))
 
         await asyncio.gather(*(base(ap) for ap in self.appliers.values()))  # families apart
         # The first full sync follows at once: it need not check them again.
         self._base_checked = set(self.appliers)
+        # IPv4's 127.0.0.1 is NAT-served (route_localnet); ::1 by the userspace engine.
+        addrs = loopback_addresses(self.cfg, self.families, nat=(4,))
+        if addrs:
+            self.loopback = LocalhostNodePorts(self.cfg, addrs)
+            await self.loopback.start()
         log.info(
             "iptables data plane ready: %s",
             ", ".join(str(b) for b in self.backends.values()),
         )
 
+    # The kernel's rules serve the traffic; only the ::1 NodePorts (served by the userspace
+    # engine, see `loopback`) have listening sockets and connections to hand over.
     async def hand_over(self) -> None:
-        return None  # no listening sockets: the kernel's rules serve the traffic
+        if self.loopback is not None:
+            await self.loopback.hand_over()
 
     async def drain(self, timeout: float) -> None:
-        return None  # no proxied connections either
+        if self.loopback is not None:
+            await self.loopback.drain(timeout)
 
     def predecessor_gone(self) -> None:
-        return None
+        if self.loopback is not None:
+            self.loopback.predecessor_gone()
 
     async def stop(self) -> None:
         """Leave every rule in place (like kube-proxy) so traffic keeps flowing."""
-        return None
+        if self.loopback is not None:
+            await self.loopback.stop()
 
     async def cleanup(self) -> None:
         """Remove kube-proxy's chains and jumps from nat/filter/mangle, IPv4 and IPv6,
@@ -185,6 +210,20 @@ class IptablesDataPlane:
 
     # -- sync ------------------------------------------------------------------------------
 
+    def node_ip(self, family: int) -> str:
+        """The node IP of a family: its Node object's, else its default route's source."""
+        return self.node.ip(family) or self.node_ips.get(family, "")
+
+    def nodeport_cidrs(self, family: int) -> tuple[str, ...]:
+        """--nodeport-addresses of a family; `primary` is the node IP (all addresses when
+        there is none, as kube-proxy)."""
+        if self.cfg.nodeport_primary:
+            ip = self.node_ip(family)
+            if not ip or ipaddress.ip_address(ip).is_loopback:
+                return ()
+            return (f"{ip}/{32 if family == 4 else 128}",)
+        return tuple(c for c in self.cfg.nodeport_addresses if ip_family(c) == family)
+
     def render_config(self, family: int) -> RenderConfig:
         cfg = self.cfg
         return RenderConfig(
@@ -193,12 +232,40 @@ class IptablesDataPlane:
             cluster_cidrs=tuple(c for c in cfg.cluster_cidrs if ip_family(c) == family),
             masquerade_all=cfg.masquerade_all,
             masquerade_mark=cfg.masquerade_mark,
-            nodeport_addresses=tuple(c for c in cfg.nodeport_addresses if ip_family(c) == family),
+            nodeport_addresses=self.nodeport_cidrs(family),
             local_ips=tuple(ip for ip in self.local_ips if ip_family(ip) == family),
-            node_ip=self.node_ips.get(family, ""),
+            node_ip=self.node_ip(family),
             random_fully=self.random_fully,
+            localhost_nodeports=cfg.localhost_nodeports,
             conntrack_tcp_be_liberal=self.tcp_be_liberal,
+            node_zone=self.node.zone,
+            nfacct_counters=self.nfacct_counters,
         )
+
+    async def _ensure_nfacct(self) -> None:
+        """Create kube-proxy's nfacct counters (full syncs; like kube-proxy, again after a
+        failure) and use them only where iptables takes the nfacct match."""
+        if not self.appliers or self._nfacct_refused:
+            return
+        loop = asyncio.get_running_loop()
+        ok: set[str] = set()
+        why = ""
+        if await match_supported(self.backends[min(self.backends)]):
+            for name in NFACCT_COUNTERS:
+                try:
+                    await loop.run_in_executor(None, self.nfacct.ensure, name)
+                    ok.add(name)
+                except OSError as e:
+                    why = f"cannot create nfacct counter {name}: {e.strerror or e}"
+        else:
+            why = "iptables does not take the nfacct match (no xt_nfacct?)"
+        if frozenset(ok) != self.nfacct_counters:
+            if ok:
+                log.info("nfacct counters in use: %s", ", ".join(sorted(ok)))
+            else:
+                log.warning("%s: rules without packet counters, nfacct metrics off", why)
+        self.nfacct_counters = frozenset(ok)
+        collector(self.nfacct, ok)
 
     async def _refresh_addresses(self) -> None:
         loop = asyncio.get_running_loop()
@@ -214,10 +281,16 @@ class IptablesDataPlane:
         full = full or any(self._state.get(f) is None for f in families)
         try:
             await self._sync(snap, full, families)
-        except Exception:
+        except Exception as e:
             metrics.IPTABLES_RESTORE_FAILURES.inc()
             if not full:
                 metrics.IPTABLES_PARTIAL_RESTORE_FAILURES.inc()
+            if self.nfacct_counters and "nfacct" in str(e):
+                # The probe passed but the kernel refused the match: never again.
+                log.warning("iptables refused the nfacct match: rules without packet counters")
+                self.nfacct_counters = frozenset()
+                self._nfacct_refused = True
+                collector(self.nfacct, ())
             # The kernel may now hold part of the input: forget what we think it holds.
             # (No log line here: the runner logs the error, which names the failing rule.)
             self._state.clear()
@@ -226,8 +299,11 @@ class IptablesDataPlane:
     async def _sync(self, snap: Snapshot, full: bool, families: tuple[int, ...]) -> None:
         loop = asyncio.get_running_loop()
         model = snap.model
+        self.node = model.node  # zone and node IPs: a change makes the render full
         if full or not snap.changed:  # full and periodic syncs: node addresses may change
             await self._refresh_addresses()
+        if full and not self._base_checked:  # start() has just done it for the first one
+            await self._ensure_nfacct()
         results: dict[int, RenderResult] = {}
         render_s = 0.0
         for fam in families:
@@ -251,7 +327,7 @@ class IptablesDataPlane:
                 self._base_checked.discard(fam)  # start() just made sure of them
             elif full:
                 await ap.ensure_hint()
-                added = await ap.ensure_jumps(BASE_JUMPS)
+                added = await ap.ensure_jumps(BASE_JUMPS + KUBELET_JUMPS)
                 if added:  # someone flushed them (a firewall reload?): say so once
                     log.warning(
                         "%s: %d jumps from built-in chains were missing and were re-added: %s",
@@ -267,6 +343,10 @@ class IptablesDataPlane:
                 await self._delete_held(fam, results[fam].state)
         self.last_restore_seconds = restore_s
         self._set_rule_metrics(results)
+        # Ports without local endpoints for a Local policy (the same in every family).
+        for i, policy in enumerate(("internal", "external")):
+            n = max((r.no_local_endpoints[i] for r in results.values()), default=0)
+            metrics.NO_LOCAL_ENDPOINTS.labels(traffic_policy=policy).set(n)
         self.syncs += 1
         if self.syncs == 1:  # takeover from the nftables mode: its tables go once ours are in
             from proxy.nftables.dataplane import remove_tables_on_takeover
@@ -279,6 +359,8 @@ class IptablesDataPlane:
             restore_s,
         )
         await self._clear_conntrack(model, None if full else snap.changed)
+        if self.loopback is not None:
+            await self.loopback.sync(snap, full)
 
     async def _restore(self, family: int, text: str) -> float:
         """Restore `text`; a stale chain that a rule outside this proxy still jumps to

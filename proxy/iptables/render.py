@@ -44,8 +44,8 @@ from proxy.model import (
     ServiceEndpoints,
     ServiceKey,
     ip_family,
-    usable_endpoints,
 )
+from proxy.selection import categorize
 
 FILTER = "filter"
 NAT = "nat"
@@ -109,6 +109,19 @@ BASE_JUMPS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     _jump(NAT, "POSTROUTING", KUBE_POSTROUTING, "kubernetes postrouting rules"),
 )
 
+# kubelet's jumps to its KUBE-FIREWALL (kube-proxy's iptablesKubeletJumpChains): ensured
+# on full syncs, never removed, so the "block incoming localnet connections" rule is live
+# even on nodes whose kubelet does not write it.
+KUBELET_JUMPS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    (FILTER, "INPUT", KUBELET_FIREWALL, ()),
+    (FILTER, "OUTPUT", KUBELET_FIREWALL, ()),
+)
+
+# nfacct counters kube-proxy's rules count packets in (kube-proxy's metrics package names).
+CT_STATE_INVALID_COUNTER = "ct_state_invalid_dropped_pkts"
+LOCALHOST_NODEPORTS_COUNTER = "localhost_nps_accepted_pkts"
+NFACCT_COUNTERS = (CT_STATE_INVALID_COUNTER, LOCALHOST_NODEPORTS_COUNTER)
+
 # Above this many nat rules the render state keeps no chain text (memory over speed).
 TEXT_CACHE_MAX_RULES = 100_000
 
@@ -135,6 +148,11 @@ class RenderConfig:
     # Above this many endpoints, per-endpoint comments are dropped (kube-proxy's
     # largeClusterEndpointsThreshold).
     large_cluster_threshold: int = 1000
+    # This node's zone (its Node's topology.kubernetes.io/zone), for topology hints.
+    node_zone: str = ""
+    # nfacct counters that exist on the node (NFACCT_COUNTERS); rules count into those only
+    # (`-m nfacct` with a missing counter would fail the whole restore).
+    nfacct_counters: frozenset[str] = frozenset()
 
 
 def _empty_map() -> Mapping:
@@ -168,6 +186,9 @@ class RenderResult:
     # Restores to run, in order, before `text` (see `chunk_chains`): each holds the whole
     # chain set of some Services, leaf chains first, so every one is consistent alone.
     pre: tuple[str, ...] = ()
+    # Service ports with endpoints but none on this node for a Local policy, (internal,
+    # external): kube-proxy's sync_proxy_rules_no_local_endpoints_total.
+    no_local_endpoints: tuple[int, int] = (0, 0)
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -187,19 +208,30 @@ def _cluster_cidr(cfg: RenderConfig) -> str:
     return next((c for c in cfg.cluster_cidrs if ip_family(c) == cfg.family), "")
 
 
-def _nodeport_destinations(cfg: RenderConfig) -> tuple[list[str], bool]:
-    """(matches for the KUBE-SERVICES → KUBE-NODEPORTS rules, localhost NodePorts on)."""
-    v6 = cfg.family == 6
-    nets = [
+def _nodeport_nets(cfg: RenderConfig) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [
         ipaddress.ip_network(c, strict=False)
         for c in cfg.nodeport_addresses
         if ip_family(c) == cfg.family
     ]
-    match_all = not nets or any(n.prefixlen == 0 for n in nets)
+
+
+def localhost_nodeports(cfg: RenderConfig) -> bool:
+    """NodePorts on 127.0.0.0/8 by kernel NAT: the flag, IPv4, and --nodeport-addresses
+    including loopback (kube-proxy's ContainsIPv4Loopback; all addresses do)."""
+    if not cfg.localhost_nodeports or cfg.family != 4:
+        return False
+    nets = _nodeport_nets(cfg)
     loopback = ipaddress.ip_address("127.0.0.1")
-    localhost = (
-        cfg.localhost_nodeports and not v6 and (match_all or any(loopback in n for n in nets))
-    )
+    return not nets or any(n.prefixlen == 0 or loopback in n for n in nets)
+
+
+def _nodeport_destinations(cfg: RenderConfig) -> tuple[list[str], bool]:
+    """(matches for the KUBE-SERVICES → KUBE-NODEPORTS rules, localhost NodePorts on)."""
+    v6 = cfg.family == 6
+    nets = _nodeport_nets(cfg)
+    match_all = not nets or any(n.prefixlen == 0 for n in nets)
+    localhost = localhost_nodeports(cfg)
     if match_all:
         dest = "-m addrtype --dst-type LOCAL"
         if v6:
@@ -292,6 +324,8 @@ class ServiceFragment:
     top: TopLevelRules = field(default_factory=TopLevelRules)
     names: frozenset[tuple[str, str]] = _NONE  # (table, chain) of its own chains
     n_endpoints: int = 0
+    # Ports with endpoints but none here for a Local policy: [internal, external]
+    no_local: list[int] = field(default_factory=lambda: [0, 0])
     comments: bool | None = None  # which flavour decl/rules were written in
     decl: str = ""  # "\n"-joined chain declarations
     rules: str = ""  # "\n"-joined rules
@@ -310,6 +344,11 @@ class _Renderer:
         self.v6 = cfg.family == 6
         self.cidr = _cluster_cidr(cfg)
         self.node = cfg.node_name
+        self.zone = cfg.node_zone
+        # NodePort traffic to 127.0.0.0/8 counted apart (kube-proxy's localhost nfacct rule)
+        self.count_localhost = (
+            localhost_nodeports(cfg) and LOCALHOST_NODEPORTS_COUNTER in cfg.nfacct_counters
+        )
         node_ip = ipaddress.ip_address(cfg.node_ip) if cfg.node_ip else None
         self.node_ip = node_ip if node_ip is not None and node_ip.version == cfg.family else None
 
@@ -380,39 +419,35 @@ class _Renderer:
         uses_cluster = not itp_local or externally
         uses_local = itp_local or (etp_local and externally)
 
-        # CategorizeEndpoints (no topology hints); terminating fallback via usable_endpoints.
+        # CategorizeEndpoints: traffic policies, topology hints, terminating fallback.
         cluster: list[EndpointInfo] = []
         local: list[EndpointInfo] = []
         reach: list[EndpointInfo] = []
         has_endpoints = False
         if items:
             eps = tuple(e for _, e in items)
-            usable = usable_endpoints(svc, eps, self.node, local_only=False)
-            has_endpoints = bool(usable)
-            if len(usable) == len(items):  # all usable (the common case), same order
-                cluster = [EndpointInfo(s, e.ip, endpoint_chain(spn, proto, s)) for s, e in items]
-            else:
-                by_id = {id(e): s for s, e in items}
-                cluster = [
+            cat = categorize(
+                eps, self.node, self.zone, uses_cluster=uses_cluster, uses_local=uses_local
+            )
+            has_endpoints = cat.has_any
+            by_id = {id(e): s for s, e in items}
+
+            def infos(sel: tuple[Endpoint, ...]) -> list[EndpointInfo]:
+                if len(sel) == len(items):  # all of them (the common case), same order
+                    return [EndpointInfo(s, e.ip, endpoint_chain(spn, proto, s)) for s, e in items]
+                return [
                     EndpointInfo(by_id[id(e)], e.ip, endpoint_chain(spn, proto, by_id[id(e)]))
-                    for e in usable
+                    for e in sel
                 ]
-            if uses_local:
-                by_id = {id(e): s for s, e in items}
-                local = [
-                    EndpointInfo(by_id[id(e)], e.ip, endpoint_chain(spn, proto, by_id[id(e)]))
-                    for e in usable_endpoints(svc, eps, self.node, local_only=True)
-                ]
-            if not uses_cluster:
-                cluster = []
-                reach = local
-            elif not uses_local:
+
+            cluster = infos(cat.cluster) if cat.cluster else []
+            local = infos(cat.local) if cat.local else []
+            if cat.reachable is cat.cluster:
                 reach = cluster
+            elif cat.reachable is cat.local:
+                reach = local
             else:
-                # Local endpoints are either ready (then all in `cluster`) or the
-                # serving-terminating fallback (then not in it): merge those in.
-                seen = {e.endpoint for e in cluster}
-                reach = cluster + [e for e in local if e.endpoint not in seen]
+                reach = infos(cat.reachable)
 
         has_internal = has_endpoints and (not itp_local or bool(local))
         has_external = has_endpoints and (not etp_local or bool(local))
@@ -441,6 +476,10 @@ class _Renderer:
             uses_fw_chain=uses_fw,
         )
         lb_chain = fw if uses_fw else ext
+        if has_endpoints and not has_internal:
+            f.no_local[0] += 1
+        if has_endpoints and etp_local and externally and not has_external:
+            f.no_local[1] += 1
 
         # ---- top-level rules ----
         top = f.top
@@ -487,6 +526,12 @@ class _Renderer:
                 top.filter_external_services.append(f"{no_ext} {ip} {dport} -j {target}")
         if port.node_port:
             # NodePorts are not subject to loadBalancerSourceRanges (as upstream).
+            if has_endpoints and self.count_localhost:
+                top.nat_nodeports.append(
+                    f"-A KUBE-NODEPORTS -m comment --comment {spn} {mpp} -d 127.0.0.0/8 "
+                    f"--dport {port.node_port} -m nfacct --nfacct-name "
+                    f"{LOCALHOST_NODEPORTS_COUNTER} -j {ext}"
+                )
             if has_endpoints:
                 top.nat_nodeports.append(
                     f"-A KUBE-NODEPORTS -m comment --comment {spn} {mpp} "
@@ -681,7 +726,16 @@ def _dispatch(
 def _chain_inputs(cfg: RenderConfig) -> tuple:
     """The config that per-Service chains depend on. Other settings (marks, NodePort
     addresses, local IPs, …) only touch top-level chains, which every render rewrites."""
-    return (cfg.family, cfg.node_name, _cluster_cidr(cfg), cfg.masquerade_all, cfg.node_ip)
+    return (
+        cfg.family,
+        cfg.node_name,
+        cfg.node_zone,
+        _cluster_cidr(cfg),
+        cfg.masquerade_all,
+        cfg.node_ip,
+        # the per-Service localhost NodePort rules (planned with the Service)
+        localhost_nodeports(cfg) and LOCALHOST_NODEPORTS_COUNTER in cfg.nfacct_counters,
+    )
 
 
 def _same(f: ServiceFragment, svc: Service, eps: ServiceEndpoints | None) -> bool:
@@ -740,6 +794,7 @@ def _render(
     top = TopLevelRules()
     frags: list[tuple[ServiceKey, ServiceFragment, bool]] = []
     total_endpoints = 0
+    no_local_int = no_local_ext = 0
     services = model.services
     endpoints = model.endpoints
     for key in sorted(services):
@@ -755,6 +810,8 @@ def _render(
             f = f.copy()
             f.svc, f.eps = svc, eps
         total_endpoints += f.n_endpoints
+        no_local_int += f.no_local[0]
+        no_local_ext += f.no_local[1]
         top.extend(f.top)
         frags.append((key, f, fresh))
 
@@ -857,6 +914,7 @@ def _render(
         rules_written=MappingProxyType(written),
         full=full,
         pre=tuple(pre),
+        no_local_endpoints=(no_local_int, no_local_ext),
     )
 
 
@@ -874,8 +932,12 @@ def _assemble(
 
     forward = []
     if not cfg.conntrack_tcp_be_liberal:
-        # INVALID packets would otherwise reach pods un-NATed and get RST (k/k#74839).
-        forward.append("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP")
+        # INVALID packets would otherwise reach pods un-NATed and get RST (k/k#74839),
+        # counted for kubeproxy_iptables_ct_state_invalid_dropped_packets_total.
+        count = ""
+        if CT_STATE_INVALID_COUNTER in cfg.nfacct_counters:
+            count = f" -m nfacct --nfacct-name {CT_STATE_INVALID_COUNTER}"
+        forward.append(f"-A KUBE-FORWARD -m conntrack --ctstate INVALID{count} -j DROP")
     forward.append(
         '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" '
         f"-m mark --mark {mark}/{mark} -j ACCEPT"

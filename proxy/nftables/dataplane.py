@@ -98,6 +98,7 @@ class NftablesDataPlane:
         self.local_ips: tuple[str, ...] = ()
         self.node_ips: dict[int, str] = {}
         self.tcp_be_liberal = False
+        self.node_zone = ""  # from the model's Node
         self._state: dict[int, RenderState | None] = {}
         self._model: Model | None = None
         self._took_over = False
@@ -179,6 +180,7 @@ class NftablesDataPlane:
             local_ips=tuple(ip for ip in self.local_ips if ip_family(ip) == family),
             node_ip=self.node_ips.get(family, ""),
             conntrack_tcp_be_liberal=self.tcp_be_liberal,
+            node_zone=self.node_zone,
         )
 
     async def _refresh_addresses(self) -> None:
@@ -203,6 +205,7 @@ class NftablesDataPlane:
     async def _sync(self, snap: Snapshot, full: bool) -> None:
         assert self.nft is not None
         model = snap.model
+        self.node_zone = model.node.zone  # a new zone makes the render full (chain_inputs)
         if full or not snap.changed:
             await self._refresh_addresses()
         results: dict[int, RenderResult] = {}

@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from types import MappingProxyType
 
-from proxy.model import Endpoint, Model, PortSpec, Service, ServiceKey, ip_family, usable_endpoints
+from proxy.model import Endpoint, Model, PortSpec, Service, ServiceKey, ip_family
+from proxy.selection import categorize
 
 TABLE = "kube-proxy"
 
@@ -115,6 +116,7 @@ class NftConfig:
     local_ips: tuple[str, ...] = ()  # node's IPs, for --nodeport-addresses
     node_ip: str = ""  # LB source ranges containing it also admit the LB IP as source
     conntrack_tcp_be_liberal: bool = False  # then no INVALID drop in forward
+    node_zone: str = ""  # this node's zone (its Node's label), for topology hints
 
     @property
     def ipx(self) -> str:
@@ -155,6 +157,7 @@ class NftConfig:
             self.nodeport_ips() is None,
             self.node_ip,
             self.conntrack_tcp_be_liberal,
+            self.node_zone,  # which endpoints every Service uses
         )
 
 
@@ -273,10 +276,13 @@ class _Planner:
         uses_cluster = not itp_local or externally
         uses_local = itp_local or (etp_local and externally)
         eps = [e for _, e in items]
-        usable = usable_endpoints(svc, eps, self.node, local_only=False) if eps else ()
-        has_endpoints = bool(usable)
-        cluster = list(usable) if uses_cluster else []
-        local = list(usable_endpoints(svc, eps, self.node, local_only=True)) if uses_local else []
+        # kube-proxy's CategorizeEndpoints (policies, topology hints, terminating fallback)
+        cat = categorize(
+            eps, self.node, self.cfg.node_zone, uses_cluster=uses_cluster, uses_local=uses_local
+        )
+        has_endpoints = cat.has_any
+        cluster = list(cat.cluster or ())
+        local = list(cat.local or ())
         internal = local if itp_local else cluster
         has_internal = has_endpoints and (not itp_local or bool(local))
         has_external = has_endpoints and (not etp_local or bool(local))

@@ -1,8 +1,8 @@
 """A small Kubernetes API server for tests, with real list/watch semantics.
 
-Serves Services (core/v1) and EndpointSlices (discovery.k8s.io/v1) over plain HTTP the
-way the real API server does it, so an informer's recovery paths are exercised rather
-than assumed:
+Serves Services and Nodes (core/v1) and EndpointSlices (discovery.k8s.io/v1) over plain
+HTTP the way the real API server does it, so an informer's recovery paths are exercised
+rather than assumed:
 
 - one global, monotonically increasing resourceVersion (as etcd's revision);
 - list returns items plus `metadata.resourceVersion`; `resourceVersion` "" / "0" / N on a
@@ -14,8 +14,11 @@ than assumed:
 - BOOKMARK events (only with `allowWatchBookmarks=true`) carry the global RV, sent only
   once a stream has caught up, so a client may resume from them without losing events;
 - `timeoutSeconds` ends the stream cleanly; `labelSelector` supports `k=v`, `k==v`,
-  `k!=v`, `k`, `!k`, `k in (a,b)`, `k notin (a,b)`; a MODIFIED object that stops (starts)
-  matching is sent as DELETED (ADDED), as the watch cache does.
+  `k!=v`, `k`, `!k`, `k in (a,b)`, `k notin (a,b)`; `fieldSelector` supports
+  `metadata.name` and `metadata.namespace` with `=`, `==`, `!=` (anything else: 400, as
+  the real server answers an unsupported field label); a MODIFIED object that stops
+  (starts) matching a selector is sent as DELETED (ADDED), as the watch cache does;
+- Nodes are cluster-scoped: `/api/v1/nodes`, no namespace (under a namespace: 404).
 
 Test controls (methods, and the same over HTTP under /admin for a server in another
 process or network namespace): create/update/apply/delete objects, `compact(keep_last)`,
@@ -62,6 +65,7 @@ class Resource:
     kind: str
     group_version: str  # "v1" or "discovery.k8s.io/v1"
     prefix: str  # URL prefix of the group version
+    namespaced: bool = True  # Nodes are not: stored under namespace ""
 
     @property
     def list_kind(self) -> str:
@@ -70,6 +74,7 @@ class Resource:
 
 RESOURCES = {
     "services": Resource("services", "Service", "v1", "/api/v1"),
+    "nodes": Resource("nodes", "Node", "v1", "/api/v1", namespaced=False),
     "endpointslices": Resource(
         "endpointslices", "EndpointSlice", "discovery.k8s.io/v1", "/apis/discovery.k8s.io/v1"
     ),
@@ -78,7 +83,8 @@ BY_KIND = {r.kind: r for r in RESOURCES.values()}
 
 _PATH_RE = re.compile(
     r"^(?P<prefix>/api/v1|/apis/discovery\.k8s\.io/v1)"
-    r"(?:/namespaces/(?P<ns>[^/]+))?/(?P<res>services|endpointslices)(?:/(?P<name>[^/]+))?/?$"
+    r"(?:/namespaces/(?P<ns>[^/]+))?/(?P<res>" + "|".join(RESOURCES) + r")"
+    r"(?:/(?P<name>[^/]+))?/?$"
 )
 
 
@@ -156,13 +162,53 @@ def parse_selector(text: str) -> list[Requirement]:
     return reqs
 
 
-def selector_matches(reqs: list[Requirement], obj: dict[str, Any]) -> bool:
+# -- field selectors -----------------------------------------------------------------------
+
+FIELDS = ("metadata.name", "metadata.namespace")  # what every resource supports
+
+
+@dataclass(frozen=True)
+class FieldRequirement:
+    field: str  # one of FIELDS
+    op: str  # "=" or "!="
+    value: str
+
+    def matches_object(self, obj: dict[str, Any]) -> bool:
+        meta = obj.get("metadata") or {}
+        have = str(meta.get(self.field.split(".", 1)[1]) or "")
+        return (have == self.value) == (self.op == "=")
+
+
+_FIELD_RE = re.compile(r"^([A-Za-z0-9.]+)\s*(==|!=|=)\s*([^,]*)$")
+
+
+def parse_field_selector(text: str) -> list[FieldRequirement]:
+    """A field selector string → requirements (all must match). ValueError when invalid
+    or naming a field this server does not index (the real server's 400)."""
+    out = []
+    for raw in text.split(",") if text.strip() else []:
+        m = _FIELD_RE.match(raw.strip())
+        if not m:
+            raise ValueError(f"invalid field selector term {raw.strip()!r}")
+        if m.group(1) not in FIELDS:
+            raise ValueError(f'field label not supported: "{m.group(1)}"')
+        op = "!=" if m.group(2) == "!=" else "="
+        out.append(FieldRequirement(m.group(1), op, m.group(3).strip()))
+    return out
+
+
+Req = Requirement | FieldRequirement  # a label or a field requirement
+
+
+def selector_matches(reqs: list[Req], obj: dict[str, Any]) -> bool:
     if not reqs:
         return True
     labels = (obj.get("metadata") or {}).get("labels") or {}
     if not isinstance(labels, dict):
         labels = {}
-    return all(r.matches(labels) for r in reqs)
+    return all(
+        r.matches(labels) if isinstance(r, Requirement) else r.matches_object(obj) for r in reqs
+    )
 
 
 # -- state ---------------------------------------------------------------------------------
@@ -210,10 +256,12 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _key(obj: dict[str, Any]) -> tuple[str, str]:
+def _key(obj: dict[str, Any], namespaced: bool = True) -> tuple[str, str]:
     meta = obj.get("metadata")
     if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
         raise ValueError("object has no metadata.name")
+    if not namespaced:
+        return "", meta["name"]
     ns = meta.get("namespace") or "default"
     if not isinstance(ns, str):
         raise ValueError("metadata.namespace is not a string")
@@ -261,6 +309,7 @@ class ApiServer:
 
     def delete(self, kind_or_resource: str, namespace: str, name: str) -> dict[str, Any]:
         res = resource_of(kind_or_resource)
+        namespace = namespace if res.namespaced else ""
         with self._cond:
             old = self._objects[res.name].pop((namespace, name), None)
             if old is None:
@@ -274,6 +323,7 @@ class ApiServer:
 
     def get(self, kind_or_resource: str, namespace: str, name: str) -> dict[str, Any] | None:
         res = resource_of(kind_or_resource)
+        namespace = namespace if res.namespaced else ""
         with self._cond:
             s = self._objects[res.name].get((namespace, name))
             return copy.deepcopy(s.obj) if s else None
@@ -290,11 +340,14 @@ class ApiServer:
             raise ValueError("object is not a mapping")
         res = resource_of(resource or str(obj.get("kind") or ""))
         obj = copy.deepcopy(obj)
-        ns, name = _key(obj)
+        ns, name = _key(obj, res.namespaced)
         obj.setdefault("kind", res.kind)
         obj.setdefault("apiVersion", res.group_version)
         meta = obj["metadata"]
-        meta["namespace"] = ns
+        if res.namespaced:
+            meta["namespace"] = ns
+        else:
+            meta.pop("namespace", None)
         with self._cond:
             old = self._objects[res.name].get((ns, name))
             if old is None and must_exist:
@@ -408,7 +461,7 @@ class ApiServer:
 
     # -- list / watch (called by the HTTP handler) -----------------------------------------
 
-    def list_body(self, res: Resource, ns: str | None, reqs: list[Requirement]) -> bytes:
+    def list_body(self, res: Resource, ns: str | None, reqs: list[Req]) -> bytes:
         with self._cond:
             self.list_requests[res.name] += 1
             rv = self._rv
@@ -435,7 +488,7 @@ class ApiServer:
         h: _Handler,
         res: Resource,
         ns: str | None,
-        reqs: list[Requirement],
+        reqs: list[Req],
         rv_param: str,
         timeout: float,
         bookmarks: bool,
@@ -487,7 +540,7 @@ class ApiServer:
         w: _Watch,
         res: Resource,
         ns: str | None,
-        reqs: list[Requirement],
+        reqs: list[Req],
         cursor: int,
         deadline: float,
     ) -> tuple[list[bytes], str, int]:
@@ -621,7 +674,7 @@ def _bookmark_line(res: Resource, rv: int) -> bytes:
     return _event_line("BOOKMARK", _json(obj))
 
 
-def _filter(ev: _Event, res: Resource, ns: str | None, reqs: list[Requirement]) -> bytes:
+def _filter(ev: _Event, res: Resource, ns: str | None, reqs: list[Req]) -> bytes:
     """The line one watch sees for one event ("" when none), applying selector transitions."""
     if ev.resource != res.name:
         return b""
@@ -658,7 +711,10 @@ _DISCOVERY: dict[str, Any] = {
     "/api/v1": {"kind": "APIResourceList", "groupVersion": "v1", "resources": [{
         "name": "services", "singularName": "service", "namespaced": True, "kind": "Service",
         "verbs": ["create", "delete", "get", "list", "update", "watch"],
-        "shortNames": ["svc"]}]},
+        "shortNames": ["svc"]}, {
+        "name": "nodes", "singularName": "node", "namespaced": False, "kind": "Node",
+        "verbs": ["create", "delete", "get", "list", "update", "watch"],
+        "shortNames": ["no"]}]},
     "/apis/discovery.k8s.io/v1": {"kind": "APIResourceList",
         "groupVersion": "discovery.k8s.io/v1", "resources": [{
             "name": "endpointslices", "singularName": "endpointslice", "namespaced": True,
@@ -765,8 +821,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_status(404, "NotFound", f"{res.name} is not served under {m['prefix']}")
             return
         api, ns, name = self.server.api, m["ns"], m["name"]
+        if not res.namespaced:
+            if ns is not None:
+                self.send_status(404, "NotFound", f"{res.name} are not namespaced")
+                return
+            ns = ""
         if method == "GET" and name is None:
-            reqs = parse_selector(q.get("labelSelector", ""))
+            reqs: list[Req] = [*parse_selector(q.get("labelSelector", ""))]
+            reqs += parse_field_selector(q.get("fieldSelector", ""))
             if q.get("watch", "") in ("1", "true"):
                 timeout = float(q.get("timeoutSeconds") or 1800)
                 bookmarks = q.get("allowWatchBookmarks", "") in ("1", "true")
@@ -777,7 +839,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self.send_json(200, api.list_body(res, ns, reqs))
         elif method == "GET":
-            obj = api.get(res.name, ns or "default", name)
+            obj = api.get(res.name, ns if ns is not None else "default", name)
             if obj is None:
                 raise KeyError(f'{res.name} "{name}" not found')
             self.send_json(200, obj)
@@ -786,7 +848,7 @@ class _Handler(BaseHTTPRequestHandler):
             if not isinstance(obj, dict):
                 raise ValueError("body is not an object")
             obj.setdefault("metadata", {})
-            if ns:
+            if ns and res.namespaced:
                 obj["metadata"]["namespace"] = ns
             if method == "POST" and name is None:
                 self.send_json(201, api.create(obj, res.name))
@@ -796,7 +858,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self.send_status(405, "MethodNotAllowed", f"{method} {self.path}")
         elif method == "DELETE" and name is not None:
-            self.send_json(200, api.delete(res.name, ns or "default", name))
+            self.send_json(200, api.delete(res.name, ns if ns is not None else "default", name))
         else:
             self.send_status(405, "MethodNotAllowed", f"{method} {self.path}")
 
@@ -810,6 +872,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_json(200, {"items": [api.apply(d) for d in docs]})
         elif len(parts) == 4 and parts[0] == "objects" and method == "DELETE":
             self.send_json(200, api.delete(parts[1], parts[2], parts[3]))
+        elif len(parts) == 3 and parts[0] == "objects" and method == "DELETE":  # a Node
+            self.send_json(200, api.delete(parts[1], "", parts[2]))
         elif parts == ["drop-watches"] and method == "POST":
             self.send_json(200, {"dropped": api.drop_watches()})
         elif parts == ["compact"] and method == "POST":
@@ -957,7 +1021,9 @@ class AdminClient:
         return self._call("POST", "/admin/objects", body)["items"]
 
     def delete(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
-        return self._call("DELETE", f"/admin/objects/{kind}/{namespace}/{name}")
+        """Delete an object; a cluster-scoped one (a Node) with namespace ""."""
+        where = f"{namespace}/{name}" if namespace else name
+        return self._call("DELETE", f"/admin/objects/{kind}/{where}")
 
     def drop_watches(self) -> int:
         return self._call("POST", "/admin/drop-watches")["dropped"]

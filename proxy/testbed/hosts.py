@@ -173,8 +173,10 @@ class Node(Host):
         *,
         log: Path | None = None,
         env: dict[str, str] | None = None,
+        wrap: Sequence[str] = (),
     ) -> ProxyProcess:
-        """Run `python -m proxy ARGS` inside this node; output (stdout+stderr) goes to LOG."""
+        """Run `python -m proxy ARGS` inside this node; output (stdout+stderr) goes to LOG.
+        `wrap` is a command prefix that execs its arguments (e.g. one dropping privileges)."""
         from .proxyproc import ProxyProcess
 
         self._proxies += 1
@@ -185,7 +187,7 @@ class Node(Host):
         with open(log, "ab") as out:
             offset = out.tell()  # a reused log: only this run's lines count
             p = self.run(
-                [sys.executable, "-m", "proxy", *args],
+                [*wrap, sys.executable, "-m", "proxy", *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

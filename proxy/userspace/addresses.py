@@ -23,6 +23,9 @@ import logging
 import os
 from collections.abc import Iterable
 
+from proxy.config import Config
+from proxy.model import NodeInfo, ip_family
+
 log = logging.getLogger("proxy.userspace.addresses")
 
 IFNAME = "kube-proxy-py0"
@@ -251,16 +254,35 @@ class AddressOwner:
         return released
 
 
+def nodeport_cidrs(cfg: Config, node: NodeInfo, local: Iterable[str]) -> tuple[str, ...]:
+    """--nodeport-addresses; `primary`: the Node's IPs, else the first global address
+    of each family among `local` (none at all: every address, as kube-proxy)."""
+    if not cfg.nodeport_primary:
+        return cfg.nodeport_addresses
+    ips = list(node.addresses)
+    for ip in local:
+        a = ipaddress.ip_address(ip)
+        usable = not (a.is_loopback or a.is_link_local or a.is_unspecified)
+        if usable and not any(ip_family(x) == a.version for x in ips):
+            ips.append(ip)
+    return tuple(f"{ip}/{32 if ip_family(ip) == 4 else 128}" for ip in ips)
+
+
 def _link_local(ip: str | None) -> bool:
     return bool(ip) and ipaddress.ip_address(ip).is_link_local
 
 
-def pick_node_addresses(addresses: Iterable[str], cidrs: Iterable[str]) -> tuple[str, ...]:
-    """The node addresses NodePorts listen on: those inside `cidrs` (all when empty)."""
+def pick_node_addresses(
+    addresses: Iterable[str], cidrs: Iterable[str], *, loopback: bool = True
+) -> tuple[str, ...]:
+    """The node addresses NodePorts listen on: those inside `cidrs` (all when empty);
+    loopback ones only with `loopback` (--iptables-localhost-nodeports)."""
     nets = [ipaddress.ip_network(c, strict=False) for c in cidrs]
     out = []
     for ip in addresses:
         a = ipaddress.ip_address(ip)
+        if a.is_loopback and not loopback:
+            continue
         if not nets or any(a.version == n.version and a in n for n in nets):
             out.append(ip)
     return tuple(sorted(set(out), key=lambda i: (":" in i, i)))

@@ -1,7 +1,7 @@
 """Choosing an endpoint for one Service port: pure, time injected, no sockets.
 
 Round robin over the endpoints the model says are usable (ready, or serving+terminating
-when none is ready: `model.usable_endpoints` decides that before `update`), ClientIP
+when none is ready: `selection.usable_endpoints` decides that before `update`), ClientIP
 session affinity with kube-proxy's timeout semantics, and passive health: an endpoint
 whose connects fail is skipped for a backoff that doubles while it keeps failing, and is
 tried again (one probe) when the backoff ends. When every endpoint is backed off the one

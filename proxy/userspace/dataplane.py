@@ -28,9 +28,10 @@ from typing import Any
 from proxy.config import Config, UsageError
 from proxy.endpoints.store import Snapshot
 from proxy.handover import steer_to_newest, steer_to_oldest
-from proxy.model import Model, PortSpec, Service, usable_endpoints
+from proxy.model import UNKNOWN_NODE, Model, NodeInfo, PortSpec, Service
+from proxy.selection import usable_endpoints
 from proxy.userspace import metrics as umetrics
-from proxy.userspace.addresses import AddressOwner, pick_node_addresses
+from proxy.userspace.addresses import AddressOwner, nodeport_cidrs, pick_node_addresses
 from proxy.userspace.backend import Backend
 from proxy.userspace.balancer import Balancer, ep_key
 from proxy.userspace.laptop import LAPTOP_NODE_IP, LaptopRewriter
@@ -93,23 +94,28 @@ class UserspaceDataPlane:
     name = "userspace"
     forwards = True
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, *, loopback_nodeports: tuple[str, ...] = ()) -> None:
+        """`loopback_nodeports`: serve only NodePorts, on these loopback addresses, for
+        another data plane whose kernel NAT cannot (see localhost.py); no Service
+        address is owned then."""
         self.cfg = cfg
-        self.laptop = laptop_mode(cfg)
+        self.loopback_only = loopback_nodeports
+        self.laptop = laptop_mode(cfg) and not loopback_nodeports
         self.rewriter = LaptopRewriter(offset=cfg.userspace_port_offset) if self.laptop else None
-        self.plan = Plan(any_family=self.laptop)
+        self.plan = Plan(any_family=self.laptop, nodeports_only=bool(loopback_nodeports))
         self.backends: dict[Target, Backend] = {}
         self.listeners: dict[ListenerKey, TcpListener | UdpListener] = {}
         self.targets: dict[ListenerKey, Target] = {}  # what is open now
         self.addrs: AddressOwner | None = None
         self.tcp: TcpEngine | None = None
-        self.node_ips: tuple[str, ...] = (LAPTOP_NODE_IP,) if self.laptop else ()
+        self.node_ips: tuple[str, ...] = (LAPTOP_NODE_IP,) if self.laptop else loopback_nodeports
         self.foreign_ips: set[str] = set()  # local addresses that are not ours
         self._executor: ThreadPoolExecutor | None = None
         self._sweeper: asyncio.Task | None = None
         self._logged: dict[Any, str] = {}  # what is currently broken → reason (log once)
         self._empty: set[Target] = set()  # backends with no usable endpoint (logged)
         self._synced_once = False
+        self._node: NodeInfo = UNKNOWN_NODE  # the node's zone decides topology
         self.handed_over = False  # listeners given to a successor (hand_over)
 
     def served(self, model: Model) -> Model:
@@ -139,6 +145,11 @@ class UserspaceDataPlane:
                 LAPTOP_NODE_IP,
                 rw.port_start,
                 rw.offset,
+            )
+        elif self.loopback_only:
+            log.info(
+                "localhost NodePorts on %s served by the userspace engine",
+                ", ".join(self.loopback_only),
             )
         else:
             self.addrs = AddressOwner(self.cfg.userspace_address_mode)
@@ -245,13 +256,20 @@ class UserspaceDataPlane:
             # may have removed one of ours.
             ours, local = await self._netlink(self.addrs.survey)
             self.foreign_ips = set(local)
-            self.node_ips = pick_node_addresses(local, self.cfg.nodeport_addresses)
+            self.node_ips = pick_node_addresses(
+                local,
+                nodeport_cidrs(self.cfg, model.node, local),
+                loopback=self.cfg.localhost_nodeports,
+            )
             self.addrs.owned = set(ours)
         desired, problems = self.plan.desired(model.services, self.node_ips)
         for key, msg in problems:
             self._once(("problem", key, msg), msg, "%s/%s: %s", key[0], key[1], msg)
 
-        wanted = self._sync_backends(model, desired, snap.changed, full or not self._synced_once)
+        # A new zone can change every Service's endpoints: refresh every backend.
+        refresh = full or not self._synced_once or model.node.zone != self._node.zone
+        self._node = model.node
+        wanted = self._sync_backends(model, desired, snap.changed, refresh)
 
         bad_ips: set[str] = set()
         release: set[str] = set()
@@ -311,10 +329,13 @@ class UserspaceDataPlane:
             svc = model.services[t.service]
             port = _port_spec(svc, t)
             eps = model.endpoints_for(svc, port) if port is not None else ()
-            local = svc.external_traffic_local if t.external else svc.internal_traffic_local
-            usable = usable_endpoints(svc, eps, host, local_only=local)
-            if t.family:
-                usable = tuple(e for e in usable if e.family == t.family)
+            if t.family:  # topology is decided per family, as kube-proxy's proxiers do
+                eps = tuple(e for e in eps if e.family == t.family)
+            if t.from_node:  # the node itself: Cluster policy (kube-proxy's short circuit)
+                local = False
+            else:
+                local = svc.external_traffic_local if t.external else svc.internal_traffic_local
+            usable = usable_endpoints(eps, host, local_only=local, zone=model.node.zone)
             if b is None:
                 bal = Balancer(usable, affinity_timeout=float(svc.session_affinity_timeout))
                 b = self.backends[t] = Backend(t, bal, umetrics.stats_for(t.label, t.protocol))

@@ -10,6 +10,7 @@ All listeners of one Target share a balancer (so affinity and health are shared)
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,10 @@ class Target:
     family: int  # endpoints of this IP family only (4/6); 0: any (laptop mode)
     # loadBalancerSourceRanges, on LoadBalancer ingress IP listeners only
     source_ranges: tuple[str, ...] = ()
+    # A NodePort on a loopback address: only this node connects to it, and traffic from
+    # the node itself uses the Cluster policy whatever externalTrafficPolicy says (what
+    # kube-proxy's KUBE-EXT chain does for source type LOCAL).
+    from_node: bool = False
 
     @property
     def label(self) -> str:
@@ -53,10 +58,19 @@ def proxied(svc: Service) -> bool:
     )
 
 
+def _loopback(ip: str) -> bool:
+    return ipaddress.ip_address(ip).is_loopback
+
+
 def service_listeners(
-    svc: Service, node_ips: tuple[str, ...], *, any_family: bool = False
+    svc: Service,
+    node_ips: tuple[str, ...],
+    *,
+    any_family: bool = False,
+    nodeports_only: bool = False,
 ) -> tuple[dict[ListenerKey, Target], tuple[str, ...]]:
-    """The listeners one Service wants, and problems to log (pure)."""
+    """The listeners one Service wants, and problems to log (pure). `nodeports_only`:
+    only its NodePorts on `node_ips` (another data plane serves the rest)."""
     out: dict[ListenerKey, Target] = {}
     problems: list[str] = []
     if not proxied(svc):
@@ -68,22 +82,23 @@ def service_listeners(
             problems.append(f"port {p.port}/{p.protocol}: not supported in userspace mode")
             continue
 
-        def want(ip: str, port: int, external: bool, ranges: tuple = (), p=p) -> None:
+        def want(ip: str, port: int, external: bool, ranges: tuple = (), p=p, local=False) -> None:
             fam = 0 if any_family else ip_family(ip)
-            t = Target(svc.key, p.name, p.protocol, external, fam, ranges)
+            t = Target(svc.key, p.name, p.protocol, external, fam, ranges, local)
             out.setdefault((ip, port, p.protocol), t)
 
-        for ip in svc.cluster_ips:
-            want(ip, p.port, False)
-        for ip in svc.external_ips:
-            want(ip, p.port, True)
-        for ip in svc.load_balancer_ips:
-            want(ip, p.port, True, svc.load_balancer_source_ranges)
+        if not nodeports_only:
+            for ip in svc.cluster_ips:
+                want(ip, p.port, False)
+            for ip in svc.external_ips:
+                want(ip, p.port, True)
+            for ip in svc.load_balancer_ips:
+                want(ip, p.port, True, svc.load_balancer_source_ranges)
         if node_port_type and p.node_port:
             for ip in node_ips:
                 # A single-stack Service has no endpoints of the other family to offer.
                 if any_family or ip_family(ip) in families:
-                    want(ip, p.node_port, True)
+                    want(ip, p.node_port, True, local=_loopback(ip))
     return out, tuple(problems)
 
 
@@ -94,6 +109,7 @@ class Plan:
 
     node_ips: tuple[str, ...] = ()
     any_family: bool = False
+    nodeports_only: bool = False
     _memo: dict[ServiceKey, tuple[Service, dict[ListenerKey, Target], tuple[str, ...]]] = field(
         default_factory=dict
     )
@@ -114,7 +130,9 @@ class Plan:
             svc = services[key]
             hit = memo.get(key)
             if hit is None or hit[0] is not svc:
-                lst, probs = service_listeners(svc, node_ips, any_family=self.any_family)
+                lst, probs = service_listeners(
+                    svc, node_ips, any_family=self.any_family, nodeports_only=self.nodeports_only
+                )
                 hit = memo[key] = (svc, lst, probs)
             problems.extend((key, p) for p in hit[2])
             for lk, t in hit[1].items():

@@ -36,6 +36,7 @@ from .iptables_helpers import (
 pytestmark = pytest.mark.kernel
 
 KINDS = ("services", "endpointslices")
+WATCHES = 3  # Services, EndpointSlices and this node's own Node
 
 
 @dataclass
@@ -130,7 +131,7 @@ def test_dropped_watch_resumes_without_relist(site):
     until_synced(proxy, lambda: client_request(site.client, "198.19.30.2", 80, "http"))
     lists, watches = counts(api)
 
-    assert api.drop_watches() == 2, "the daemon should hold one watch per resource"
+    assert api.drop_watches() == WATCHES, "the daemon should hold one watch per resource"
     # Changed right after the drop: the resumed watch must replay it from its RV.
     api.apply(endpoint_slice("beta", [site.web("web-3")], port=8080))
 
@@ -140,7 +141,9 @@ def test_dropped_watch_resumes_without_relist(site):
 
     until_synced(proxy, moved, what="endpoint change after a dropped watch")
     wait_until(
-        lambda: all(api.watch_count(k) > watches[k] for k in KINDS) and api.open_watches() == 2,
+        lambda: (
+            all(api.watch_count(k) > watches[k] for k in KINDS) and api.open_watches() == WATCHES
+        ),
         "both watches to be re-established",
     )
     assert counts(api)[0] == lists, "a dropped watch must resume, not relist"
@@ -166,7 +169,7 @@ def test_expired_watch_relists_and_reconciles(site):
         api.apply(endpoint_slice("delta", [site.web("web-2")], port=8080))
         api.apply(endpoint_slice("alpha", [site.web("web-3")], port=8080))
         api.compact(0)
-        assert api.drop_watches() == 2
+        assert api.drop_watches() == WATCHES
         wait_until(
             lambda: all(api.list_count(k) > lists[k] for k in KINDS),
             "the daemon to relist after 410 Gone",
@@ -185,3 +188,56 @@ def test_expired_watch_relists_and_reconciles(site):
     expired = metric(text, "kubeproxy_py_watch_restarts_total", reason="expired")
     assert expired >= 2, [ln for ln in text.splitlines() if "watch_restarts" in ln]
     assert "relisting" in proxy.logs()
+
+
+def _node(zone: str) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": zone}},
+        "status": {"addresses": [{"type": "InternalIP", "address": "198.18.200.1"}]},
+    }
+
+
+def test_the_watched_node_objects_zone_steers_topology(site):
+    """The daemon watches its own Node (field selector on its name): zone hints follow
+    the Node's zone label as it changes, and all endpoints serve once it is gone."""
+    api, proxy, client = site.api, site.proxy, site.client
+    api.apply(web_service("zeta", "198.19.30.6"))
+    eps = [
+        {"addresses": [w.ip], "conditions": {"ready": True}, "nodeName": "node-a",
+         "hints": {"forZones": [{"name": zone}]}}
+        for w, zone in ((site.web("web-1"), "zone-a"), (site.web("web-2"), "zone-b"))
+    ]  # fmt: skip
+    api.apply(
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "zeta-v4",
+                "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "zeta"},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+            "endpoints": eps,
+        }
+    )
+
+    def answered_by(*names: str):
+        def check() -> None:
+            got = spread(client, "198.19.30.6", 80, 20)
+            assert set(got) == set(names), f"answered by {dict(got)}"
+
+        return check
+
+    try:
+        api.apply(_node("zone-a"))
+        until_synced(proxy, answered_by("web-1"), what="zone-a's endpoint only")
+        api.apply(_node("zone-b"))
+        until_synced(proxy, answered_by("web-2"), what="the new zone's endpoint")
+        api.delete("Node", "", "node-a")
+        until_synced(proxy, answered_by("web-1", "web-2"), what="every endpoint, no zone")
+    finally:
+        if api.get("Node", "", "node-a") is not None:
+            api.delete("Node", "", "node-a")

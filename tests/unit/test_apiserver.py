@@ -425,8 +425,10 @@ def test_admin_api_and_process_mode(tmp_path: Path) -> None:
         url = line.split()[-1]
         assert url in kc.read_text()
         admin = AdminClient(url)
-        assert admin.stats()["objects"] == {"services": 1, "endpointslices": 1}
+        assert admin.stats()["objects"] == {"services": 1, "endpointslices": 1, "nodes": 0}
         admin.apply(svc("b", "198.19.0.2"))
+        admin.apply(node("n1"))  # a cluster-scoped object, deleted without a namespace
+        assert admin.delete("nodes", "", "n1")["metadata"]["name"] == "n1"
         assert admin.delete("services", "default", "a")["metadata"]["name"] == "a"
         stats = admin.stats()
         assert stats["objects"]["services"] == 1
@@ -445,3 +447,77 @@ def test_admin_api_and_process_mode(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+# -- Nodes and field selectors -------------------------------------------------------------
+
+
+def node(name: str, zone: str = "zone-a", ip: str = "198.18.200.1") -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
+        "status": {"addresses": [{"type": "InternalIP", "address": ip}]},
+    }
+
+
+def test_nodes_are_cluster_scoped(api: ApiServer) -> None:
+    made = api.create(node("n1") | {"metadata": {"name": "n1", "namespace": "default"}})
+    assert "namespace" not in made["metadata"]
+    api.create(node("n2"))
+    status, body = get(api, "/api/v1/nodes")
+    assert status == 200 and body["kind"] == "NodeList"
+    assert sorted(i["metadata"]["name"] for i in body["items"]) == ["n1", "n2"]
+    assert get(api, "/api/v1/nodes/n2")[1]["metadata"]["name"] == "n2"
+    assert get(api, "/api/v1/namespaces/default/nodes")[0] == 404
+    assert api.get("Node", "", "n1") is not None
+    api.delete("nodes", "", "n1")
+    assert get(api, "/api/v1/nodes/n1")[0] == 404
+
+
+def test_field_selector_on_list_and_watch(api: ApiServer) -> None:
+    api.create(node("n1"))
+    api.create(node("n2"))
+    status, body = get(api, "/api/v1/nodes?fieldSelector=metadata.name%3Dn2")
+    assert status == 200 and [i["metadata"]["name"] for i in body["items"]] == ["n2"]
+    _, body = get(api, "/api/v1/nodes?fieldSelector=metadata.name!%3Dn2")
+    assert [i["metadata"]["name"] for i in body["items"]] == ["n1"]
+    start = api.resource_version
+    w = Watch(
+        api, f"/api/v1/nodes?watch=1&resourceVersion={start}&fieldSelector=metadata.name%3Dn2"
+    )
+    api.update(node("n1", zone="zone-x"))  # another node: never sent
+    api.update(node("n2", zone="zone-b"))
+    api.delete("Node", "", "n2")
+    api.create(node("n2", zone="zone-c"))
+    got = w.take(3)
+    assert summary(got) == [("MODIFIED", "n2"), ("DELETED", "n2"), ("ADDED", "n2")]
+    assert got[2]["object"]["metadata"]["labels"]["topology.kubernetes.io/zone"] == "zone-c"
+    w.close()
+    # Namespaces too, on namespaced resources.
+    api.create(svc("a", "198.19.0.1", ns="x"))
+    api.create(svc("a", "198.19.0.1", ns="y"))
+    _, body = get(api, "/api/v1/services?fieldSelector=metadata.namespace%3Dy")
+    assert [i["metadata"]["namespace"] for i in body["items"]] == ["y"]
+
+
+@pytest.mark.parametrize("bad", ["spec.unknown=x", "metadata.name", "=x", "metadata.name~x"])
+def test_unsupported_field_selectors_are_refused(api: ApiServer, bad: str) -> None:
+    status, body = get(api, f"/api/v1/nodes?fieldSelector={bad}")
+    assert status == 400 and body["kind"] == "Status", body
+
+
+def test_the_official_client_watches_one_node(api: ApiServer, tmp_path: Path) -> None:
+    """What KubeSource sends (list_node with a field selector), through the client."""
+    from kubernetes import client, config
+
+    conf = client.Configuration()
+    config.load_kube_config(
+        str(write_kubeconfig(tmp_path / "kc", api.url)), client_configuration=conf
+    )
+    api.create(node("n1"))
+    api.create(node("n2", zone="zone-b"))
+    with client.ApiClient(conf) as c:
+        nodes = client.CoreV1Api(c).list_node(field_selector="metadata.name=n2")
+        assert [n.metadata.name for n in nodes.items] == ["n2"]
+        assert nodes.items[0].metadata.labels["topology.kubernetes.io/zone"] == "zone-b"

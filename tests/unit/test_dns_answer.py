@@ -545,3 +545,30 @@ def test_reply_dependencies_name_what_they_read(zone: Zone) -> None:
     assert isinstance(res, Reply) and ("default", "web") in res.deps
     res = answer(zone, question(f"a.b.c.web.default.svc.{Z}.x"))
     assert isinstance(res, Forward) and res.deps == frozenset()
+
+
+def test_dns_follows_the_model_for_semantics_that_do_not_change_it() -> None:
+    """Leading-zero IPs are answered in their canonical form (as programmed); topology
+    hints and LoadBalancer ipMode change which endpoint gets traffic, never DNS (the
+    specification answers ClusterIPs and, for headless Services, every ready endpoint)."""
+    m = build(
+        [
+            service("old", ip="198.19.000.010"),
+            service("hl", ip="None", trafficDistribution="PreferSameNode"),
+            service("lb", type="LoadBalancer")
+            | {"status": {"loadBalancer": {"ingress": [{"ip": "198.19.9.9", "ipMode": "Proxy"}]}}},
+        ],
+        [
+            slice_(
+                "hl",
+                endpoints=[
+                    endpoint("198.18.001.001", hints={"forNodes": [{"name": "node-b"}]}),
+                    endpoint("198.18.1.2", node="node-b", hints={"forNodes": [{"name": "x"}]}),
+                ],
+            ),
+        ],
+    )
+    zone = Zone(m, Z, ttl=5)
+    assert rdatas(ask(zone, f"old.default.svc.{Z}")) == ["198.19.0.10"]
+    assert rdatas(ask(zone, f"hl.default.svc.{Z}")) == ["198.18.1.1", "198.18.1.2"]
+    assert rdatas(ask(zone, f"lb.default.svc.{Z}")) == ["198.19.0.10"]

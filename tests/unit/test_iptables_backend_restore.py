@@ -217,8 +217,10 @@ def test_cleanup_text_removes_our_chains_and_jumps_only() -> None:
     flt = out["filter"].splitlines()
     assert "-X KUBE-EXTERNAL-SERVICES" in flt and "-X KUBE-FORWARD" in flt
     assert "-D MY-CHAIN -j KUBE-FORWARD" in flt  # a foreign chain's jump to ours goes
-    # kubelet's KUBE-FIREWALL and other software's KUBE-* chains stay
-    assert not any("KUBE-FIREWALL" in x or "KUBE-ROUTER" in x for x in flt)
+    # No kubelet on this backend: KUBE-FIREWALL (localhost NodePorts) was ours, it goes
+    # with its jump; other software's KUBE-* chains stay.
+    assert "-X KUBE-FIREWALL" in flt and "-D INPUT -j KUBE-FIREWALL" in flt
+    assert not any("KUBE-ROUTER" in x for x in flt)
     assert not any("MY-CHAIN" in x and x.startswith((":", "-X")) for x in flt)
     assert not any("--dport 22" in x for x in flt)
 
@@ -232,10 +234,11 @@ def test_cleanup_text_removes_our_chains_and_jumps_only() -> None:
     ]
 
 
-def test_cleanup_keeps_the_hint_when_kubelet_uses_this_backend() -> None:
+def test_cleanup_keeps_kubelets_chains_when_kubelet_uses_this_backend() -> None:
     saved = SAVED.replace(":KUBE-PROXY-CANARY", ":KUBE-KUBELET-CANARY")
     out = cleanup_text(parse_save(saved))
     assert "mangle" not in out
+    assert not any("KUBE-FIREWALL" in x for x in out["filter"].splitlines())
 
 
 def test_cleanup_text_is_empty_when_nothing_is_ours() -> None:

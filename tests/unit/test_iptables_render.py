@@ -1075,3 +1075,306 @@ def test_partial_render_survives_top_level_config_changes() -> None:
     assert render(
         make_model(services, endpoints), cfg3, changed=frozenset(), previous=res.state
     ).full
+
+
+# -- kube-proxy's TestOverallIPTablesRules, literally ----------------------------------------
+# Its addresses are kept (not the test ranges): the expected text is kube-proxy's own, and
+# the SEP chain names hash the endpoint addresses. Nothing here reaches a kernel.
+
+KP_EXPECTED = """
+*filter
+:KUBE-NODEPORTS - [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-EXTERNAL-SERVICES - [0:0]
+:KUBE-FIREWALL - [0:0]
+:KUBE-FORWARD - [0:0]
+:KUBE-PROXY-FIREWALL - [0:0]
+-A KUBE-NODEPORTS -m comment --comment "ns2/svc2:p80 health check node port" -m tcp -p tcp --dport 30000 -j ACCEPT
+-A KUBE-SERVICES -m comment --comment "ns6/svc6:p80 has no endpoints" -m tcp -p tcp -d 172.30.0.46 --dport 80 -j REJECT
+-A KUBE-EXTERNAL-SERVICES -m comment --comment "ns2/svc2:p80 has no local endpoints" -m tcp -p tcp -d 192.168.99.22 --dport 80 -j DROP
+-A KUBE-EXTERNAL-SERVICES -m comment --comment "ns2/svc2:p80 has no local endpoints" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j DROP
+-A KUBE-EXTERNAL-SERVICES -m comment --comment "ns2/svc2:p80 has no local endpoints" -m addrtype --dst-type LOCAL -m tcp -p tcp --dport 3001 -j DROP
+-A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+-A KUBE-FORWARD -m conntrack --ctstate INVALID -m nfacct --nfacct-name ct_state_invalid_dropped_pkts -j DROP
+-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A KUBE-PROXY-FIREWALL -m comment --comment "ns5/svc5:p80 traffic not accepted by KUBE-FW-NUKIZ6OKUXPJNT4C" -m tcp -p tcp -d 5.6.7.8 --dport 80 -j DROP
+COMMIT
+*nat
+:KUBE-NODEPORTS - [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-EXT-4SW47YFZTEDKD3PK - [0:0]
+:KUBE-EXT-GNZBNJ2PO5MGZ6GT - [0:0]
+:KUBE-EXT-NUKIZ6OKUXPJNT4C - [0:0]
+:KUBE-EXT-X27LE4BHSL4DOUIK - [0:0]
+:KUBE-FW-NUKIZ6OKUXPJNT4C - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-SEP-C6EBXVWJJZMIWKLZ - [0:0]
+:KUBE-SEP-I77PXRDZVX7PMWMN - [0:0]
+:KUBE-SEP-OYPFS5VJICHGATKP - [0:0]
+:KUBE-SEP-RS4RBKLTHTF2IUXJ - [0:0]
+:KUBE-SEP-SXIVWICOYRO3J4NJ - [0:0]
+:KUBE-SEP-UKSFD7AGPMPPLUHC - [0:0]
+:KUBE-SVC-4SW47YFZTEDKD3PK - [0:0]
+:KUBE-SVC-GNZBNJ2PO5MGZ6GT - [0:0]
+:KUBE-SVC-NUKIZ6OKUXPJNT4C - [0:0]
+:KUBE-SVC-X27LE4BHSL4DOUIK - [0:0]
+:KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]
+-A KUBE-NODEPORTS -m comment --comment ns2/svc2:p80 -m tcp -p tcp -d 127.0.0.0/8 --dport 3001 -m nfacct --nfacct-name localhost_nps_accepted_pkts -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
+-A KUBE-NODEPORTS -m comment --comment ns2/svc2:p80 -m tcp -p tcp --dport 3001 -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
+-A KUBE-NODEPORTS -m comment --comment ns3/svc3:p80 -m tcp -p tcp -d 127.0.0.0/8 --dport 3003 -m nfacct --nfacct-name localhost_nps_accepted_pkts -j KUBE-EXT-X27LE4BHSL4DOUIK
+-A KUBE-NODEPORTS -m comment --comment ns3/svc3:p80 -m tcp -p tcp --dport 3003 -j KUBE-EXT-X27LE4BHSL4DOUIK
+-A KUBE-NODEPORTS -m comment --comment ns5/svc5:p80 -m tcp -p tcp -d 127.0.0.0/8 --dport 3002 -m nfacct --nfacct-name localhost_nps_accepted_pkts -j KUBE-EXT-NUKIZ6OKUXPJNT4C
+-A KUBE-NODEPORTS -m comment --comment ns5/svc5:p80 -m tcp -p tcp --dport 3002 -j KUBE-EXT-NUKIZ6OKUXPJNT4C
+-A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O
+-A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 cluster IP" -m tcp -p tcp -d 172.30.0.42 --dport 80 -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
+-A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 external IP" -m tcp -p tcp -d 192.168.99.22 --dport 80 -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
+-A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 loadbalancer IP" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
+-A KUBE-SERVICES -m comment --comment "ns3/svc3:p80 cluster IP" -m tcp -p tcp -d 172.30.0.43 --dport 80 -j KUBE-SVC-X27LE4BHSL4DOUIK
+-A KUBE-SERVICES -m comment --comment "ns4/svc4:p80 cluster IP" -m tcp -p tcp -d 172.30.0.44 --dport 80 -j KUBE-SVC-4SW47YFZTEDKD3PK
+-A KUBE-SERVICES -m comment --comment "ns4/svc4:p80 external IP" -m tcp -p tcp -d 192.168.99.33 --dport 80 -j KUBE-EXT-4SW47YFZTEDKD3PK
+-A KUBE-SERVICES -m comment --comment "ns5/svc5:p80 cluster IP" -m tcp -p tcp -d 172.30.0.45 --dport 80 -j KUBE-SVC-NUKIZ6OKUXPJNT4C
+-A KUBE-SERVICES -m comment --comment "ns5/svc5:p80 loadbalancer IP" -m tcp -p tcp -d 5.6.7.8 --dport 80 -j KUBE-FW-NUKIZ6OKUXPJNT4C
+-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+-A KUBE-EXT-4SW47YFZTEDKD3PK -m comment --comment "masquerade traffic for ns4/svc4:p80 external destinations" -j KUBE-MARK-MASQ
+-A KUBE-EXT-4SW47YFZTEDKD3PK -j KUBE-SVC-4SW47YFZTEDKD3PK
+-A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "pod traffic for ns2/svc2:p80 external destinations" -s 10.0.0.0/8 -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
+-A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "masquerade LOCAL traffic for ns2/svc2:p80 external destinations" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ
+-A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "route LOCAL traffic for ns2/svc2:p80 external destinations" -m addrtype --src-type LOCAL -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
+-A KUBE-EXT-NUKIZ6OKUXPJNT4C -m comment --comment "masquerade traffic for ns5/svc5:p80 external destinations" -j KUBE-MARK-MASQ
+-A KUBE-EXT-NUKIZ6OKUXPJNT4C -j KUBE-SVC-NUKIZ6OKUXPJNT4C
+-A KUBE-EXT-X27LE4BHSL4DOUIK -m comment --comment "masquerade traffic for ns3/svc3:p80 external destinations" -j KUBE-MARK-MASQ
+-A KUBE-EXT-X27LE4BHSL4DOUIK -j KUBE-SVC-X27LE4BHSL4DOUIK
+-A KUBE-FW-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 loadbalancer IP" -s 203.0.113.0/25 -j KUBE-EXT-NUKIZ6OKUXPJNT4C
+-A KUBE-FW-NUKIZ6OKUXPJNT4C -m comment --comment "other traffic to ns5/svc5:p80 will be dropped by KUBE-PROXY-FIREWALL"
+-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+-A KUBE-SEP-C6EBXVWJJZMIWKLZ -m comment --comment ns4/svc4:p80 -s 10.180.0.5 -j KUBE-MARK-MASQ
+-A KUBE-SEP-C6EBXVWJJZMIWKLZ -m comment --comment ns4/svc4:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.5:80
+-A KUBE-SEP-I77PXRDZVX7PMWMN -m comment --comment ns5/svc5:p80 -s 10.180.0.3 -j KUBE-MARK-MASQ
+-A KUBE-SEP-I77PXRDZVX7PMWMN -m comment --comment ns5/svc5:p80 -m recent --name KUBE-SEP-I77PXRDZVX7PMWMN --set -m tcp -p tcp -j DNAT --to-destination 10.180.0.3:80
+-A KUBE-SEP-OYPFS5VJICHGATKP -m comment --comment ns3/svc3:p80 -s 10.180.0.3 -j KUBE-MARK-MASQ
+-A KUBE-SEP-OYPFS5VJICHGATKP -m comment --comment ns3/svc3:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.3:80
+-A KUBE-SEP-RS4RBKLTHTF2IUXJ -m comment --comment ns2/svc2:p80 -s 10.180.0.2 -j KUBE-MARK-MASQ
+-A KUBE-SEP-RS4RBKLTHTF2IUXJ -m comment --comment ns2/svc2:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.2:80
+-A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -s 10.180.0.1 -j KUBE-MARK-MASQ
+-A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.1:80
+-A KUBE-SEP-UKSFD7AGPMPPLUHC -m comment --comment ns4/svc4:p80 -s 10.180.0.4 -j KUBE-MARK-MASQ
+-A KUBE-SEP-UKSFD7AGPMPPLUHC -m comment --comment ns4/svc4:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.4:80
+-A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 cluster IP" -m tcp -p tcp -d 172.30.0.44 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+-A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 -> 10.180.0.4:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-UKSFD7AGPMPPLUHC
+-A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 -> 10.180.0.5:80" -j KUBE-SEP-C6EBXVWJJZMIWKLZ
+-A KUBE-SVC-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 cluster IP" -m tcp -p tcp -d 172.30.0.42 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+-A KUBE-SVC-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 -> 10.180.0.2:80" -j KUBE-SEP-RS4RBKLTHTF2IUXJ
+-A KUBE-SVC-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 cluster IP" -m tcp -p tcp -d 172.30.0.45 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+-A KUBE-SVC-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 -> 10.180.0.3:80" -m recent --name KUBE-SEP-I77PXRDZVX7PMWMN --rcheck --seconds 10800 --reap -j KUBE-SEP-I77PXRDZVX7PMWMN
+-A KUBE-SVC-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 -> 10.180.0.3:80" -j KUBE-SEP-I77PXRDZVX7PMWMN
+-A KUBE-SVC-X27LE4BHSL4DOUIK -m comment --comment "ns3/svc3:p80 cluster IP" -m tcp -p tcp -d 172.30.0.43 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+-A KUBE-SVC-X27LE4BHSL4DOUIK -m comment --comment "ns3/svc3:p80 -> 10.180.0.3:80" -j KUBE-SEP-OYPFS5VJICHGATKP
+-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.0.1:80" -j KUBE-SEP-SXIVWICOYRO3J4NJ
+COMMIT
+"""  # noqa: E501
+
+KP_CFG = RenderConfig(
+    family=4,
+    node_name="test-node",
+    cluster_cidrs=("10.0.0.0/8",),
+    node_ip="192.168.0.2",
+    random_fully=False,
+    localhost_nodeports=True,
+    nfacct_counters=frozenset({"ct_state_invalid_dropped_pkts", "localhost_nps_accepted_pkts"}),
+)
+
+
+def _kp_objects() -> list[dict]:
+    p80 = [{"name": "p80", "port": 80, "protocol": "TCP"}]
+
+    def svc(ns: str, name: str, ip: str, **spec) -> dict:
+        status = spec.pop("status", None)
+        obj = service(name, ns, ip=ip, ports=spec.pop("ports", p80), **spec)
+        return obj | {"status": status} if status else obj
+
+    def eps(ns: str, name: str, *endpoints: dict) -> dict:
+        return slice_(name, f"{name}-1", ns, endpoints=list(endpoints), ports=p80)
+
+    def lb(ip: str) -> dict:
+        return {"status": {"loadBalancer": {"ingress": [{"ip": ip}]}}}
+
+    return [
+        svc("ns1", "svc1", "172.30.0.41"),
+        svc(
+            "ns2",
+            "svc2",
+            "172.30.0.42",
+            type="LoadBalancer",
+            externalTrafficPolicy="Local",
+            ports=[{"name": "p80", "port": 80, "protocol": "TCP", "nodePort": 3001}],
+            externalIPs=["192.168.99.22"],
+            healthCheckNodePort=30000,
+            **lb("1.2.3.4"),
+        ),
+        svc(
+            "ns3",
+            "svc3",
+            "172.30.0.43",
+            type="NodePort",
+            ports=[{"name": "p80", "port": 80, "protocol": "TCP", "nodePort": 3003}],
+        ),
+        svc("ns4", "svc4", "172.30.0.44", type="NodePort", externalIPs=["192.168.99.33"]),
+        svc(
+            "ns5",
+            "svc5",
+            "172.30.0.45",
+            type="LoadBalancer",
+            externalTrafficPolicy="Cluster",
+            ports=[{"name": "p80", "port": 80, "protocol": "TCP", "nodePort": 3002}],
+            healthCheckNodePort=30000,
+            loadBalancerSourceRanges=[" 203.0.113.0/25"],
+            sessionAffinity="ClientIP",
+            sessionAffinityConfig={"clientIP": {"timeoutSeconds": 10800}},
+            **lb("5.6.7.8"),
+        ),
+        svc("ns6", "svc6", "172.30.0.46"),
+        eps("ns1", "svc1", {"addresses": ["10.180.0.1"]}),
+        eps("ns2", "svc2", {"addresses": ["10.180.0.2"]}),
+        eps("ns3", "svc3", {"addresses": ["10.180.0.3"]}),
+        eps(
+            "ns4",
+            "svc4",
+            {"addresses": ["10.180.0.4"]},
+            {"addresses": ["10.180.0.5"], "nodeName": "test-node"},
+        ),
+        eps("ns5", "svc5", {"addresses": ["10.180.0.3"]}),
+    ]
+
+
+def _kp_model():
+    services, endpoints = {}, {}
+    objs = _kp_objects()
+    for o in objs:
+        if o["kind"] == "Service":
+            s = parse_service(o).service
+            services[s.key] = s
+    for o in objs:
+        if o["kind"] == "EndpointSlice":
+            sl = parse_slice(o)
+            endpoints[sl.service] = merge_slices([sl])
+    return make_model(services, endpoints)
+
+
+def by_chain(text: str) -> dict[str, tuple[set[str], dict[str, list[str]]]]:
+    """Restore text → per table: (declared chains, rules per chain in order). kube-proxy's
+    assertIPTablesRulesEqual compares like this: chain and line order across chains is
+    free, rule order within a chain is not."""
+    out: dict[str, tuple[set[str], dict[str, list[str]]]] = {}
+    table = ""
+    for line in text.strip().splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+            out[table] = (set(), {})
+        elif line.startswith(":"):
+            out[table][0].add(line.split()[0][1:])
+        elif line.startswith("-A "):
+            out[table][1].setdefault(line.split()[1], []).append(line)
+    return out
+
+
+def test_kube_proxy_overall_rules_with_localhost_nodeports_and_nfacct() -> None:
+    res = render(_kp_model(), KP_CFG)
+    assert by_chain(res.text) == by_chain(KP_EXPECTED)
+    # Rule metrics as kube-proxy counts them (every -A line of the restore).
+    assert res.rules["nat"] == KP_EXPECTED.split("*nat", 1)[1].count("\n-A ")
+    assert res.rules["filter"] == KP_EXPECTED.split("*nat", 1)[0].count("\n-A ")
+    # ns2/svc2 has endpoints, but none here for its externalTrafficPolicy: Local.
+    assert res.no_local_endpoints == (0, 1)
+
+
+def test_nfacct_rules_only_with_the_counters() -> None:
+    """Without the nfacct counters (no kernel module), the same rules without `-m nfacct`
+    (a rule naming a missing counter would fail the whole restore)."""
+    cfg = RenderConfig(**{**KP_CFG.__dict__, "nfacct_counters": frozenset()})
+    text = render(_kp_model(), cfg).text
+    assert "nfacct" not in text
+    assert "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n" in text
+    assert "-d 127.0.0.0/8 --dport" not in text
+    # Localhost NodePorts still work (the general KUBE-NODEPORTS rule catches 127.0.0.1).
+    assert (
+        '"kubernetes service nodeports; NOTE: this must be the last rule in this chain" '
+        "-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS" in text
+    )
+
+
+def test_localhost_nodeports_off_or_not_in_nodeport_addresses() -> None:
+    model = _kp_model()
+    off = render(model, RenderConfig(**{**KP_CFG.__dict__, "localhost_nodeports": False})).text
+    assert "KUBE-FIREWALL" not in off and "127.0.0.0/8 --dport" not in off
+    assert "-m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS" in off
+    # --nodeport-addresses without loopback (e.g. `primary`): localhost NodePorts are off.
+    primary = RenderConfig(
+        **{
+            **KP_CFG.__dict__,
+            "nodeport_addresses": ("192.168.0.2/32",),
+            "local_ips": ("192.168.0.2", "127.0.0.1"),
+        }
+    )
+    text = render(model, primary).text
+    assert "KUBE-FIREWALL" not in text and "127.0.0.0/8" not in text
+    assert "-d 192.168.0.2 -j KUBE-NODEPORTS" in text
+    v6 = render(model, RenderConfig(**{**KP_CFG.__dict__, "family": 6})).text
+    assert "KUBE-FIREWALL" not in v6 and "nfacct-name localhost" not in v6
+
+
+def test_changing_nfacct_counters_replans_services() -> None:
+    model = _kp_model()
+    cfg0 = RenderConfig(**{**KP_CFG.__dict__, "nfacct_counters": frozenset()})
+    first = render(model, cfg0)
+    again = render(model, KP_CFG, changed=frozenset(), previous=first.state)
+    assert again.full and "--nfacct-name localhost_nps_accepted_pkts" in again.text
+
+
+def test_topology_hints_pick_this_zones_endpoints() -> None:
+    svc = parse_service(
+        service("web", "ns1", type="NodePort", trafficDistribution="PreferSameZone")
+    )
+    hinted = [
+        endpoint("198.18.1.10", zone="zone-a", hints={"forZones": [{"name": "zone-a"}]}),
+        endpoint("198.18.2.10", zone="zone-b", hints={"forZones": [{"name": "zone-b"}]}),
+    ]
+    sl = parse_slice(slice_("web", ns="ns1", endpoints=hinted))
+    model = make_model({svc.service.key: svc.service}, {svc.service.key: merge_slices([sl])})
+    in_a = render(model, RenderConfig(**{**CFG.__dict__, "node_zone": "zone-a"}))
+    assert '"ns1/web:http -> 198.18.1.10:8080"' in in_a.text
+    assert "198.18.2.10" not in in_a.text
+    # Another zone: another endpoint; a zone no endpoint is hinted for: all of them.
+    in_b = render(
+        model,
+        RenderConfig(**{**CFG.__dict__, "node_zone": "zone-b"}),
+        changed=frozenset(),
+        previous=in_a.state,
+    )
+    assert in_b.full  # the zone decides every Service's endpoints
+    assert "198.18.2.10:8080" in in_b.text and "198.18.1.10" not in in_b.text
+    in_c = render(model, RenderConfig(**{**CFG.__dict__, "node_zone": "zone-c"})).text
+    assert "198.18.1.10:8080" in in_c and "198.18.2.10:8080" in in_c
+
+
+def test_load_balancer_ip_mode_proxy_gets_no_rules() -> None:
+    obj = service("lb", "ns1", type="LoadBalancer") | {
+        "status": {
+            "loadBalancer": {
+                "ingress": [
+                    {"ip": "198.19.100.1", "ipMode": "Proxy"},
+                    {"ip": "198.19.100.2", "ipMode": "VIP"},
+                ]
+            }
+        }
+    }
+    svc = parse_service(obj).service
+    e = merge_slices([parse_slice(slice_("lb", ns="ns1"))])
+    text = render_one(svc, e)
+    assert "-d 198.19.100.2 --dport 80 -j KUBE-EXT-" in text
+    assert "198.19.100.1" not in text  # goes out to the load balancer, like any IP

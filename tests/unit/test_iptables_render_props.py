@@ -25,8 +25,8 @@ from proxy.model import (
     ServiceEndpoints,
     ServiceKey,
     make_model,
-    usable_endpoints,
 )
+from proxy.selection import usable_endpoints
 
 NODE = "node-a"
 CFG4 = RenderConfig(family=4, node_name=NODE, cluster_cidrs=("198.18.0.0/16", "fd00:18::/64"))
@@ -224,13 +224,13 @@ def test_full_render_is_accepted_and_complete(model: Model, cfg: RenderConfig) -
         for port in svc.ports:
             spn, proto = svc.port_name_string(port), port.protocol.lower()
             eps = [e for e in model.endpoints_for(svc, port) if family_ok(e.ip, cfg)]
-            usable = usable_endpoints(svc, tuple(eps), NODE, local_only=False)
+            usable = usable_endpoints(tuple(eps), NODE, local_only=False)
             frontend = f"-m {proto} -p {proto} -d {cip} --dport {port.port} -j "
             if not usable:
                 assert any(frontend + "REJECT" in r for r in filt["KUBE-SERVICES"])
                 continue
             jumps = [r for r in nat["KUBE-SERVICES"] if frontend in r]
-            local = usable_endpoints(svc, tuple(eps), NODE, local_only=True)
+            local = usable_endpoints(tuple(eps), NODE, local_only=True)
             if svc.internal_traffic_local and not local:
                 assert not jumps  # dropped in filter instead
                 assert any(frontend + "DROP" in r for r in filt["KUBE-SERVICES"])

@@ -477,3 +477,38 @@ def test_relist_after_an_outage_does_not_wait_out_the_connection_backoff(env: En
         relist_delay = sleeps.delays[resource][sleeps.hold_after]
         assert relist_delay <= 0.6, sleeps.delays[resource]
     assert env.api.list_count("services") == 2
+
+
+# -- this node's own Node ------------------------------------------------------------------
+
+
+def _node(name: str, zone: str, ip: str = "198.18.200.1") -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
+        "status": {"addresses": [{"type": "InternalIP", "address": ip}]},
+    }
+
+
+def test_this_nodes_node_object_is_watched_by_name(env: Env) -> None:
+    """The Node watch (a field selector on the node's name): its zone and IPs reach the
+    model (the other Node, listed first, is never sent), changes follow, and a deleted
+    Node is forgotten."""
+    from proxy.endpoints.kube import DEFAULT_KINDS, this_node
+
+    env.store = Store()  # takes any Node: only the server's field selector filters here
+    env.api.create(_node("node-b", "zone-b", "198.18.200.2"))  # listed first if sent
+    env.api.create(_node("node-a", "zone-a"))
+    env.synced(kinds=(*DEFAULT_KINDS, this_node("node-a")))
+    snap = env.store.snapshot()
+    assert snap.model.node.zone == "zone-a" and snap.node_changed
+    assert snap.model.node.addresses == ("198.18.200.1",)
+    env.api.update(_node("node-a", "zone-c"))
+    wait_for(lambda: model(env.store).node.zone == "zone-c", "zone followed")
+    env.api.update(_node("node-a", "zone-c", "198.18.200.9"))
+    wait_for(lambda: model(env.store).node.addresses == ("198.18.200.9",), "IP followed")
+    env.api.delete("Node", "", "node-a")
+    wait_for(lambda: model(env.store).node.zone == "", "Node deleted")
+    assert env.api.list_count("nodes") == 1
+    assert env.store.snapshot().node_changed is False  # taken by the waits above

@@ -18,9 +18,9 @@ from proxy.model import (
     Service,
     ServiceEndpoints,
     make_model,
-    usable_endpoints,
 )
 from proxy.nftables.render import NftConfig, is_picker, render
+from proxy.selection import usable_endpoints
 
 from .nft_fake import FakeNft, Refused
 
@@ -355,7 +355,7 @@ def test_every_service_reachable_with_equal_shares(m):
         for port in s.ports:
             fkey = f"{s.cluster_ips[0]} . {port.protocol.lower()} . {port.port}"
             raw = m.endpoints_for(s, port)
-            want = usable_endpoints(s, raw, NODE, local_only=s.internal_traffic_local)
+            want = usable_endpoints(raw, NODE, local_only=s.internal_traffic_local)
             got = _dispatch(k, fkey)
             if not want:
                 assert got is None, key

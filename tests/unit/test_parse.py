@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.endpoints.parse import BadObject, merge_slices, parse_service, parse_slice
-from proxy.model import PortSpec, usable_endpoints
+from proxy.endpoints.parse import BadObject, merge_slices, parse_node, parse_service, parse_slice
+from proxy.model import NodeInfo, PortSpec
+from proxy.selection import usable_endpoints
 from tests.unit.factories import endpoint, service, slice_
 
 
@@ -207,10 +208,10 @@ def test_usable_endpoints_terminating_fallback_and_local() -> None:
         ]
     )
     eps = se.for_port(svc.ports[0])
-    assert [e.ip for e in usable_endpoints(svc, eps, "n2", local_only=False)] == ["198.18.2.1"]
+    assert [e.ip for e in usable_endpoints(eps, "n2", local_only=False)] == ["198.18.2.1"]
     # On n1 only local ones count: none ready → the serving+terminating one.
-    assert [e.ip for e in usable_endpoints(svc, eps, "n1", local_only=True)] == ["198.18.1.1"]
-    assert usable_endpoints(svc, eps, "n3", local_only=True) == ()
+    assert [e.ip for e in usable_endpoints(eps, "n1", local_only=True)] == ["198.18.1.1"]
+    assert usable_endpoints(eps, "n3", local_only=True) == ()
 
 
 json_values = st.recursive(
@@ -232,3 +233,79 @@ def test_parsers_never_crash_on_garbage(spec, status, eps, ports) -> None:
     for fn, obj in ((parse_service, svc), (parse_slice, sl)):
         with contextlib.suppress(BadObject):
             fn(obj)
+
+
+def test_hints_parsed_and_shared() -> None:
+    hinted = endpoint(
+        "198.18.1.1",
+        zone="zone-a",
+        hints={"forZones": [{"name": "zone-b"}, {"name": "zone-a"}], "forNodes": [{"name": "n1"}]},
+    )
+    plain = endpoint("198.18.1.2", hints={"forZones": "garbage", "forNodes": [{"nom": "x"}]})
+    sl = parse_slice(slice_(endpoints=[hinted, dict(hinted, addresses=["198.18.1.3"]), plain]))
+    a, b, c = sl.endpoints
+    assert a.zone_hints == ("zone-a", "zone-b") and a.node_hints == ("n1",)
+    assert a.zone_hints is b.zone_hints  # one tuple per distinct hint set
+    assert c.zone_hints == () and c.node_hints == ()
+    merged = merge_slices([sl]).for_port(PortSpec("http", "TCP", 80))
+    assert merged[0].zone_hints == ("zone-a", "zone-b") and merged[0].node_hints == ("n1",)
+
+
+def test_leading_zero_ips_read_as_decimal_with_a_warning() -> None:
+    p = parse_service(
+        service(
+            ip="198.19.0.010",
+            type="LoadBalancer",
+            externalIPs=["198.019.1.1"],
+            loadBalancerSourceRanges=["010.0.0.0/8"],
+        )
+        | {"status": {"loadBalancer": {"ingress": [{"ip": "198.19.100.01"}]}}}
+    )
+    s = p.service
+    assert s.cluster_ips == ("198.19.0.10",)
+    assert s.external_ips == ("198.19.1.1",)
+    assert s.load_balancer_ips == ("198.19.100.1",)
+    assert s.load_balancer_source_ranges == ("10.0.0.0/8",)
+    assert not p.problems
+    assert len(p.warnings) == 4 and "'198.19.0.010' has leading zeros" in p.warnings[0]
+    sl = parse_slice(slice_(endpoints=[endpoint("198.18.001.010")]))
+    assert [e.ip for e in sl.endpoints] == ["198.18.1.10"] and len(sl.warnings) == 1
+    # Still invalid: out of range, too few octets, not digits.
+    for bad in ("198.19.0.256", "198.19.0", "198.19.0.1a", "0x1.0.0.1"):
+        with pytest.raises(BadObject):
+            parse_service(service(ip=bad))
+    assert parse_service(service(ip="198.19.0.10")).warnings == ()
+
+
+def test_load_balancer_ip_mode_proxy_is_not_short_circuited() -> None:
+    ingress = [
+        {"ip": "198.19.100.1", "ipMode": "VIP"},
+        {"ip": "198.19.100.2", "ipMode": "Proxy"},
+        {"ip": "198.19.100.3"},
+    ]
+    s = parse_service(
+        service(type="LoadBalancer") | {"status": {"loadBalancer": {"ingress": ingress}}}
+    ).service
+    assert s.load_balancer_ips == ("198.19.100.1", "198.19.100.3")
+
+
+def test_node_zone_and_node_ips() -> None:
+    node = {
+        "metadata": {"name": "n1", "labels": {"topology.kubernetes.io/zone": "zone-a"}},
+        "status": {
+            "addresses": [
+                {"type": "Hostname", "address": "n1"},
+                {"type": "ExternalIP", "address": "203.0.113.9"},
+                {"type": "InternalIP", "address": "fd00:200::1"},
+                {"type": "InternalIP", "address": "198.18.200.001"},
+                {"type": "InternalIP", "address": "198.18.200.2"},
+                {"type": "InternalIP", "address": "bogus"},
+            ]
+        },
+    }
+    info = parse_node(node)
+    assert info.zone == "zone-a"
+    # InternalIPs first, the first of each family, the first address leading.
+    assert info.addresses == ("fd00:200::1", "198.18.200.1")
+    assert info.ip(4) == "198.18.200.1" and info.ip(6) == "fd00:200::1"
+    assert parse_node({"metadata": {"name": "n2"}}) == parse_node(None) == NodeInfo()

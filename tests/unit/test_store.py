@@ -249,3 +249,49 @@ def test_snapshot_does_not_wait_for_a_relist_being_parsed(monkeypatch: pytest.Mo
         ("default", "blocker"),
         ("default", "db"),
     }
+
+
+# -- this node ----------------------------------------------------------------------------
+
+
+def _node(name: str, zone: str) -> dict:
+    return {
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
+        "status": {"addresses": [{"type": "InternalIP", "address": "198.18.200.1"}]},
+    }
+
+
+def test_this_node_only_and_node_changes_flagged() -> None:
+    from proxy.endpoints.store import NODE
+
+    st = Store(node_name="node-a")
+    st.replace("Service", [])
+    st.replace("EndpointSlice", [])
+    assert st.has_synced  # the Node never gates the first sync
+    first = st.snapshot()
+    assert first.model.node.zone == "" and not first.node_changed
+    st.replace(NODE, [_node("node-b", "zone-b"), _node("node-a", "zone-a")])
+    snap = st.snapshot()
+    assert snap.model.node.zone == "zone-a" and snap.node_changed and not snap.changed
+    st.upsert(NODE, _node("node-b", "zone-x"))  # another node: ignored
+    assert not st.snapshot().node_changed
+    st.upsert(NODE, _node("node-a", "zone-a"))  # the same: nothing changed
+    assert not st.snapshot().node_changed
+    st.delete(NODE, _node("node-a", "zone-a"))
+    snap = st.snapshot()
+    assert snap.node_changed and snap.model.node.zone == ""
+
+
+def test_leading_zero_ips_are_programmed_with_a_warning(caplog) -> None:
+    st = Store()
+    with caplog.at_level("WARNING", logger="proxy.store"):
+        st.replace("Service", [service(ip="198.19.000.010")])
+        st.replace("Service", [service(ip="198.19.000.010")])  # unchanged: not again
+    snap = st.snapshot()
+    assert snap.model.services[("default", "web")].cluster_ips == ("198.19.0.10",)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "Service default/web: clusterIP '198.19.000.010' has leading zeros; read as decimal "
+        "198.19.0.10, as kube-proxy does"
+    ]

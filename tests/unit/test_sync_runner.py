@@ -299,3 +299,24 @@ def test_a_failing_consumer_is_logged_and_fed_everything_next_time() -> None:
             assert [c for _, c in flaky.fed] == [None, None]  # after a failure: everything
 
     scenario(main)
+
+
+def test_a_node_change_makes_the_next_sync_full() -> None:
+    """This node's zone or IPs decide every Service's endpoints (topology): a change to
+    its Node alone syncs at once, in full (kube-proxy's proxier does the same)."""
+    from proxy.endpoints.store import NODE
+
+    async def main() -> None:
+        node = {"metadata": {"name": "n", "labels": {"topology.kubernetes.io/zone": "z2"}}}
+        runner, plane, clock, store = make(min_period=1.0)
+        async with running(runner, clock):
+            await clock.advance(10)
+            store.upsert(NODE, node)
+            await clock.settle()
+            assert plane.calls[-1] == (True, frozenset())
+            assert plane.at[-1] == clock.now
+            store.upsert(NODE, node)  # the same again: nothing to do
+            await clock.advance(10)
+            assert len(plane.calls) == 2
+
+    scenario(main)

@@ -158,7 +158,11 @@ def test_round_robin_over_ready_endpoints_and_metrics():
             got = Counter([(await hello(ip, 8080))[0] for _ in range(30)])
             assert got == {"web-0": 10, "web-1": 10, "web-2": 10}
             assert metric("kubeproxy_userspace_connections_total", service="default/web:p") == 30
-            await asyncio.sleep(0.05)
+            # The proxy sees each client's close a moment later: wait for it, not for time.
+            for _ in range(1000):
+                if metric("kubeproxy_userspace_active_connections", service="default/web:p") == 0:
+                    break
+                await asyncio.sleep(0.01)
             assert metric("kubeproxy_userspace_active_connections", service="default/web:p") == 0
             assert (
                 metric(
@@ -743,5 +747,68 @@ def test_partial_sync_touches_only_changed_services():
                     assert b.balancer.endpoints == eps_before[t]
                 else:
                     assert len(b.balancer.endpoints) == 2
+
+    run(main())
+
+
+def _free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_localhost_nodeports_served_by_the_engine_tcp_and_udp() -> None:
+    """The component other data planes use for loopback NodePorts: TCP and UDP on
+    127.0.0.1, Cluster policy even under externalTrafficPolicy: Local (the node itself
+    connects), following endpoint changes."""
+    from proxy.userspace.localhost import LocalhostNodePorts
+
+    async def main() -> None:
+        tcp_np, udp_np = _free_port(socket.SOCK_STREAM), _free_port(socket.SOCK_DGRAM)
+        b = await Backend("b1").start()
+        echo, _, uport = await udp_backend("u1")
+        store = Store()
+        svc = service(
+            "web",
+            type="NodePort",
+            externalTrafficPolicy="Local",
+            ports=[
+                {"name": "t", "port": 80, "protocol": "TCP", "nodePort": tcp_np},
+                {"name": "u", "port": 53, "protocol": "UDP", "nodePort": udp_np},
+            ],
+        )
+        remote = endpoint("127.0.0.1", node="node-x")  # not on this node
+        sl = slice_(
+            "web",
+            endpoints=[remote],
+            ports=[{"name": "t", "port": b.port, "protocol": "TCP"}],
+        )
+        usl = slice_(
+            "web",
+            name="web-udp",
+            endpoints=[remote],
+            ports=[{"name": "u", "port": uport, "protocol": "UDP"}],
+        )
+        store.replace("Service", [svc])
+        store.replace("EndpointSlice", [sl, usl])
+        lh = LocalhostNodePorts(Config(hostname="node-a"), ("127.0.0.1",))
+        await lh.start()
+        try:
+            await lh.sync(store.snapshot(), True)
+            assert set(lh.listening) == {("127.0.0.1", tcp_np, "TCP"), ("127.0.0.1", udp_np, "UDP")}
+            r, w = await asyncio.open_connection("127.0.0.1", tcp_np)
+            assert await r.readline() == b"b1\n"
+            w.close()
+            assert await udp_ask("127.0.0.1", udp_np, b"hi") == b"u1:hi"
+            # The Service goes: so do its listeners.
+            store.replace("Service", [])
+            await lh.sync(store.snapshot(), False)
+            assert lh.listening == ()
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection("127.0.0.1", tcp_np)
+        finally:
+            await lh.stop()
+            await b.stop()
+            echo.close()
 
     run(main())

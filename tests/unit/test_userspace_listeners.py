@@ -225,3 +225,68 @@ def test_laptop_listeners_from_rewritten_model():
     addr = laptop_address(s)
     assert set(desired) == {(addr, 10080, "TCP"), ("127.0.0.1", 30080, "TCP")}
     assert all(t.family == 0 for t in desired.values())
+
+
+# -- localhost NodePorts ---------------------------------------------------------------------
+
+
+def test_loopback_nodeports_serve_only_nodeports_with_the_cluster_policy():
+    s = svc(
+        type="NodePort",
+        cluster_ips=("198.19.0.10", "fd00:19::a"),
+        external_ips=("198.19.1.1",),
+        ports=(PortSpec("http", "TCP", 80, 30080), PortSpec("dns", "UDP", 53, 30053)),
+        external_traffic_local=True,
+    )
+    got, _ = service_listeners(s, ("127.0.0.1", "::1"), nodeports_only=True)
+    key = ("default", "web")
+    assert got == {
+        ("127.0.0.1", 30080, "TCP"): Target(key, "http", "TCP", True, 4, from_node=True),
+        ("::1", 30080, "TCP"): Target(key, "http", "TCP", True, 6, from_node=True),
+        ("127.0.0.1", 30053, "UDP"): Target(key, "dns", "UDP", True, 4, from_node=True),
+        ("::1", 30053, "UDP"): Target(key, "dns", "UDP", True, 6, from_node=True),
+    }
+    # In the userspace mode, loopback NodePorts come from the node too; others do not.
+    full, _ = service_listeners(s, ("198.18.200.1", "127.0.0.1"))
+    assert full[("127.0.0.1", 30080, "TCP")].from_node
+    assert not full[("198.18.200.1", 30080, "TCP")].from_node
+    assert ("198.19.1.1", 80, "TCP") in full
+
+
+def test_loopback_addresses_per_mode_and_flags():
+    from proxy.config import Config
+    from proxy.userspace.localhost import loopback_addresses
+
+    c = Config(hostname="n")
+    assert loopback_addresses(c, (4, 6), nat=(4,)) == ("::1",)  # iptables mode
+    assert loopback_addresses(c, (4, 6)) == ("127.0.0.1", "::1")  # nftables mode
+    assert loopback_addresses(c, (4,), nat=(4,)) == ()
+    c.localhost_nodeports = False
+    assert loopback_addresses(c, (4, 6)) == ()
+    c.localhost_nodeports = True
+    c.nodeport_addresses = ("198.18.200.0/24", "fd00::/8")  # loopback of neither family
+    assert loopback_addresses(c, (4, 6)) == ()
+    c.nodeport_addresses = ("198.18.200.0/24", "::1/128")
+    assert loopback_addresses(c, (4, 6)) == ("::1",)
+    c.nodeport_addresses, c.nodeport_primary = (), True
+    assert loopback_addresses(c, (4, 6)) == ()
+
+
+def test_node_addresses_leave_loopback_out_when_the_flag_is_off():
+    local = ["127.0.0.1", "::1", "198.18.200.1", "fd00:200::1"]
+    assert pick_node_addresses(local, ()) == ("127.0.0.1", "198.18.200.1", "::1", "fd00:200::1")
+    assert pick_node_addresses(local, (), loopback=False) == ("198.18.200.1", "fd00:200::1")
+
+
+def test_primary_nodeport_addresses():
+    from proxy.config import Config
+    from proxy.model import NodeInfo
+    from proxy.userspace.addresses import nodeport_cidrs
+
+    c = Config(hostname="n", nodeport_primary=True)
+    local = ["127.0.0.1", "198.18.200.1", "198.18.201.1", "fe80::1", "fd00:200::1"]
+    assert nodeport_cidrs(c, NodeInfo(), local) == ("198.18.200.1/32", "fd00:200::1/128")
+    node = NodeInfo(addresses=("198.18.201.1",))
+    assert nodeport_cidrs(c, node, local) == ("198.18.201.1/32", "fd00:200::1/128")
+    plain = Config(hostname="n", nodeport_addresses=("10.0.0.0/8",))
+    assert nodeport_cidrs(plain, node, local) == ("10.0.0.0/8",)
