@@ -64,6 +64,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--endpoints", type=int, default=10, help="endpoints per Service (10)")
     g.add_argument("--iptables-backend", choices=("nft", "legacy"), default="nft")
     g.add_argument(
+        "--modes",
+        type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
+        help="data plane modes to start (default: every one, e.g. iptables,nftables)",
+    )
+    g.add_argument(
         "--profile", type=Path, help="py-spy stacks and an RSS timeline of each daemon start there"
     )
     g = p.add_argument_group("data plane")

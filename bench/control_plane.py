@@ -34,7 +34,7 @@ from proxy.testbed import Testbed
 from proxy.testbed.apiserver import AdminClient, ApiServer, write_kubeconfig
 
 from .core import Run, SuiteResult, Target, alternate
-from .machine import ensure_tools, rss_kib
+from .machine import ensure_tools, loadavg, rss_kib
 
 SIZES = (100, 1000, 5000, 10000, 20000)
 QUICK_SIZES = (100, 1000)
@@ -201,6 +201,7 @@ def daemon_start(
         api.start(sock)
         try:
             kubeconfig = write_kubeconfig(tb.workdir / "kubeconfig", f"http://127.0.0.1:{API_PORT}")
+            load_start = loadavg()
             t0 = time.time()
             px = node.start_proxy(
                 [
@@ -224,6 +225,7 @@ def daemon_start(
                 if prof is not None:
                     prof.stop(px.logs(), t0)
             peak = rss_kib(px.pid, "VmHWM")
+            load_synced = loadavg()
             admin = AdminClient(f"http://127.0.0.1:{API_PORT}", netns=node.ns)
             t1 = time.time()
             admin.put(changed_slice(n // 2, eps, gen))
@@ -240,6 +242,7 @@ def daemon_start(
         "peak_rss_mib": (peak or 0) / 1024,
         "rss_mib": (rss or 0) / 1024,
         "ruleset": saved,
+        "load": {"loadavg_start": load_start, "loadavg_synced": load_synced},
     }
 
 
@@ -327,7 +330,10 @@ def run(ctx: Run) -> SuiteResult:
     work = ctx.out / "work" / "control-plane"
     work.mkdir(parents=True, exist_ok=True)
     cs = []
+    modes = getattr(o, "modes", None)
     for c in contenders(o.iptables_backend):
+        if modes and c.mode not in modes:
+            continue
         why = ensure_tools(list(c.tools), ctx.install)
         if why:
             res.missing[c.name] = "; ".join(why.values())
@@ -389,6 +395,10 @@ def run(ctx: Run) -> SuiteResult:
                         continue
                     if name == c.name:
                         ruleset = d["ruleset"]
+                    # Same-run ratios only mean something with the machine's load beside them.
+                    res.extra.setdefault("loadavg", []).append(
+                        {"contender": name, "services": n, "round": r + 1, **d["load"]}
+                    )
                     figs["sync"].add(name, d["sync_s"])
                     figs["peak"].add(name, d["peak_rss_mib"])
                     figs["rss"].add(name, d["rss_mib"])
@@ -397,7 +407,11 @@ def run(ctx: Run) -> SuiteResult:
                     if who in daemons:
                         continue
                 step(f"control plane: {c.reference}, {n} Services, round {r + 1}")
+                load = loadavg()
                 figs["sync"].add(c.reference, reference_restore(c, ruleset, n, r + 1, work))
+                when = {"contender": c.reference, "services": n, "round": r + 1}
+                when |= {"loadavg_start": load, "loadavg_end": loadavg()}
+                res.extra.setdefault("loadavg", []).append(when)
                 step.done()
             if ruleset is not None:
                 res.extra.setdefault("rules", {})[f"{c.mode}/{n}"] = _rule_count(ruleset)
