@@ -184,8 +184,10 @@ def daemon_start(
     gen: int,
     work: Path,
     profile: Path | None = None,
+    sync_timeout: float | None = None,
 ) -> dict[str, Any]:
-    """Start the daemon against a loaded API server on a fresh node; measure its start."""
+    """Start the daemon against a loaded API server on a fresh node; measure its start.
+    `sync_timeout`: how long the first full sync may take (default grows with n)."""
     with Testbed(workdir=work / f"{c.mode}-{n}-{gen}") as tb:
         node = tb.add_node(NODE, underlay_ip="198.18.200.1", pod_cidr="198.18.1.0/24")
         api = ApiServer()
@@ -212,7 +214,7 @@ def daemon_start(
             )
             prof = Profiler(px.pid, profile, f"{c.mode}-{n}-{gen}") if profile else None
             try:
-                t_sync, k = _wait_sync(px, "full", 0, timeout=60 + n * 0.02)
+                t_sync, k = _wait_sync(px, "full", 0, timeout=sync_timeout or 60 + n * 0.02)
             finally:
                 if prof is not None:
                     prof.stop(px.logs(), t0)

@@ -15,8 +15,8 @@ namespaces this module creates (never the host's):
 `measure()` runs both and returns the figures; the command line also writes
 bench/results/nft_control_plane.json and .png:
 
-    sudo .venv/bin/python -m bench.nft_control_plane                 # 1k..50k, daemons at 10k
-    sudo .venv/bin/python -m bench.nft_control_plane --sizes 1000 --daemon-size 1000
+    sudo .venv/bin/python -m kube_proxy_py_bench.nft_control_plane    # 1k..50k, daemons at 10k
+    sudo .venv/bin/python -m kube_proxy_py_bench.nft_control_plane --sizes 1000 --daemon-size 1000
 """
 
 from __future__ import annotations
@@ -114,7 +114,13 @@ def series(sizes=DEFAULT_SIZES, repeat: int = 3) -> list[dict]:
     for n in sizes:
         ns = _netns()
         try:
-            argv = [sys.executable, "-m", "bench.nft_control_plane", "--inner", str(n)]
+            argv = [
+                sys.executable,
+                "-m",
+                "kube_proxy_py_bench.nft_control_plane",
+                "--inner",
+                str(n),
+            ]
             p = subprocess.run(
                 ["ip", "netns", "exec", ns, *argv, "--repeat", str(repeat)],
                 cwd=ROOT,
@@ -148,7 +154,10 @@ def daemons(n: int = 10000, rounds: int = 1) -> dict:
     by_mode = {c.mode: c for c in control_plane.contenders("nft")}
     runs: dict[str, list[dict]] = {"iptables": [], "nftables": []}
     for r, mode in alternate(list(runs), rounds):
-        d = control_plane.daemon_start(by_mode[mode], objs, n, EPS, r + 1, work)
+        # A loaded machine can take minutes for iptables-nft at 10k: wait long.
+        d = control_plane.daemon_start(
+            by_mode[mode], objs, n, EPS, r + 1, work, sync_timeout=120 + n * 0.2
+        )
         d.pop("ruleset")
         logs = "".join(p.read_text() for p in (work / f"{mode}-{n}-{r + 1}").glob("proxy-*.log"))
         m = SYNCED.search(logs)

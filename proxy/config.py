@@ -127,6 +127,10 @@ class Config:
     cluster_domain: str = "cluster.local"
     dns_upstream: tuple[str, ...] = ()  # empty: from /etc/resolv.conf
     dns_ttl: int = 5
+    # own the DNS address on the node (+ NOTRACK rules in iptables mode): proxy/dns/nodelocal.py
+    dns_node_local: bool = False
+    # SIGTERM: stop accepting, let proxied connections finish for up to this long
+    shutdown_grace_period: float = 25.0
     udp_idle_timeout: float = 250.0  # userspace: UDP session idle expiry (s)
     log_level: str = "info"
     # iptables backend: "auto" picks the one the node already uses (as kube-proxy does).
@@ -327,6 +331,11 @@ SETTINGS: tuple[Setting, ...] = (
     S("dns_upstream", UPSTREAMS, "--dns-upstream", own="dns.upstreams",
       help="resolvers for other names, comma separated (default resolv.conf)"),
     S("dns_ttl", INT, "--dns-ttl", own="dns.ttl", help="TTL of cluster answers in seconds (5)"),
+    S("dns_node_local", BOOL, "--dns-node-local", own="dns.nodeLocal",
+      help="own the DNS address on the node, like NodeLocal DNSCache (+ NOTRACK rules)"),
+    S("shutdown_grace_period", DURATION, "--shutdown-grace-period",
+      own="shutdownGracePeriod",
+      help="on SIGTERM, let proxied connections finish for up to this long (default 25s)"),
     S("udp_idle_timeout", DURATION, "--udp-timeout", own="userspace.udpIdleTimeout",
       help="userspace mode: idle timeout of a UDP session (default 250s)"),
     S("userspace_laptop", _choice("auto", "on", "off"), "--userspace-laptop",
@@ -455,6 +464,8 @@ def _validate(cfg: Config) -> None:
         raise UsageError(f"--manifests: {cfg.manifests} does not exist")
     if not cfg.hostname or len(cfg.hostname) > 253:
         raise UsageError("--hostname-override: give this node's name")
+    if cfg.dns_node_local and cfg.dns_bind is None:
+        raise UsageError("--dns-node-local needs --dns-bind-address, e.g. 169.254.20.10:53")
     if not 0 <= cfg.dns_ttl <= 86400:
         raise UsageError("--dns-ttl: give seconds between 0 and 86400")
     if not 0 < cfg.userspace_port_offset < 65535:

@@ -19,13 +19,16 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
+import os
 import signal
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from proxy.config import Config, PrivilegeError, UsageError, describe
 from proxy.dataplane import Consumer, DataPlane, NoDataPlane
 from proxy.endpoints.source import Source
 from proxy.endpoints.store import Store
+from proxy.handover import Handover, channel_key, enable_tcp_migration
 from proxy.health import HealthServer, HealthState, ServiceHealthServers
 from proxy.model import Model, ServiceKey
 from proxy.sync import SyncRunner
@@ -92,6 +95,23 @@ class DnsConsumer:
         self.dns.update(model)
 
 
+class HandoverConsumer:
+    """After the first sync this instance can serve: take over from a predecessor (a
+    rolling update; proxy/handover.py), then accept a successor's requests."""
+
+    name = "handover"
+    after_sync = True
+
+    def __init__(self, start: Callable[[], Awaitable[None]]) -> None:
+        self._start: Callable[[], Awaitable[None]] | None = start
+        self.task: asyncio.Task | None = None
+
+    async def update(self, model: Model, changed: frozenset[ServiceKey] | None) -> None:
+        if self._start is not None:
+            self.task = asyncio.get_running_loop().create_task(self._start(), name="handover")
+            self._start = None
+
+
 async def cleanup(cfg: Config) -> int:
     """--cleanup: remove what any mode of this proxy made; exit 0."""
     ok = True
@@ -107,6 +127,13 @@ async def cleanup(cfg: Config) -> int:
         except Exception as e:
             ok = False
             log.error("cleanup of %s mode failed: %s", mode, e)
+    from proxy.dns.nodelocal import NodeLocalDns
+
+    try:
+        await NodeLocalDns.cleanup()
+    except Exception as e:
+        ok = False
+        log.error("cleanup of node-local DNS failed: %s", e)
     log.info("cleanup %s", "done" if ok else "incomplete")
     return 0 if ok else 1
 
@@ -121,6 +148,16 @@ async def run(cfg: Config) -> int:
     source = make_source(cfg, store)
     source.check()
     dataplane = make_dataplane(cfg)
+    # A previous instance on this node (a rolling update) hands its sockets over once we
+    # are synced; see proxy/handover.py.
+    handover = Handover(
+        channel_key(cfg.healthz_bind, cfg.metrics_bind, cfg.dns_bind)
+        if cfg.userspace_laptop != "on"
+        else None
+    )
+    await handover.connect()
+    if os.geteuid() == 0 and dataplane.forwards and cfg.userspace_laptop != "on":
+        await asyncio.to_thread(enable_tcp_migration)
 
     health = HealthState(timeout=2 * cfg.sync_period)
     health_server = HealthServer(health)
@@ -132,6 +169,10 @@ async def run(cfg: Config) -> int:
         from proxy.dns import DnsServer
 
         dns = DnsServer(cfg)
+        if cfg.dns_node_local:  # the address must be the node's before DNS binds it
+            from proxy.dns.nodelocal import NodeLocalDns
+
+            await NodeLocalDns(cfg).start()
         await dns.start()
         consumers.append(DnsConsumer(dns))
 
@@ -143,6 +184,27 @@ async def run(cfg: Config) -> int:
         hosts = await asyncio.to_thread(nodeport_hosts, cfg)
         svc_health = ServiceHealthServers(cfg.hostname, health, hosts)
         consumers.append(svc_health)
+
+    runner_task: asyncio.Task | None = None
+
+    async def give_up() -> None:
+        """A successor is synced: it takes the listening sockets; we stop syncing."""
+        await health_server.stop()
+        if svc_health is not None:
+            await svc_health.stop()
+        if dns is not None:
+            dns.hand_over()
+        await dataplane.hand_over()
+        if runner_task is not None:
+            runner_task.cancel()
+
+    def alone() -> None:
+        if dns is not None:
+            dns.steer_to_self()
+        dataplane.predecessor_gone()
+
+    taking_over = HandoverConsumer(lambda: handover.ready(give_up, alone))
+    consumers.append(taking_over)
 
     runner = SyncRunner(
         store,
@@ -159,22 +221,39 @@ async def run(cfg: Config) -> int:
 
     source.start()
     log.info("kube-proxy-py running in %s mode, node %s", dataplane.name, cfg.hostname)
+    source_stopped = False
     try:
         async with asyncio.TaskGroup() as tg:
-            sync_task = tg.create_task(runner.run(), name="sync")
+            sync_task = runner_task = tg.create_task(runner.run(), name="sync")
             stop_task = tg.create_task(stop.wait(), name="signals")
             await asyncio.wait({sync_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            if handover.handed_over.is_set():  # serve what is open until SIGTERM
+                await asyncio.to_thread(source.stop)
+                source_stopped = True
+                log.info("handed over to the new instance; waiting for SIGTERM")
+                await stop_task
             sync_task.cancel()
             stop_task.cancel()
     finally:
         log.info("shutting down; %s state is left in place", dataplane.name)
-        await asyncio.to_thread(source.stop)  # may wait for an in-flight list request
+        # One grace period for both: waiting for a successor, then draining (it must fit
+        # in the pod's terminationGracePeriodSeconds).
+        deadline = loop.time() + cfg.shutdown_grace_period
+        await handover.wait_for_successor(cfg.shutdown_grace_period)
+        if not source_stopped:
+            await asyncio.to_thread(source.stop)  # may wait for an in-flight list request
         if svc_health is not None:
             with contextlib.suppress(Exception):
                 await svc_health.stop()
+        with contextlib.suppress(Exception):
+            await dataplane.hand_over()  # stop accepting; established connections go on
+            await dataplane.drain(max(0.0, deadline - loop.time()))
         if dns is not None:
             with contextlib.suppress(Exception):
                 await dns.stop()
         await dataplane.stop()
         await health_server.stop()
+        await handover.close()
+        if taking_over.task is not None:
+            taking_over.task.cancel()
     return 0

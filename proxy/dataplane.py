@@ -41,6 +41,18 @@ class DataPlane(Protocol):
         failure."""
         ...
 
+    async def hand_over(self) -> None:
+        """Stop taking new work on the listening sockets: a successor holds the same ones
+        (SO_REUSEPORT, proxy/handover.py), or the daemon is stopping. Established
+        connections go on."""
+
+    async def drain(self, timeout: float) -> None:
+        """Let established connections finish, for up to `timeout` seconds (SIGTERM)."""
+
+    def predecessor_gone(self) -> None:
+        """The instance we took over from exited: our sockets are the oldest in their
+        reuseport groups again (steer to them)."""
+
     async def stop(self) -> None:
         """Orderly shutdown (SIGTERM). Leaves kernel rules in place, like kube-proxy."""
         ...
@@ -86,6 +98,15 @@ class NoDataPlane:
         return None
 
     async def sync(self, snap: Snapshot, full: bool) -> None:
+        return None
+
+    async def hand_over(self) -> None:
+        return None
+
+    async def drain(self, timeout: float) -> None:
+        return None
+
+    def predecessor_gone(self) -> None:
         return None
 
     async def stop(self) -> None:

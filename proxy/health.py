@@ -72,7 +72,8 @@ async def _start_sites(
     errors = []
     for host in hosts:
         try:
-            await web.TCPSite(runner, host, port, reuse_address=True).start()
+            # reuse_port: a successor binds the same port during an upgrade (handover.py)
+            await web.TCPSite(runner, host, port, reuse_address=True, reuse_port=True).start()
         except OSError as e:
             errors.append(_bind_error(what, host, port, e))
     return runner, errors

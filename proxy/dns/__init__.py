@@ -23,6 +23,7 @@ import socket
 import time
 
 from proxy.config import Config, UsageError
+from proxy.handover import reuseport, steer_to_newest, steer_to_oldest
 from proxy.model import Model
 
 from . import upstream as _upstream
@@ -117,11 +118,15 @@ class DnsServer:
             try:
                 try:
                     udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+                    reuseport(udp)  # shared with a successor on upgrades (handover.py)
                     udp.bind((host, port))
                     bound = udp.getsockname()[1]
                     tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    reuseport(tcp)
                     tcp.bind((host, bound))
                     tcp.listen(128)
+                    steer_to_oldest(udp)
+                    steer_to_oldest(tcp)
                 except OSError as e:
                     if port == 0 and e.errno == errno.EADDRINUSE and attempt < 9:
                         continue
@@ -143,6 +148,20 @@ class DnsServer:
             upstream_name(self.address) if self.address else flag,
             ", ".join(upstream_name(u) for u in self.upstreams) or "none (SERVFAIL)",
         )
+
+    def hand_over(self) -> None:
+        """A successor serves this address now: UDP is steered to its socket (ours stays
+        open, so queued queries are still answered); the TCP listener closes (its queue
+        migrates to the successor's); open TCP connections finish."""
+        if self._udp is not None:
+            steer_to_newest(self._udp.sock)
+        if self._tcp_server is not None:
+            self._tcp_server.close()
+
+    def steer_to_self(self) -> None:
+        """The predecessor is gone: this instance is the oldest again."""
+        if self._udp is not None:
+            steer_to_oldest(self._udp.sock)
 
     async def stop(self) -> None:
         if self._udp is not None:

@@ -146,6 +146,15 @@ class IptablesDataPlane:
             ", ".join(str(b) for b in self.backends.values()),
         )
 
+    async def hand_over(self) -> None:
+        return None  # no listening sockets: the kernel's rules serve the traffic
+
+    async def drain(self, timeout: float) -> None:
+        return None  # no proxied connections either
+
+    def predecessor_gone(self) -> None:
+        return None
+
     async def stop(self) -> None:
         """Leave every rule in place (like kube-proxy) so traffic keeps flowing."""
         return None

@@ -140,6 +140,15 @@ class NftablesDataPlane:
         fams = ", ".join(f"{_family_name(f)} {TABLE}" for f in self.families)
         log.info("nftables data plane ready (%s): tables %s", kind, fams)
 
+    async def hand_over(self) -> None:
+        return None  # no listening sockets: the kernel's rules serve the traffic
+
+    async def drain(self, timeout: float) -> None:
+        return None  # no proxied connections either
+
+    def predecessor_gone(self) -> None:
+        return None
+
     async def stop(self) -> None:
         """Leave the tables in place (like kube-proxy) so traffic keeps flowing."""
         return None
@@ -202,7 +211,8 @@ class NftablesDataPlane:
                 model,
                 self.render_config(fam),
                 changed=None if full else snap.changed,
-                previous=None if full else self._state.get(fam),
+                # a full render reuses the unchanged Services' plans of a known state
+                previous=self._state.get(fam),
             )
             results[fam] = await asyncio.to_thread(job)
         self.last_render_seconds = time.perf_counter() - t0

@@ -17,13 +17,17 @@ elements, so Services are **elements of a few named maps**, not chains:
 - Policy (masquerading, externalTrafficPolicy Local) is one lookup in `ip-policies` /
   `nodeport-policies` that jumps to a fixed chain before the dispatch.
 - No endpoints: `no-endpoint-services` / `no-endpoint-nodeports` (reject or drop), source
-  ranges: `firewall-ips` + `firewall-allow` (interval set), hairpin: `hairpin-endpoints`.
+  ranges: `firewall-ips` + `firewall-allow` (interval set), hairpin: `hairpin-endpoints`
+  (this node's endpoints only: a pod's traffic to its own Service is DNATed on its node).
 - Only sessionAffinity ClientIP Services get chains and sets of their own (kube-proxy's
   `service-*`, `endpoint-*` chains and `affinity-*` sets): a client's endpoint must be
   remembered per endpoint, with a timeout.
 
 A Service change is then a handful of `delete element` / `add element` commands; a full
-sync recreates the table in one transaction. `RenderState` holds every element this
+sync recreates the table in one transaction. Picker chains are declared by full syncs only
+(1..16 endpoints, or up to the power of two above the largest count): nft 1.0.6 cannot add
+a rule naming the endpoint maps to an existing table, so a partial sync needing a picker
+that is not there is rendered full. `RenderState` holds every element this
 proxy put into the kernel (exactly), so a partial transaction never deletes what is not
 there nor adds what is.
 """
@@ -245,8 +249,10 @@ class _Planner:
             n_eps += self._port(
                 svc, port, cip, ext_ips, lb_ips, ranges, items, out, pickers, chains, sets
             )
-            for _, e in items:
-                hairpin.add(e.ip)
+            # Hairpin (a pod reaching itself through the Service) is DNATed on the pod's
+            # own node, so only this node's endpoints (or those of unknown node) need it.
+            node = self.node
+            hairpin.update(e.ip for _, e in items if e.node_name in (node, ""))
         return _Contrib(
             svc,
             svc_eps,
@@ -408,6 +414,10 @@ def _map_decl(cfg: NftConfig, idx: int) -> str:
     ipx = cfg.ipx
     frontend = f"{a} . inet_proto . inet_service"
     nodeport = "inet_proto . inet_service"
+    # nft 1.0.6 cannot read this typeof back from the kernel ("conflicting protocols: ip
+    # vs. th"), so a rule naming these maps can only be added in the transaction that
+    # creates them: picker chains are declared in full syncs only (see PICKER_SPAN).
+    # ("tcp dport" would read back, but makes nft add a `meta l4proto tcp` dependency.)
     ep_value = f"{ipx} daddr . th dport"
     decl = {
         SERVICE_IPS: f"type {frontend} : verdict",
@@ -432,6 +442,18 @@ def _map_decl(cfg: NftConfig, idx: int) -> str:
     }[idx]
     kind = "set" if idx in SETS else "map"
     return f"{kind} {MAP_NAMES[idx]} {{ {decl}; }}"
+
+
+PICKER_SPAN = 16  # pickers declared per kind: 1..max(16, the largest count, to a power of 2)
+
+
+def declared_pickers(in_use: Iterable[str]) -> list[str]:
+    """The picker chains a full render declares, given the ones in use: every kind for
+    every N up to a power of two at or above the largest N in use (16 at least), so a
+    partial sync rarely meets an endpoint count without its chain (then it renders full)."""
+    top = max([PICKER_SPAN, *(int(p.rsplit("-", 1)[1]) for p in in_use)])
+    span = 1 << (top - 1).bit_length()
+    return [f"{prefix}{n}" for prefix in PICKERS for n in range(1, span + 1)]
 
 
 def picker_rules(cfg: NftConfig, name: str) -> tuple[str, ...]:
@@ -547,7 +569,7 @@ class RenderState:
     shadows: Mapping[str, frozenset[ServiceKey]] = field(default_factory=lambda: _EMPTY)
     hairpin: Mapping[str, int] = field(default_factory=lambda: _EMPTY)  # ip → Services
     nodeport_ips: tuple[str, ...] = ()
-    pickers: Mapping[str, int] = field(default_factory=lambda: _EMPTY)  # chain → users
+    pickers: frozenset[str] = frozenset()  # picker chains declared (see declared_pickers)
     chains: frozenset[str] = frozenset()  # per-Service chains in the kernel
     sets: frozenset[str] = frozenset()  # per-Service sets in the kernel
     elements: int = 0
@@ -573,7 +595,8 @@ def render(
     """Render one family. Full (the table recreated in one transaction) when `changed` or
     `previous` is None or the config changed the fixed chains; otherwise partial: element
     deletes and adds for the Services in `changed` (and any whose records differ from what
-    `previous` holds), plus the picker and affinity chains that appear or go away."""
+    `previous` holds), plus the affinity chains and sets that appear or go away. A partial
+    that would need a picker chain the last full render did not declare is rendered full."""
     gc_was = gc.isenabled()
     gc.disable()  # many small objects, no cycles: the cyclic GC only costs time here
     try:
@@ -614,6 +637,9 @@ def _render(model, cfg, changed, previous) -> RenderResult:
         eps = endpoints.get(key)
         if c is None or not _same(c, svc, eps):
             touched[key] = planner.plan(svc, eps)
+    declared = previous.pickers
+    if any(c is not None and not c.pickers <= declared for c in touched.values()):
+        return _render_full(model, cfg, planner, previous)
     return _render_partial(cfg, previous, touched)
 
 
@@ -638,7 +664,7 @@ def _render_full(model, cfg, planner, previous) -> RenderResult:
     shadows: dict[str, set[ServiceKey]] = {}
     per_map: list[list[str]] = [[] for _ in MAP_NAMES]
     hairpin: dict[str, int] = {}
-    pickers: dict[str, int] = {}
+    in_use: set[str] = set()
     chains: dict[str, tuple[str, ...]] = {}
     sets: dict[str, str] = {}
     for key, c in contribs.items():  # sorted: the first claimant owns a frontend
@@ -651,8 +677,7 @@ def _render_full(model, cfg, planner, previous) -> RenderResult:
                 per_map[m].append(f"{k} : {v}" if v else k)
         for ip in c.hairpin:
             hairpin[ip] = hairpin.get(ip, 0) + 1
-        for p in c.pickers:
-            pickers[p] = pickers.get(p, 0) + 1
+        in_use.update(c.pickers)
         if c.chains:
             chains.update(c.chains)
             sets.update(c.sets)
@@ -675,7 +700,8 @@ def _render_full(model, cfg, planner, previous) -> RenderResult:
     for name, body in sorted(sets.items()):
         lines.append(f"\tset {name} {{ {body} }}")
     all_chains = dict(fixed_chains)
-    for p in sorted(pickers):
+    pickers = declared_pickers(in_use)
+    for p in pickers:
         all_chains[p] = picker_rules(cfg, p)
     all_chains.update(sorted(chains.items()))
     for name, rules in all_chains.items():
@@ -698,7 +724,7 @@ def _render_full(model, cfg, planner, previous) -> RenderResult:
         shadows=MappingProxyType({g: frozenset(v) for g, v in shadows.items()}),
         hairpin=MappingProxyType(hairpin),
         nodeport_ips=np_ips or (),
-        pickers=MappingProxyType(pickers),
+        pickers=frozenset(pickers),
         chains=frozenset(chains),
         sets=frozenset(sets),
         elements=n_elements,
@@ -728,7 +754,6 @@ def _render_partial(cfg, previous: RenderState, touched) -> RenderResult:
     contribs = old_contribs.copy()
     owners = previous.owners.copy()
     shadows = previous.shadows.copy()
-    pickers = previous.pickers.copy()
     hair_delta: dict[str, int] = {}
     groups: set[str] = set()
     old_chains: dict[str, tuple[str, ...]] = {}
@@ -741,8 +766,6 @@ def _render_partial(cfg, previous: RenderState, touched) -> RenderResult:
             groups.update(prev.groups)
             old_chains.update(prev.chains)
             old_sets.update(prev.sets)
-            for p in prev.pickers:
-                pickers[p] -= 1
             for ip in prev.hairpin:
                 hair_delta[ip] = hair_delta.get(ip, 0) - 1
         if c is not None:
@@ -750,8 +773,6 @@ def _render_partial(cfg, previous: RenderState, touched) -> RenderResult:
             groups.update(c.groups)
             new_chains.update(c.chains)
             new_sets.update(c.sets)
-            for p in c.pickers:
-                pickers[p] = pickers.get(p, 0) + 1
             for ip in c.hairpin:
                 hair_delta[ip] = hair_delta.get(ip, 0) + 1
 
@@ -806,10 +827,6 @@ def _render_partial(cfg, previous: RenderState, touched) -> RenderResult:
     dels = {mk: v for mk, v in gone.items() if came.get(mk) != v}
     adds = {mk: v for mk, v in came.items() if gone.get(mk) != v}
 
-    new_pickers = sorted(p for p, n in pickers.items() if n > 0 and not previous.pickers.get(p))
-    gone_pickers = sorted(p for p, n in pickers.items() if n <= 0)
-    for p in gone_pickers:
-        del pickers[p]
     kernel_chains = set(previous.chains)
     kernel_sets = set(previous.sets)
     # Own chains/sets of touched Services: rewrite those still wanted, drop the others.
@@ -826,10 +843,6 @@ def _render_partial(cfg, previous: RenderState, touched) -> RenderResult:
     lines: list[str] = []
     for name in sorted(set(new_sets) - kernel_sets):
         lines.append(f"add set {t} {name} {{ {new_sets[name]} }}")
-    for p in new_pickers:
-        lines.append(f"add chain {t} {p}")
-        lines.append(f"flush chain {t} {p}")
-        lines.extend(f"add rule {t} {p} {r}" for r in picker_rules(cfg, p))
     # Own chains: declare all first (they jump to each other), then fill them.
     for name in new_chains:
         lines.append(f"add chain {t} {name}")
@@ -841,9 +854,9 @@ def _render_partial(cfg, previous: RenderState, touched) -> RenderResult:
     for m in range(len(MAP_NAMES)):
         els = [_element_text(mm, k, v) for (mm, k), v in adds.items() if mm == m]
         _chunked(lines, f"add element {t} {MAP_NAMES[m]}", els)
-    for name in (*stale_chains, *gone_pickers):
+    for name in stale_chains:
         lines.append(f"flush chain {t} {name}")
-    for name in (*stale_chains, *gone_pickers):
+    for name in stale_chains:
         lines.append(f"delete chain {t} {name}")
     for name in stale_sets:
         lines.append(f"delete set {t} {name}")
@@ -858,7 +871,7 @@ def _render_partial(cfg, previous: RenderState, touched) -> RenderResult:
         shadows=MappingProxyType(shadows),
         hairpin=MappingProxyType(hairpin) if hairpin is not previous.hairpin else hairpin,
         nodeport_ips=np_ips,
-        pickers=MappingProxyType(pickers),
+        pickers=previous.pickers,
         chains=frozenset(chains_now),
         sets=frozenset(sets_now),
         elements=n_elements,
@@ -870,5 +883,5 @@ def _render_partial(cfg, previous: RenderState, touched) -> RenderResult:
         full=False,
         elements=n_elements,
         elements_written=len(dels) + len(adds),
-        chains=len(fixed_chains) + len(base_rules) + len(pickers) + len(chains_now),
+        chains=len(fixed_chains) + len(base_rules) + len(previous.pickers) + len(chains_now),
     )

@@ -55,10 +55,11 @@ def _netlink_reason(e: Exception) -> str:
 class AddressOwner:
     """Adds, removes and enumerates Service addresses; remembers what it added."""
 
-    def __init__(self, mode: str = "auto") -> None:
+    def __init__(self, mode: str = "auto", ifname: str = IFNAME) -> None:
         if mode not in MODES:
             raise ValueError(f"address mode {mode!r} not in {MODES}")
         self.mode = mode
+        self.ifname = ifname  # node-local DNS owns its address on a link of its own
         self.kind = ""  # dummy | bridge | local-route, after start()
         self.owned: set[str] = set()
         self._ipr = None
@@ -83,10 +84,10 @@ class AddressOwner:
                 self._index = self._ensure_link(ipr)
             except Exception as e:
                 if self.mode == "interface":
-                    raise AddressError(f"cannot create {IFNAME}: {_netlink_reason(e)}") from e
+                    raise AddressError(f"cannot create {self.ifname}: {_netlink_reason(e)}") from e
                 log.warning(
                     "cannot create %s (%s); owning Service addresses as local routes instead",
-                    IFNAME,
+                    self.ifname,
                     _netlink_reason(e),
                 )
         if not self._index:
@@ -94,14 +95,14 @@ class AddressOwner:
         self.owned = set(self.current())
         log.info(
             "Service addresses on %s (%s); %d already there",
-            IFNAME if self._index else "lo as local routes",
+            self.ifname if self._index else "lo as local routes",
             self.kind,
             len(self.owned),
         )
         return self.kind
 
     def _ensure_link(self, ipr) -> int:
-        found = ipr.link_lookup(ifname=IFNAME)
+        found = ipr.link_lookup(ifname=self.ifname)
         if found:
             idx = found[0]
             link = ipr.get_links(idx)[0]
@@ -111,16 +112,16 @@ class AddressOwner:
             from pyroute2.netlink.exceptions import NetlinkError
 
             try:
-                ipr.link("add", ifname=IFNAME, kind="dummy")
+                ipr.link("add", ifname=self.ifname, kind="dummy")
                 self.kind = "dummy"
             except NetlinkError as e:
                 if e.code not in (errno.EOPNOTSUPP, errno.ENOENT, errno.EINVAL):
                     raise
                 # No dummy module (like this kernel): a bridge without ports works the same.
-                ipr.link("add", ifname=IFNAME, kind="bridge")
+                ipr.link("add", ifname=self.ifname, kind="bridge")
                 self.kind = "bridge"
-            idx = ipr.link_lookup(ifname=IFNAME)[0]
-            log.info("created %s (%s) for Service addresses", IFNAME, self.kind)
+            idx = ipr.link_lookup(ifname=self.ifname)[0]
+            log.info("created %s (%s) for Service addresses", self.ifname, self.kind)
         ipr.link("set", index=idx, state="up")
         return idx
 
@@ -237,7 +238,7 @@ class AddressOwner:
         """Remove our interface and our local routes; returns what was released."""
         ipr = self._iproute()
         released: list[str] = []
-        found = ipr.link_lookup(ifname=IFNAME)
+        found = ipr.link_lookup(ifname=self.ifname)
         if found:
             self._index = found[0]
             released += self.current()

@@ -27,6 +27,7 @@ from typing import Any
 
 from proxy.config import Config, UsageError
 from proxy.endpoints.store import Snapshot
+from proxy.handover import steer_to_newest, steer_to_oldest
 from proxy.model import Model, PortSpec, Service, usable_endpoints
 from proxy.userspace import metrics as umetrics
 from proxy.userspace.addresses import AddressOwner, pick_node_addresses
@@ -109,6 +110,7 @@ class UserspaceDataPlane:
         self._logged: dict[Any, str] = {}  # what is currently broken → reason (log once)
         self._empty: set[Target] = set()  # backends with no usable endpoint (logged)
         self._synced_once = False
+        self.handed_over = False  # listeners given to a successor (hand_over)
 
     def served(self, model: Model) -> Model:
         """The model as served: in laptop mode, on loopback addresses and shifted ports."""
@@ -150,6 +152,45 @@ class UserspaceDataPlane:
             log.info("node mode: Service addresses owned via %s", kind)
         log.info("userspace TCP engine %s, open files limit %d", self.tcp.engine, soft)
         self._sweeper = loop.create_task(self._sweep_loop(), name="userspace-sweeper")
+
+    async def hand_over(self) -> None:
+        """Stop accepting: UDP listeners are steered to a successor's sockets (ours stay
+        open, so queued datagrams and replies of open sessions are still handled); TCP
+        listeners close, and tcp_migrate_req moves their accept queues to the successor's.
+        Established connections go on. No sync runs after this (the daemon stops them)."""
+        self.handed_over = True
+        for key, lst in list(self.listeners.items()):
+            if isinstance(lst, UdpListener):
+                steer_to_newest(lst.sock)
+            else:
+                lst.close()
+                del self.listeners[key]
+                self.targets.pop(key, None)
+        self._update_gauges()
+
+    def predecessor_gone(self) -> None:
+        """The previous instance exited: our UDP listeners are the oldest in their groups."""
+        for lst in self.listeners.values():
+            if isinstance(lst, UdpListener):
+                steer_to_oldest(lst.sock)
+
+    def open_connections(self) -> int:
+        return sum(len(b.conns) for b in self.backends.values())
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for proxied TCP connections to finish, up to `timeout` seconds."""
+        n = self.open_connections()
+        if not n:
+            return
+        log.info("draining %d proxied connections (up to %.0fs)", n, timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.open_connections() and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        if n := self.open_connections():
+            log.info("grace period over: closing %d proxied connections", n)
+        else:
+            log.info("every proxied connection finished")
 
     async def stop(self) -> None:
         """Close listeners and connections; Service addresses stay (like rules do)."""

@@ -14,6 +14,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from proxy.handover import reuseport, steer_to_oldest
 from proxy.model import Service, ServiceKey, ip_family
 
 ListenerKey = tuple[str, int, str]  # (ip, port, protocol)
@@ -172,6 +173,7 @@ def open_listener(
     try:
         if proto == "TCP":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        reuseport(sock)  # shared with a successor on upgrades (proxy/handover.py)
         if fam == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if freebind:
@@ -179,6 +181,7 @@ def open_listener(
         sock.bind((ip, port))
         if proto == "TCP":
             sock.listen(backlog)
+        steer_to_oldest(sock)
     except BaseException:
         sock.close()
         raise

@@ -22,9 +22,9 @@ E2E_DIR = Path(__file__).parent
 
 def _environment_problems() -> list[str]:
     if os.geteuid() != 0:
-        return ["not running as root (network namespaces and iptables need root)"]
+        return ["not running as root (network namespaces, iptables and nft need root)"]
     problems = []
-    for tool in ("ip", "iptables", "iptables-save", "iptables-restore"):
+    for tool in ("ip", "iptables", "iptables-save", "iptables-restore", "nft"):
         if shutil.which(tool) is None:
             problems.append(f"`{tool}` not found on PATH")
     if problems:

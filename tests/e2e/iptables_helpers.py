@@ -201,6 +201,15 @@ def stop_checked(proxy: ProxyProcess) -> str | None:
     return traceback_in(proxy)
 
 
+def failed_syncs(proxy: ProxyProcess) -> str | None:
+    """A failed sync is retried as a full one, so traffic checks cannot see it; in the
+    nftables mode, where no test provokes one, any is a bug (a transaction nft refused)."""
+    lines = [ln for ln in proxy.logs().splitlines() if "sync failed" in ln]
+    if not lines:
+        return None
+    return f"proxy on {proxy.node.name} logged failed syncs:\n" + "\n".join(lines[:5])
+
+
 def traceback_in(proxy: ProxyProcess) -> str | None:
     """A traceback in the daemon's log is a bug even when the test passed."""
     text = proxy.logs()

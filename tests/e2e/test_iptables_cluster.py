@@ -29,6 +29,7 @@ from .iptables_helpers import (
     ManifestDir,
     cleanup_node,
     endpoint_slice,
+    failed_syncs,
     port,
     proxy_args,
     refused,
@@ -120,6 +121,8 @@ def site(bed: Bed, request: pytest.FixtureRequest) -> Iterator[Site]:
         yield Site(c, bed.b_client, proxies)
     finally:
         problems = [msg for p in proxies.values() if (msg := stop_checked(p))]
+        if request.param == "nftables":
+            problems += [msg for p in proxies.values() if (msg := failed_syncs(p))]
         for node in c.nodes:
             cleanup_node(node)
     if problems:

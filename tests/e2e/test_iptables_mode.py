@@ -37,6 +37,7 @@ from .iptables_helpers import (
     assert_fair,
     cleanup_node,
     endpoint_slice,
+    failed_syncs,
     kube_lines,
     metric,
     nft_tables,
@@ -124,6 +125,7 @@ def start_proxy(
 
     yield start
     problems = [msg for p in started if (msg := stop_checked(p))]
+    problems += [msg for p in started if mode == "nftables" and (msg := failed_syncs(p))]
     cleanup_node(site.node)
     if problems:
         pytest.fail("\n".join(problems))

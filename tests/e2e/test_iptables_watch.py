@@ -22,6 +22,7 @@ from .iptables_helpers import (
     MODES,
     cleanup_node,
     endpoint_slice,
+    failed_syncs,
     metric,
     port,
     proxy_args,
@@ -99,6 +100,8 @@ def site(bed: Bed, request: pytest.FixtureRequest) -> Iterator[Site]:
         yield Site(bed.tb, node, webs, bed.client, api, proxy)
     finally:
         problem = stop_checked(proxy) if proxy is not None else None
+        if problem is None and proxy is not None and request.param == "nftables":
+            problem = failed_syncs(proxy)
         api.stop()
         cleanup_node(node)
     if problem:

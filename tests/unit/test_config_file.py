@@ -49,12 +49,14 @@ logging: {verbosity: 4}
 apiVersion: config.kube-proxy-py.io/v1alpha1
 kind: KubeProxyPyConfiguration
 ipv6: "off"
+shutdownGracePeriod: 5s
 iptables: {backend: legacy}
 dns:
   bindAddress: 169.254.20.10:53
   clusterDomain: Example.Org.
   upstreams: [198.18.0.53, "[fd00::53]:5353"]
   ttl: 30
+  nodeLocal: true
 userspace:
   laptop: "off"
   portOffset: 20000
@@ -94,6 +96,8 @@ FULL_EXPECTED = {
     "cluster_domain": "example.org",
     "dns_upstream": ("198.18.0.53:53", "[fd00::53]:5353"),
     "dns_ttl": 30,
+    "dns_node_local": True,
+    "shutdown_grace_period": 5.0,
     "userspace_laptop": "off",
     "userspace_port_offset": 20000,
     "userspace_engine": "copy",

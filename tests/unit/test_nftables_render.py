@@ -267,7 +267,6 @@ def test_conflicting_cluster_ips_keep_the_first_service_and_hand_over():
     part = render(m2, CFG, changed=frozenset({a.key}), previous=full.state)
     k = kernel(full.text, part.text)
     assert k.tables["ip"].maps["service-ips"] == {"198.19.0.9 . tcp . 80": "goto pick-2"}
-    assert "pick-1" not in k.tables["ip"].chains
 
 
 # -- properties ---------------------------------------------------------------------------
@@ -409,3 +408,37 @@ def test_fake_kernel_refuses_what_nft_refuses():
         pass
     else:
         raise AssertionError("delete of a non-empty, referenced chain was accepted")
+
+
+def test_hairpin_only_for_this_nodes_endpoints():
+    m = model((svc("web", "198.19.0.10"), eps(ep("198.18.1.1"), ep("198.18.2.1", node="node-b"))))
+    assert elements(render(m, CFG).text, "hairpin-endpoints") == {"198.18.1.1 . 198.18.1.1": ""}
+
+
+def test_nft_errors_become_one_line():
+    from proxy.nftables.nft import first_error
+
+    err = (
+        "/dev/stdin:3:30-45: Error: Could not process rule: No such file or directory\n"
+        "add element ip kube-proxy service-ips { 198.19.0.1 . tcp . 80 : goto pick-9 }\n"
+        "                             ^^^^^^^^^^^^^^^^\n"
+    )
+    line = first_error(err, "")
+    assert line.startswith("Could not process rule: No such file or directory (/dev/stdin:3")
+    assert "goto pick-9" in line and "\n" not in line
+
+
+def test_picker_chains_are_declared_by_full_renders_only():
+    # nft 1.0.6 cannot add a rule naming the endpoint maps after they were created, so
+    # partial transactions never create pickers: full renders declare 1..16 (or up to the
+    # next power of two), and a count beyond them makes the render full.
+    s = svc("web", "198.19.0.10")
+    first = render(model((s, eps(ep("198.18.1.1")))), CFG)
+    assert {f"pick-{n}" for n in range(1, 17)} <= set(kernel(first.text).tables["ip"].chains)
+    many = eps(*(ep(f"198.18.1.{i}") for i in range(1, 21)))
+    grown = render(model((s, many)), CFG, changed=frozenset({s.key}), previous=first.state)
+    assert grown.full
+    assert "pick-32" in kernel(grown.text).tables["ip"].chains
+    back = render(model((s, eps(ep("198.18.1.1")))), CFG, changed=frozenset({s.key}),
+                  previous=grown.state)  # fmt: skip
+    assert not back.full and "chain" not in back.text
