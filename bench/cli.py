@@ -71,6 +71,11 @@ def parser() -> argparse.ArgumentParser:
         help="report a missing reference tool instead of installing it (apt)",
     )
     p.add_argument(
+        "--baseline",
+        type=Path,
+        help="control plane: also run the daemon from this checkout (a before/after contender)",
+    )
+    p.add_argument(
         "--keep-work", action="store_true", help="keep DIR/work (logs) after a successful run"
     )
     p.add_argument(
@@ -100,6 +105,13 @@ def readme(a: argparse.Namespace) -> int:
     return 0
 
 
+def write(out: Path, doc: dict[str, Any], started: float) -> None:
+    doc["seconds"] = time.time() - started
+    doc["machine"]["loadavg_end"] = machine.loadavg()
+    (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / "report.md").write_text(report.report_md(doc))
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     if a.suite == "readme":
@@ -113,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if a.duration is None:
         a.duration = 1.0 if a.quick else 5.0
-    out: Path = a.out or default_out()
+    # Absolute: the reference servers get file paths in their configs and may chdir("/").
+    out: Path = (a.out or default_out()).resolve()
     out.mkdir(parents=True, exist_ok=True)
     names = list(SUITES) if a.suite == "all" else [a.suite]
     started = time.time()
@@ -143,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 if plot is not None:
                     res.plots.append(plot.name)
                 doc["suites"][name] = res.to_json()
+                write(out, doc, started)  # a run cut short keeps the suites it finished
         except KeyboardInterrupt:
             # Every testbed has been closed on the way up: nothing of ours is left running.
             print(
@@ -150,10 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 130
-    doc["seconds"] = time.time() - started
-    doc["machine"]["loadavg_end"] = machine.loadavg()
-    (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (out / "report.md").write_text(report.report_md(doc))
+    write(out, doc, started)
     if not failed and not a.keep_work:
         shutil.rmtree(out / "work", ignore_errors=True)  # logs kept only when something failed
     print(f"wrote {out}/report.md, results.json and plots in {doc['seconds']:.0f} s")

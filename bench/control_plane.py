@@ -185,10 +185,13 @@ def daemon_start(
     work: Path,
     profile: Path | None = None,
     sync_timeout: float | None = None,
+    pythonpath: str | None = None,
 ) -> dict[str, Any]:
     """Start the daemon against a loaded API server on a fresh node; measure its start.
-    `sync_timeout`: how long the first full sync may take (default grows with n)."""
-    with Testbed(workdir=work / f"{c.mode}-{n}-{gen}") as tb:
+    `sync_timeout`: how long the first full sync may take (default grows with n);
+    `pythonpath`: run the daemon of that checkout instead (--baseline)."""
+    stem = f"{c.mode}{'-baseline' if pythonpath else ''}-{n}-{gen}"
+    with Testbed(workdir=work / stem) as tb:
         node = tb.add_node(NODE, underlay_ip="198.18.200.1", pod_cidr="198.18.1.0/24")
         api = ApiServer()
         for o in objs[0] + objs[1]:
@@ -210,11 +213,13 @@ def daemon_start(
                     "--healthz-bind-address=",
                     "--metrics-bind-address=",
                     *c.daemon_args,
-                ]
+                ],
+                # PYTHONSAFEPATH: `-m proxy` must not find this checkout in the cwd first
+                env={"PYTHONPATH": pythonpath, "PYTHONSAFEPATH": "1"} if pythonpath else None,
             )
-            prof = Profiler(px.pid, profile, f"{c.mode}-{n}-{gen}") if profile else None
+            prof = Profiler(px.pid, profile, stem) if profile else None
             try:
-                t_sync, k = _wait_sync(px, "full", 0, timeout=sync_timeout or 60 + n * 0.02)
+                t_sync, k = _wait_sync(px, "full", 0, timeout=sync_timeout or 120 + n * 0.05)
             finally:
                 if prof is not None:
                     prof.stop(px.logs(), t0)
@@ -315,7 +320,9 @@ def run(ctx: Run) -> SuiteResult:
             res.missing[c.name] = "; ".join(why.values())
         else:
             cs.append(c)
-    step = ctx.task("control plane", total=len(sizes) * rounds * 2 * max(1, len(cs)))
+    base = o.baseline
+    per = 3 if base else 2
+    step = ctx.task("control plane", total=len(sizes) * rounds * per * max(1, len(cs)))
     for n in sizes:
         objs = objects(n, eps)
         for c in cs:
@@ -353,17 +360,28 @@ def run(ctx: Run) -> SuiteResult:
                 ),
             }
             ruleset = None
-            for r, who in alternate([c.name, c.reference], rounds):
-                if who == c.name or ruleset is None:
-                    step(f"control plane: {c.name}, {n} Services, round {r + 1}")
-                    d = daemon_start(c, objs, n, eps, r + 1, work, o.profile)
-                    ruleset = d.pop("ruleset")
-                    figs["sync"].add(c.name, d["sync_s"])
-                    figs["peak"].add(c.name, d["peak_rss_mib"])
-                    figs["rss"].add(c.name, d["rss_mib"])
-                    figs["partial"].add(c.name, d["partial_s"])
+            # --baseline: the same daemon from another checkout, as one more contender
+            daemons = {c.name: None} | ({f"{c.name} @baseline": str(base)} if base else {})
+            for r, who in alternate([*daemons, c.reference], rounds):
+                if who in daemons or ruleset is None:
+                    name = who if who in daemons else c.name
+                    step(f"control plane: {name}, {n} Services, round {r + 1}")
+                    try:
+                        d = daemon_start(
+                            c, objs, n, eps, r + 1, work, o.profile, pythonpath=daemons[name]
+                        )
+                    except (RuntimeError, TimeoutError, OSError) as e:  # keep the others
+                        res.missing.setdefault(name, f"failed at {n} Services: {e}"[:300])
+                        step.done(2 if who not in daemons else 1)
+                        continue
+                    if name == c.name:
+                        ruleset = d["ruleset"]
+                    figs["sync"].add(name, d["sync_s"])
+                    figs["peak"].add(name, d["peak_rss_mib"])
+                    figs["rss"].add(name, d["rss_mib"])
+                    figs["partial"].add(name, d["partial_s"])
                     step.done()
-                    if who == c.name:
+                    if who in daemons:
                         continue
                 step(f"control plane: {c.reference}, {n} Services, round {r + 1}")
                 figs["sync"].add(c.reference, reference_restore(c, ruleset, n, r + 1, work))

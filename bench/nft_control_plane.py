@@ -144,7 +144,7 @@ def series(sizes=DEFAULT_SIZES, repeat: int = 3) -> list[dict]:
     return out
 
 
-def daemons(n: int = 10000, rounds: int = 1) -> dict:
+def daemons(n: int = 10000, rounds: int = 1, modes=("iptables", "nftables")) -> dict:
     """The daemon in both modes on the same preload, alternating; medians per mode."""
     from .core import alternate
 
@@ -152,7 +152,7 @@ def daemons(n: int = 10000, rounds: int = 1) -> dict:
     work.mkdir()
     objs = control_plane.objects(n, EPS)
     by_mode = {c.mode: c for c in control_plane.contenders("nft")}
-    runs: dict[str, list[dict]] = {"iptables": [], "nftables": []}
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
     for r, mode in alternate(list(runs), rounds):
         # A loaded machine can take minutes for iptables-nft at 10k: wait long.
         d = control_plane.daemon_start(
@@ -173,22 +173,28 @@ def daemons(n: int = 10000, rounds: int = 1) -> dict:
     med = statistics.median
     keys = ("sync_s", "full_sync_s", "partial_s", "rss_mib", "peak_rss_mib")
     summary: dict = {mode: {k: med(x[k] for x in rs) for k in keys} for mode, rs in runs.items()}
-    ipt, nft = summary["iptables"], summary["nftables"]
-    summary["ratios"] = {
-        "start_to_programmed": nft["sync_s"] / ipt["sync_s"],
-        "full_sync": nft["full_sync_s"] / ipt["full_sync_s"],
-        "event_to_programmed": nft["partial_s"] / ipt["partial_s"],
-    }
+    if len(runs) == 2:
+        ipt, nft = summary["iptables"], summary["nftables"]
+        summary["ratios"] = {
+            "start_to_programmed": nft["sync_s"] / ipt["sync_s"],
+            "full_sync": nft["full_sync_s"] / ipt["full_sync_s"],
+            "event_to_programmed": nft["partial_s"] / ipt["partial_s"],
+        }
     return {"services": n, "rounds": runs, "median": summary}
 
 
-def measure(sizes=DEFAULT_SIZES, daemon_size: int = 10000, rounds: int = 1) -> dict:
+def measure(
+    sizes=DEFAULT_SIZES,
+    daemon_size: int = 10000,
+    rounds: int = 1,
+    modes=("iptables", "nftables"),
+) -> dict:
     """Both parts; the figures as a dict (see the module docstring)."""
     return {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "cores": os.cpu_count(),
         "series": series(sizes) if sizes else [],
-        "daemons": daemons(daemon_size, rounds) if daemon_size else None,
+        "daemons": daemons(daemon_size, rounds, modes) if daemon_size else None,
     }
 
 
@@ -232,6 +238,8 @@ def main() -> int:
     ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)))
     ap.add_argument("--daemon-size", type=int, default=10000, help="0: skip the daemons")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--modes", default="iptables,nftables", help="daemons to compare")
+    ap.add_argument("--out", type=Path, default=RESULTS / "nft_control_plane.json")
     ap.add_argument("--repeat", type=int, default=3, help="partial syncs per size (series)")
     ap.add_argument("--inner", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -242,17 +250,18 @@ def main() -> int:
         print("nft_control_plane: needs root (it creates network namespaces)", file=sys.stderr)
         return 2
     sizes = [int(s) for s in a.sizes.split(",") if s]
-    res = measure(sizes, a.daemon_size, a.rounds)
-    if res["daemons"]:
+    res = measure(sizes, a.daemon_size, a.rounds, tuple(a.modes.split(",")))
+    if res["daemons"] and "ratios" in res["daemons"]["median"]:
         r = res["daemons"]["median"]["ratios"]
         print(
             f"nftables / iptables: start → programmed {r['start_to_programmed']:.3f}, full "
             f"sync {r['full_sync']:.3f}, watch event → programmed {r['event_to_programmed']:.3f}"
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "nft_control_plane.json").write_text(json.dumps(res, indent=2))
-    plot(res, RESULTS / "nft_control_plane.png")
-    print(f"wrote {RESULTS}/nft_control_plane.json and .png")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=2))
+    if res["series"] and res["daemons"] and "ratios" in res["daemons"]["median"]:
+        plot(res, a.out.with_suffix(".png"))
+    print(f"wrote {a.out}")
     return 0
 
 

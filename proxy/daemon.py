@@ -176,6 +176,36 @@ async def run(cfg: Config) -> int:
         await dns.start()
         consumers.append(DnsConsumer(dns))
 
+    # The initial lists (and their parse) overlap the data plane's preparation below:
+    # listing touches nothing on the node, and the runner syncs once both are done.
+    source.start()
+    stopped = False
+
+    async def stop_source() -> None:  # once, on whichever exit path comes first
+        nonlocal stopped
+        if not stopped:
+            stopped = True
+            await asyncio.to_thread(source.stop)
+
+    try:
+        return await _serve(
+            cfg, store, stop_source, dataplane, health, health_server, consumers, dns, handover
+        )
+    finally:
+        await stop_source()
+
+
+async def _serve(
+    cfg: Config,
+    store: Store,
+    stop_source: Callable[[], Awaitable[None]],
+    dataplane: DataPlane,
+    health: HealthState,
+    health_server: HealthServer,
+    consumers: list[Consumer],
+    dns: DnsServer | None,
+    handover: Handover,
+) -> int:
     await dataplane.start()  # missing binaries / no privileges: still nothing programmed
 
     svc_health = None
@@ -219,17 +249,14 @@ async def run(cfg: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    source.start()
     log.info("kube-proxy-py running in %s mode, node %s", dataplane.name, cfg.hostname)
-    source_stopped = False
     try:
         async with asyncio.TaskGroup() as tg:
             sync_task = runner_task = tg.create_task(runner.run(), name="sync")
             stop_task = tg.create_task(stop.wait(), name="signals")
             await asyncio.wait({sync_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
             if handover.handed_over.is_set():  # serve what is open until SIGTERM
-                await asyncio.to_thread(source.stop)
-                source_stopped = True
+                await stop_source()
                 log.info("handed over to the new instance; waiting for SIGTERM")
                 await stop_task
             sync_task.cancel()
@@ -240,8 +267,7 @@ async def run(cfg: Config) -> int:
         # in the pod's terminationGracePeriodSeconds).
         deadline = loop.time() + cfg.shutdown_grace_period
         await handover.wait_for_successor(cfg.shutdown_grace_period)
-        if not source_stopped:
-            await asyncio.to_thread(source.stop)  # may wait for an in-flight list request
+        await stop_source()  # may wait for an in-flight list request
         if svc_health is not None:
             with contextlib.suppress(Exception):
                 await svc_health.stop()

@@ -26,8 +26,18 @@ except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
 
 
 def trim() -> None:
-    """Collect garbage cycles, then hand free heap pages back to the kernel."""
+    """Collect garbage cycles, freeze what survives, then hand free heap pages back to
+    the kernel.
+
+    Freezing moves every live object (the imports, the model, the render state) out of
+    the collector's view, so the full collections Python runs on its own later scan
+    only what was allocated since: a full collection of a daemon holding 10k Services
+    took 1.6 s here (0.4 s at 1k), every other thread and the event loop (DNS answers,
+    proxied connections) stalled meanwhile. Unfreezing first lets this collection find
+    what died since the last freeze."""
+    gc.unfreeze()
     gc.collect()
+    gc.freeze()
     if _libc is not None:
         try:
             _libc.malloc_trim(0)

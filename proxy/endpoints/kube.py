@@ -26,7 +26,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,16 +244,19 @@ class _Informer:
             resp.release_conn()
             self._set_resp(None)
         doc = json.loads(data)
+        del data, resp  # the body (tens of MB at 100k endpoints) is not needed any more
         if not isinstance(doc, dict):
             raise ValueError("list response is not an object")
-        items = doc.get("items") or []
+        items = doc.pop("items", None) or []
         list_rv = (doc.get("metadata") or {}).get("resourceVersion")
+        del doc
         if not isinstance(items, list) or not isinstance(list_rv, str) or not list_rv:
             raise ValueError("list response has no items or resourceVersion")
-        self._store.replace(self.kind, [i for i in items if isinstance(i, dict)])
+        n = len(items)
+        self._store.replace(self.kind, _drain(items))
         self.rv = list_rv
         self.synced.set()
-        log.info("listed %d %s at resourceVersion %s", len(items), self.resource, list_rv)
+        log.info("listed %d %s at resourceVersion %s", n, self.resource, list_rv)
 
     # -- watch -----------------------------------------------------------------------------
 
@@ -355,6 +358,16 @@ class _Informer:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+
+def _drain(items: list[Any]) -> Iterator[dict[str, Any]]:
+    """The list's objects in order, each dropped from `items` as it is handed over, so
+    the parser holds the only reference and a parsed object is freed at once."""
+    items.reverse()
+    while items:
+        obj = items.pop()
+        if isinstance(obj, dict):
+            yield obj
 
 
 def _describe(e: BaseException) -> str:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from proxy.iptables import names
 from proxy.iptables.backend import Backend, run
+from proxy.iptables.render import saved_chains
 
 log = logging.getLogger("proxy.iptables")
 
@@ -326,19 +327,25 @@ class Applier:
             raise RestoreError(f"{self.backend}: cannot create chain {table}/{chain}: {err}")
 
     async def ensure_jumps(self, jumps: Iterable[Jump]) -> list[str]:
-        """Make sure every jump from a built-in chain exists (-C, then -I when missing).
+        """Make sure every jump from a built-in chain exists; returns those inserted
+        ("table/BUILTIN → CHAIN").
 
-        Returns the jumps inserted ("table/BUILTIN → CHAIN"). The common case (all there)
-        costs one -C per jump; a missing one gets its target chain created first, since
-        -C on a rule jumping to a missing chain is an error, not "missing".
+        One iptables-save first: a jump to a chain that does not exist cannot exist
+        either, so those chains and jumps are made in one restore (a fresh node pays one
+        save and one restore instead of four commands per jump). A jump whose chain
+        exists is checked with `-C` and inserted (`-I`, prepend, as kube-proxy) if missing.
         """
-        inserted = []
+        jumps = list(jumps)
+        text, inserted = missing_chain_jumps(jumps, saved_chains(await self.save()))
+        if text:
+            await self.restore(text)
+            for label in inserted:
+                log.debug("%s: added jump %s", self.backend, label)
+        made = set(inserted)
         for table, builtin, chain, args in jumps:
-            spec = jump_spec(chain, args)
-            rc, _ = await self._ipt("-t", table, "-C", builtin, *spec)
-            if rc == 0:
+            if _jump_label(table, builtin, chain) in made:
                 continue
-            await self.ensure_chain(table, chain)
+            spec = jump_spec(chain, args)
             rc, _ = await self._ipt("-t", table, "-C", builtin, *spec)
             if rc == 0:
                 continue
@@ -346,7 +353,7 @@ class Applier:
             if rc != 0:
                 raise RestoreError(f"{self.backend}: cannot add jump {builtin} → {chain}: {err}")
             log.debug("%s: added jump %s/%s → %s", self.backend, table, builtin, chain)
-            inserted.append(f"{table}/{builtin} → {chain}")
+            inserted.append(_jump_label(table, builtin, chain))
         return inserted
 
     async def ensure_hint(self) -> None:
@@ -378,6 +385,37 @@ class Applier:
                 log.error("cleanup: %s", e)
                 ok = False
         return ok
+
+
+def _jump_label(table: str, builtin: str, chain: str) -> str:
+    return f"{table}/{builtin} → {chain}"
+
+
+def _restore_arg(a: str) -> str:
+    return f'"{a}"' if " " in a else a
+
+
+def missing_chain_jumps(
+    jumps: Sequence[Jump], chains: set[tuple[str, str]]
+) -> tuple[str, list[str]]:
+    """The --noflush restore input creating every jump target that is not in `chains`
+    and inserting the jumps to it, in `jumps` order (-I: the last one listed for a
+    built-in chain ends up first, as with kube-proxy's one -I per jump). Pure."""
+    by_table: dict[str, list[str]] = {}
+    declared: set[tuple[str, str]] = set()
+    inserted: list[str] = []
+    for table, builtin, chain, args in jumps:
+        if (table, chain) in chains:
+            continue
+        lines = by_table.setdefault(table, [])
+        if (table, chain) not in declared:
+            declared.add((table, chain))
+            lines.insert(0, f":{chain} - [0:0]")
+        spec = " ".join(_restore_arg(a) for a in jump_spec(chain, args))
+        lines.append(f"-I {builtin} {spec}")
+        inserted.append(_jump_label(table, builtin, chain))
+    text = "".join(f"*{t}\n" + "\n".join(lines) + "\nCOMMIT\n" for t, lines in by_table.items())
+    return text, inserted
 
 
 def jump_spec(chain: str, args: Sequence[str]) -> list[str]:

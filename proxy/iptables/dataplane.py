@@ -113,6 +113,7 @@ class IptablesDataPlane:
         self.last_restore_seconds = 0.0
         self.last_conntrack_seconds = 0.0
         self.syncs = 0
+        self._base_checked: set[int] = set()  # families whose jumps start() ensured
 
     def served(self, model: Model) -> Model:
         return model  # rules for the Services as they are
@@ -136,11 +137,16 @@ class IptablesDataPlane:
                 "changes; install the conntrack package"
             )
         await self._refresh_addresses()
-        for ap in self.appliers.values():
+
+        async def base(ap: Applier) -> None:
             await ap.ensure_hint()
             added = await ap.ensure_jumps(BASE_JUMPS)
             if added:
                 log.info("%s: added %d jumps from built-in chains", ap.backend, len(added))
+
+        await asyncio.gather(*(base(ap) for ap in self.appliers.values()))  # families apart
+        # The first full sync follows at once: it need not check them again.
+        self._base_checked = set(self.appliers)
         log.info(
             "iptables data plane ready: %s",
             ", ".join(str(b) for b in self.backends.values()),
@@ -241,7 +247,9 @@ class IptablesDataPlane:
         restore_s = 0.0
         for fam in families:
             ap = self.appliers[fam]
-            if full:
+            if full and fam in self._base_checked:
+                self._base_checked.discard(fam)  # start() just made sure of them
+            elif full:
                 await ap.ensure_hint()
                 added = await ap.ensure_jumps(BASE_JUMPS)
                 if added:  # someone flushed them (a firewall reload?): say so once
