@@ -378,7 +378,7 @@ class IptablesDataPlane:
                 if fail is None or not fail.referenced_by or not fail.rule.startswith("-X "):
                     raise
                 lines = text.split("\n")
-                if lines[fail.line - 1].strip() != fail.rule:
+                if not 0 < fail.line <= len(lines) or lines[fail.line - 1].strip() != fail.rule:
                     raise
                 metrics.IPTABLES_RESTORE_FAILURES.inc()
                 self._held.setdefault(family, set()).add((fail.table, fail.chain))

@@ -16,6 +16,7 @@ from prometheus_client import generate_latest
 
 from proxy.config import Config, UsageError
 from proxy.dns import DnsServer
+from proxy.dns.server import client_key
 from proxy.dns.stub import StubServer
 from proxy.endpoints.store import Store
 from proxy.model import Model
@@ -148,6 +149,16 @@ async def idle_connections(
 ) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
     assert srv.address is not None
     return [await asyncio.open_connection(*srv.address, local_addr=(source, 0)) for _ in range(n)]
+
+
+def test_tcp_client_key_is_the_address_or_the_ipv6_64() -> None:
+    v4 = client_key(("198.18.1.10", 40000))
+    assert v4 == client_key(("198.18.1.10", 40001)) != client_key(("198.18.1.11", 40000))
+    a = client_key(("fd00:18::1:10", 40000, 0, 0))
+    assert a == client_key(("fd00:18::ffff:1", 1, 0, 0))  # one /64: one client
+    assert a != client_key(("fd00:18:0:1::1", 1, 0, 0))
+    assert client_key(("fe80::1%eth0", 1, 0, 2)) == client_key(("fe80::2", 1, 0, 2))
+    assert client_key(None) == client_key(("not an ip", 1)) == b""
 
 
 def test_tcp_idle_connections_are_closed_after_the_idle_timeout() -> None:
