@@ -686,7 +686,9 @@ class FullStream:
         *,
         planner: _Planner | None = None,
         previous: RenderState | None = None,
+        part_elements: int = 0,
     ) -> None:
+        self.part_elements = part_elements or PART_ELEMENTS
         self.model = model
         self.cfg = cfg
         self.planner = planner or _Planner(cfg)
@@ -781,7 +783,7 @@ class FullStream:
                 for n in fresh:
                     own.extend(f"add rule {t} {n} {r}" for r in c.chains[n])
                 chains.update(c.chains)
-            if pending >= PART_ELEMENTS:
+            if pending >= self.part_elements:
                 n_elements += pending
                 yield _elements_part(t, own, per_map)
                 pending = 0
