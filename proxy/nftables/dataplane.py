@@ -137,7 +137,7 @@ class NftablesDataPlane:
         from proxy.iptables.dataplane import _sysctl_on
 
         self.tcp_be_liberal = _sysctl_on("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
-        probe = await asyncio.to_thread(self.nft.run, "list tables\n")
+        probe = await asyncio.to_thread(self.nft.probe)
         if probe.rc != 0:
             raise UsageError(f"nft does not work here: {first_error(probe.err, '')}")
         if not self.conntrack.available:

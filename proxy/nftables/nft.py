@@ -246,6 +246,14 @@ class Nft:
         produce = time.perf_counter() - t0
         return StreamResult(self.lib.run(text), produce, 1)
 
+    def probe(self) -> NftResult:
+        """`list tables`, to see that nft works here. In a child when nft is there: nft
+        1.0.6 fetches the whole ruleset for it (another mode's leftover chains included,
+        ~80 MB at 10k Services in iptables mode), which libnftables would keep cached."""
+        runner: NftCommand | LibNftables | None = self.cmd if self.cmd is not None else self.lib
+        assert runner is not None
+        return runner.run("list tables\n")
+
     def create_table(self, table: str) -> bool:
         """`create table TABLE`: True when it was absent (it is there now, empty), False
         when it already exists. (In a child process when nft is there: cheap either way,
