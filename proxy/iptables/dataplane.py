@@ -120,6 +120,7 @@ class IptablesDataPlane:
         self.nfacct = NfAcct()
         self.nfacct_counters: frozenset[str] = frozenset()  # counters rules may use
         self._nfacct_refused = False  # a restore failed on the nfacct match
+        self._nfacct_checked = False  # the first check logs its outcome, whatever it is
         self.node: NodeInfo = UNKNOWN_NODE  # the last model's view of this node
         # NodePorts on ::1, which NAT cannot serve (no route_localnet for IPv6)
         self.loopback: LocalhostNodePorts | None = None
@@ -262,7 +263,8 @@ class IptablesDataPlane:
                     why = f"cannot create nfacct counter {name}: {e.strerror or e}"
         else:
             why = "iptables does not take the nfacct match (no xt_nfacct?)"
-        if frozenset(ok) != self.nfacct_counters:
+        if frozenset(ok) != self.nfacct_counters or not self._nfacct_checked:
+            self._nfacct_checked = True
             if ok:
                 log.info("nfacct counters in use: %s", ", ".join(sorted(ok)))
             else:

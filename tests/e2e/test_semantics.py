@@ -44,6 +44,7 @@ SERVICE_CIDRS = ("198.19.0.0/16", "fd00:19::/108")
 
 SAME_NODE_IP = "198.19.50.10"  # PreferSameNode: node hints
 FALLBACK_IP = "198.19.50.11"  # PreferSameNode, node-a's endpoint not ready
+ZONE_FALLBACK_IP = "198.19.50.14"  # PreferSameNode, node-a's not ready, one more in zone-a
 SAME_ZONE_IP = "198.19.50.12"  # topology-mode Auto: zone hints
 PREFER_CLOSE_IP = "198.19.50.13"  # trafficDistribution: PreferClose (PreferSameZone's old name)
 ZEROS_IP, ZEROS_IP_WRITTEN = "198.19.50.40", "198.019.050.040"  # leading zeros in the API
@@ -177,6 +178,12 @@ def _manifests(c: Cluster, b_web2: Host) -> list[dict]:
             [_ep(a, zone="zone-a", ready=False), _ep(b, zone="zone-b"), _ep(b2, zone="zone-b")],
             ports=HTTP,
         ),
+        service("zone-fallback", ZONE_FALLBACK_IP, web, trafficDistribution="PreferSameNode"),
+        _slice(
+            "zone-fallback",
+            [_ep(a, zone="zone-a", ready=False), _ep(b, zone="zone-b"), _ep(b2, zone="zone-a")],
+            ports=HTTP,
+        ),
         _annotated(
             service("same-zone", SAME_ZONE_IP, web),
             {"service.kubernetes.io/topology-mode": "Auto"},
@@ -303,6 +310,13 @@ def test_prefer_same_node_without_a_ready_local_endpoint_uses_all(site: Site) ->
     assert set(counts) == {"b-web", "b-web2"} and sum(counts.values()) == N, counts
 
 
+def test_prefer_same_node_falls_back_to_the_zone_first(site: Site) -> None:
+    """The endpoint hinted for node-a is not ready, but b-web2 (on node-b) is hinted for
+    node-a's zone: node hints, then zone hints, as kube-proxy does, so only b-web2."""
+    counts = spread(site.c.client, ZONE_FALLBACK_IP, 80, N, "http")
+    assert counts == {"b-web2": N}, counts
+
+
 def test_zone_hints_keep_traffic_in_the_nodes_zone(site: Site) -> None:
     """topology-mode Auto: the controller's zone hints; node-a is in zone-a (its Node),
     so only zone-a's endpoints (one on each node) get connections."""
@@ -362,6 +376,15 @@ def test_nfacct_counters_are_kube_proxys_metrics(site: Site) -> None:
     assert "kubeproxy_iptables_ct_state_invalid_dropped_packets_total" in text
     rules = " ".join(site.c.a.exec(["iptables-save", "-t", "filter"]).stdout.split())
     assert "--nfacct-name ct_state_invalid_dropped_pkts -j DROP" in rules  # (save pads it)
+    # kube-proxy's (and kubelet's) guard for route_localnet, with kubelet's jumps to it;
+    # not written on node-b, whose localhost NodePorts are off.
+    guard = (
+        '-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment "block incoming '
+        'localnet connections" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP'
+    )
+    assert guard in rules, rules
+    assert "-A INPUT -j KUBE-FIREWALL" in rules and "-A OUTPUT -j KUBE-FIREWALL" in rules
+    assert "block incoming localnet" not in site.c.b.exec(["iptables-save"]).stdout
 
 
 # -- conntrack and start-up ----------------------------------------------------------------
