@@ -74,7 +74,10 @@ NAT_CHAINS = (KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ)
 TOP_CHAINS = frozenset((FILTER, c) for c in FILTER_CHAINS) | frozenset((NAT, c) for c in NAT_CHAINS)
 
 _NEW = ("-m", "conntrack", "--ctstate", "NEW")
-_NONE: frozenset[tuple[str, str]] = frozenset()
+ChainNames = tuple[tuple[str, str], ...]
+"""(table, chain) of one Service's own chains, in the order its plan makes them: a tuple,
+not a set (10k Services: ~5 MB less in the state), so compared as made."""
+_NONE: ChainNames = ()
 
 
 def _jump(
@@ -167,7 +170,7 @@ class RenderState:
     """What the previous render left in the kernel (opaque to callers)."""
 
     chains: frozenset[tuple[str, str]] = frozenset()  # (table, chain) this proxy owns
-    service_chains: Mapping[ServiceKey, frozenset[tuple[str, str]]] = field(
+    service_chains: Mapping[ServiceKey, ChainNames] = field(
         default_factory=_empty_map
     )
     # -- additions --
@@ -325,7 +328,7 @@ class ServiceFragment:
     eps: ServiceEndpoints | None
     ports: list[ServicePortInfo] | None = field(default_factory=list)  # None once written
     top: TopLevelRules = field(default_factory=TopLevelRules)
-    names: frozenset[tuple[str, str]] = _NONE  # (table, chain) of its own chains
+    names: ChainNames = _NONE  # (table, chain) of its own chains
     n_endpoints: int = 0
     # Ports with endpoints but none here for a Local policy: [internal, external]
     no_local: list[int] = field(default_factory=lambda: [0, 0])
@@ -393,7 +396,7 @@ class _Renderer:
                 self._plan_port(svc, port, cip, ext_ips, lb_ips, ranges, items, f, names)
             )
         f.ports = planned
-        f.names = frozenset(zip(repeat(NAT), names))
+        f.names = tuple(zip(repeat(NAT), names))
         return f
 
     def _plan_port(
@@ -933,18 +936,18 @@ def _render(
     if full:
         owned = set(TOP_CHAINS)
         for names in service_chains.values():
-            owned |= names
+            owned.update(names)
         stale: Iterable[tuple[str, str]] = previous.chains - owned if previous else ()
     else:
         assert previous is not None
         removed: set[tuple[str, str]] = set()
         added: set[tuple[str, str]] = set()
         for k in touched:
-            removed |= prev_names.get(k, _NONE)
-            added |= new_frags[k].names
+            removed.update(prev_names.get(k, _NONE))
+            added.update(new_frags[k].names)
         for k in prev_names:
             if k not in new_frags:  # Service gone (or no longer proxied)
-                removed |= prev_names[k]
+                removed.update(prev_names[k])
         owned = set((previous.chains - removed) | added | TOP_CHAINS)
         stale = removed - owned
     stale_by_table: dict[str, list[str]] = {}
