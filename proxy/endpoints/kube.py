@@ -179,7 +179,7 @@ class _Informer:
                 except Exception as e:
                     if self._stopping.is_set():
                         return
-                    why = f"list failed: {_describe(e)}"
+                    why = f"list failed: {_describe(e)}{_advice(e, self.resource)}"
                     self._restart("error", why, "retrying the list", self._delay_after(e))
                     continue
             started, self.events, self.streaming = time.monotonic(), 0, False
@@ -459,10 +459,31 @@ class _Counted:
 
 def _describe(e: BaseException) -> str:
     if isinstance(e, ApiException):
-        return f"HTTP {e.status} {e.reason or ''}".strip()
+        text = f"HTTP {e.status} {e.reason or ''}".strip()
+        try:  # the API server's Status says who was refused what
+            message = str(json.loads(e.body or "{}").get("message") or "").strip()
+        except (ValueError, AttributeError):
+            message = ""
+        if not message or message == e.reason:
+            return text
+        return f"{text} ({message.splitlines()[0]})"
     if isinstance(e, urllib3.exceptions.MaxRetryError) and e.reason is not None:
         return _first_line(e.reason)
     return f"{type(e).__name__}: {_first_line(e)}"
+
+
+def _advice(e: BaseException, resource: str) -> str:
+    """What to do about a failed list, appended to its log line ("" when nothing helps)."""
+    if isinstance(e, ApiException) and e.status == 401:
+        return " (the API server refused the kubeconfig's credentials: renew them, log in again)"
+    if isinstance(e, ApiException) and e.status == 403:
+        return (
+            f" (grant list and watch on {resource}: manifests/examples/laptop-rbac.yaml for a "
+            "person, manifests/base for the DaemonSet's service account)"
+        )
+    if isinstance(e, _NO_ANSWER):
+        return " (is the API server up and reachable from here? check the kubeconfig's server)"
+    return ""
 
 
 @dataclass(frozen=True)
