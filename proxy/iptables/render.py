@@ -170,9 +170,7 @@ class RenderState:
     """What the previous render left in the kernel (opaque to callers)."""
 
     chains: frozenset[tuple[str, str]] = frozenset()  # (table, chain) this proxy owns
-    service_chains: Mapping[ServiceKey, ChainNames] = field(
-        default_factory=_empty_map
-    )
+    service_chains: Mapping[ServiceKey, ChainNames] = field(default_factory=_empty_map)
     # -- additions --
     service_rules: Mapping[ServiceKey, int] = field(default_factory=_empty_map)  # nat rules
     config: RenderConfig | None = None  # None: unknown, so the next render is full
