@@ -444,25 +444,9 @@ class IptablesDataPlane:
             metrics.IPTABLES_RULES_LAST.labels(table=table).set(n)
 
     async def _clear_conntrack(self, model: Model, changed: frozenset | None) -> None:
-        """Delete stale UDP/SCTP flows; failures are logged, never fail the sync."""
         t0 = time.perf_counter()
-        loop = asyncio.get_running_loop()
         prev, self._model = self._model, model
-        try:
-            if prev is None:
-                entries: list[conntrack.Entry] = []
-                for fam in self.families:
-                    entries += await self.conntrack.list(fam)
-                flushes = conntrack.reconcile(entries, model)
-            else:
-                job = functools.partial(
-                    conntrack.stale_flushes, prev, model, self.cfg.hostname, changed
-                )
-                flushes = await loop.run_in_executor(None, job)
-            flushes = [f for f in flushes if f.family in self.appliers]
-            await self.conntrack.flush(flushes)
-        except Exception:
-            log.exception("conntrack cleanup failed")
+        await self.conntrack.clear_stale(prev, model, self.cfg.hostname, changed, self.appliers)
         self.last_conntrack_seconds = time.perf_counter() - t0
 
 

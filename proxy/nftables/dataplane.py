@@ -305,20 +305,7 @@ class NftablesDataPlane:
 
     async def _clear_conntrack(self, model: Model, changed: frozenset | None) -> None:
         prev, self._model = self._model, model
-        try:
-            if prev is None:
-                entries: list[conntrack.Entry] = []
-                for fam in self.families:
-                    entries += await self.conntrack.list(fam)
-                flushes = conntrack.reconcile(entries, model)
-            else:
-                job = functools.partial(
-                    conntrack.stale_flushes, prev, model, self.cfg.hostname, changed
-                )
-                flushes = await asyncio.to_thread(job)
-            await self.conntrack.flush([f for f in flushes if f.family in self.families])
-        except Exception:
-            log.exception("conntrack cleanup failed")
+        await self.conntrack.clear_stale(prev, model, self.cfg.hostname, changed, self.families)
 
 
 async def remove_tables_on_takeover() -> None:
