@@ -21,6 +21,7 @@ import time
 
 from prometheus_client import Counter, Gauge
 
+from proxy import metrics
 from proxy.config import Config, PrivilegeError, UsageError
 from proxy.endpoints.store import Snapshot
 from proxy.iptables import conntrack
@@ -42,6 +43,7 @@ from proxy.nftables.render import (
     NftConfig,
     RenderResult,
     RenderState,
+    no_local_endpoints,
     render,
 )
 from proxy.userspace.localhost import LocalhostNodePorts, loopback_addresses
@@ -272,6 +274,11 @@ class NftablesDataPlane:
             CHAINS.labels(ip_family=str(fam)).set(res.chains)
         self.last_render_seconds = render_s
         self.last_apply_seconds = self.last_restore_seconds = apply_s
+        # Ports without local endpoints for a Local policy (the same in every family).
+        counts = [no_local_endpoints(r.state) for r in results.values()]
+        for i, policy in enumerate(("internal", "external")):
+            n = max((c[i] for c in counts), default=0)
+            metrics.NO_LOCAL_ENDPOINTS.labels(traffic_policy=policy).set(n)
         self.syncs += 1
         t0 = time.perf_counter()
         if not self._took_over:

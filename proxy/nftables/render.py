@@ -242,6 +242,19 @@ class _Contrib:
     chains: Mapping[str, tuple[str, ...]]  # own chains: name → rules
     sets: Mapping[str, str]  # own sets: name → declaration body
     endpoints: int  # endpoint elements (metrics)
+    # Ports with endpoints but none here for a Local policy (internal, external):
+    # kube-proxy's sync_proxy_rules_no_local_endpoints_total (see no_local_endpoints).
+    no_local: tuple[int, int] = (0, 0)
+
+
+def no_local_endpoints(state: RenderState) -> tuple[int, int]:
+    """(internal, external) Service ports with a Local policy and no endpoint on this
+    node although they have endpoints, over everything the state holds."""
+    internal = external = 0
+    for c in state.contribs.values():
+        internal += c.no_local[0]
+        external += c.no_local[1]
+    return internal, external
 
 
 _EMPTY: Mapping = MappingProxyType({})
@@ -283,14 +296,16 @@ class _Planner:
         chains: dict[str, tuple[str, ...]] = {}
         sets: dict[str, str] = {}
         n_eps = 0
+        no_local = [0, 0]
         for port in svc.ports:
             raw = svc_eps.ports.get((port.name, port.protocol), ()) if svc_eps else ()
             items = sorted(
                 ((_ep_str(e), e) for e in raw if (":" in e.ip) == (fam == 6)), key=_first
             )
             n_eps += self._port(
-                svc, port, cip, ext_ips, lb_ips, ranges, items, out, pickers, chains, sets
-            )
+                svc, port, cip, ext_ips, lb_ips, ranges, items, out, pickers, chains, sets,
+                no_local,
+            )  # fmt: skip
             # Hairpin (a pod reaching itself through the Service) is DNATed on the pod's
             # own node, so only this node's endpoints (or those of unknown node) need it.
             node = self.node
@@ -304,9 +319,12 @@ class _Planner:
             MappingProxyType(chains) if chains else _EMPTY,
             MappingProxyType(sets) if sets else _EMPTY,
             n_eps,
+            (no_local[0], no_local[1]),
         )
 
-    def _port(self, svc, port, cip, ext_ips, lb_ips, ranges, items, out, pickers, chains, sets):
+    def _port(
+        self, svc, port, cip, ext_ips, lb_ips, ranges, items, out, pickers, chains, sets, no_local
+    ):
         proto = port.protocol.lower()
         pp = f"{proto} . {port.port}"
         externally = bool(port.node_port or lb_ips or ext_ips)
@@ -325,6 +343,10 @@ class _Planner:
         internal = local if itp_local else cluster
         has_internal = has_endpoints and (not itp_local or bool(local))
         has_external = has_endpoints and (not etp_local or bool(local))
+        if has_endpoints and not has_internal:
+            no_local[0] += 1
+        if has_endpoints and etp_local and externally and not has_external:
+            no_local[1] += 1
         uses_ext = has_endpoints and externally
         uses_fw = has_endpoints and bool(lb_ips) and bool(ranges)
         refuse = f"goto {REJECT_CHAIN}" if not has_endpoints else "drop"
