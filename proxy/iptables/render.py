@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from itertools import repeat
 from operator import itemgetter
@@ -169,7 +170,9 @@ def _empty_map() -> Mapping[ServiceKey, Any]:
 class RenderState:
     """What the previous render left in the kernel (opaque to callers)."""
 
-    chains: frozenset[tuple[str, str]] = frozenset()  # (table, chain) this proxy owns
+    # (table, chain) this proxy owns. Never changed once made (a set, not a frozenset copy
+    # of one: at 10k Services each is a 4 MB table).
+    chains: AbstractSet[tuple[str, str]] = frozenset()
     service_chains: Mapping[ServiceKey, ChainNames] = field(default_factory=_empty_map)
     # -- additions --
     service_rules: Mapping[ServiceKey, int] = field(default_factory=_empty_map)  # nat rules
@@ -946,7 +949,10 @@ def _render(
         for k in prev_names:
             if k not in new_frags:  # Service gone (or no longer proxied)
                 removed.update(prev_names[k])
-        owned = set((previous.chains - removed) | added | TOP_CHAINS)
+        owned = set(previous.chains)  # one copy, changed in place
+        owned -= removed
+        owned |= added
+        owned |= TOP_CHAINS
         stale = removed - owned
     stale_by_table: dict[str, list[str]] = {}
     for table, chain in sorted(stale):
@@ -958,7 +964,7 @@ def _render(
             if f.decl or f.rules:
                 new_frags[k] = _textless(f)
     state = RenderState(
-        chains=frozenset(owned),
+        chains=owned,
         service_chains=MappingProxyType(service_chains),
         service_rules=MappingProxyType({k: f.n_rules for k, f in new_frags.items() if f.names}),
         config=cfg,
