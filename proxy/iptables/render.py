@@ -272,13 +272,31 @@ class TopLevelRules:
     nat_services: list[str] = field(default_factory=list)  # KUBE-SERVICES (nat)
     nat_nodeports: list[str] = field(default_factory=list)  # KUBE-NODEPORTS (nat)
 
-    def extend(self, other: TopLevelRules) -> None:
-        self.filter_services += other.filter_services
-        self.filter_external_services += other.filter_external_services
-        self.filter_nodeports += other.filter_nodeports
-        self.filter_firewall += other.filter_firewall
-        self.nat_services += other.nat_services
-        self.nat_nodeports += other.nat_nodeports
+    def freeze(self) -> TopRules:
+        """The six lists as tuples, in field order (empty ones are the shared `()`): what
+        a ServiceFragment keeps (10k Services: ~3 MB less than six lists each)."""
+        return (
+            tuple(self.filter_services),
+            tuple(self.filter_external_services),
+            tuple(self.filter_nodeports),
+            tuple(self.filter_firewall),
+            tuple(self.nat_services),
+            tuple(self.nat_nodeports),
+        )
+
+    def extend(self, other: TopRules) -> None:
+        fs, fe, fn, ff, ns, nn = other
+        self.filter_services += fs
+        self.filter_external_services += fe
+        self.filter_nodeports += fn
+        self.filter_firewall += ff
+        self.nat_services += ns
+        self.nat_nodeports += nn
+
+
+TopRules = tuple[tuple[str, ...], ...]
+"""A frozen TopLevelRules (`TopLevelRules.freeze`)."""
+_NO_TOP: TopRules = ((),) * 6
 
 
 @dataclass(slots=True)
@@ -328,7 +346,7 @@ class ServiceFragment:
     svc: Service
     eps: ServiceEndpoints | None
     ports: list[ServicePortInfo] | None = field(default_factory=list)  # None once written
-    top: TopLevelRules = field(default_factory=TopLevelRules)
+    top: TopRules = _NO_TOP  # its rules in the top-level chains (TopLevelRules.freeze)
     names: ChainNames = _NONE  # (table, chain) of its own chains
     n_endpoints: int = 0
     # Ports with endpoints but none here for a Local policy: [internal, external]
@@ -381,6 +399,7 @@ class _Renderer:
             ports = sorted(ports, key=lambda p: (p.port, p.protocol))
         names: list[str] = []
         planned: list[ServicePortInfo] = []
+        top = TopLevelRules()
         for port in ports:
             raw = svc_eps.ports.get((port.name, port.protocol), ()) if svc_eps else ()
             if raw:
@@ -394,9 +413,10 @@ class _Renderer:
             else:
                 items = []
             planned.append(
-                self._plan_port(svc, port, cip, ext_ips, lb_ips, ranges, items, f, names)
+                self._plan_port(svc, port, cip, ext_ips, lb_ips, ranges, items, f, top, names)
             )
         f.ports = planned
+        f.top = top.freeze()
         f.names = tuple(zip(repeat(NAT), names))
         return f
 
@@ -410,6 +430,7 @@ class _Renderer:
         ranges: list[str],
         items: list[tuple[str, Endpoint]],
         f: ServiceFragment,
+        top: TopLevelRules,
         names: list[str],
     ) -> ServicePortInfo:
         spn = svc.port_name_string(port)
@@ -489,7 +510,6 @@ class _Renderer:
             f.no_local[1] += 1
 
         # ---- top-level rules ----
-        top = f.top
         dport = f"--dport {port.port}"
         if not has_endpoints:
             target = "REJECT"
