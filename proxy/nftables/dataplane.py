@@ -6,7 +6,9 @@ a failed one changes nothing, the previous state is forgotten and the runner's r
 a full sync, which recreates the table. After the first successful sync the iptables
 mode's (or kube-proxy's) leftovers are removed, so a node switching modes is never
 without Service rules. Stale UDP/SCTP conntrack entries are cleared as in the iptables
-mode (proxy/iptables/conntrack.py).
+mode (proxy/iptables/conntrack.py). Localhost NodePorts (127.0.0.1 and ::1), which
+kube-proxy's nftables mode does not serve and kernel NAT cannot here, are served by the
+userspace engine (proxy/userspace/localhost.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from proxy.config import Config, PrivilegeError, UsageError
 from proxy.endpoints.store import Snapshot
 from proxy.iptables import conntrack
 from proxy.iptables.backend import has_net_admin
-from proxy.model import Model, ip_family
+from proxy.model import UNKNOWN_NODE, Model, NodeInfo, ip_family
 from proxy.nftables.nft import (
     INSTALL_HINT,
     LibNftables,
@@ -42,6 +44,7 @@ from proxy.nftables.render import (
     RenderState,
     render,
 )
+from proxy.userspace.localhost import LocalhostNodePorts, loopback_addresses
 
 log = logging.getLogger("proxy.nftables")
 
@@ -106,9 +109,12 @@ class NftablesDataPlane:
         self.node_ips: dict[int, str] = {}
         self.tcp_be_liberal = False
         self.node_zone = ""  # from the model's Node
+        self.node: NodeInfo = UNKNOWN_NODE  # the last model's view of this node
         self._state: dict[int, RenderState | None] = {}
         self._model: Model | None = None
         self._took_over = False
+        # NodePorts on loopback (the rules never DNAT it): the userspace engine's listeners
+        self.loopback: LocalhostNodePorts | None = None
         self.last_render_seconds = 0.0
         self.last_apply_seconds = 0.0
         self.last_restore_seconds = 0.0  # same as last_apply_seconds (bench compatibility)
@@ -146,22 +152,32 @@ class NftablesDataPlane:
                 "changes; install the conntrack package"
             )
         await self._refresh_addresses()
+        addrs = loopback_addresses(self.cfg, self.families)  # no loopback NAT in this mode
+        if addrs:
+            self.loopback = LocalhostNodePorts(self.cfg, addrs)
+            await self.loopback.start()
         kind = self.nft.describe()
         fams = ", ".join(f"{_family_name(f)} {TABLE}" for f in self.families)
         log.info("nftables data plane ready (%s): tables %s", kind, fams)
 
+    # The kernel's rules serve the traffic; only the localhost NodePorts (the userspace
+    # engine, see `loopback`) have listening sockets and connections to hand over.
     async def hand_over(self) -> None:
-        return None  # no listening sockets: the kernel's rules serve the traffic
+        if self.loopback is not None:
+            await self.loopback.hand_over()
 
     async def drain(self, timeout: float) -> None:
-        return None  # no proxied connections either
+        if self.loopback is not None:
+            await self.loopback.drain(timeout)
 
     def predecessor_gone(self) -> None:
-        return None
+        if self.loopback is not None:
+            self.loopback.predecessor_gone()
 
     async def stop(self) -> None:
         """Leave the tables in place (like kube-proxy) so traffic keeps flowing."""
-        return None
+        if self.loopback is not None:
+            await self.loopback.stop()
 
     async def cleanup(self) -> None:
         """Delete both tables. Idempotent."""
@@ -176,16 +192,20 @@ class NftablesDataPlane:
     # -- sync ------------------------------------------------------------------------------
 
     def render_config(self, family: int) -> NftConfig:
+        from proxy.iptables.dataplane import nodeport_cidrs
+
         cfg = self.cfg
+        # The node IP: its Node object's, else its default route's source (as iptables).
+        node_ip = self.node.ip(family) or self.node_ips.get(family, "")
         return NftConfig(
             family=family,
             node_name=cfg.hostname,
             cluster_cidrs=tuple(c for c in cfg.cluster_cidrs if ip_family(c) == family),
             masquerade_all=cfg.masquerade_all,
             masquerade_mark=cfg.masquerade_mark,
-            nodeport_addresses=tuple(c for c in cfg.nodeport_addresses if ip_family(c) == family),
+            nodeport_addresses=nodeport_cidrs(cfg, family, node_ip),  # `primary` too
             local_ips=tuple(ip for ip in self.local_ips if ip_family(ip) == family),
-            node_ip=self.node_ips.get(family, ""),
+            node_ip=node_ip,
             conntrack_tcp_be_liberal=self.tcp_be_liberal,
             node_zone=self.node_zone,
         )
@@ -213,6 +233,7 @@ class NftablesDataPlane:
         assert self.nft is not None
         model = snap.model
         self.node_zone = model.node.zone  # a new zone makes the render full (chain_inputs)
+        self.node = model.node  # its IPs: `--nodeport-addresses primary`
         if full or not snap.changed:
             await self._refresh_addresses()
         results: dict[int, RenderResult] = {}
@@ -260,6 +281,8 @@ class NftablesDataPlane:
         t0 = time.perf_counter()
         await self._clear_conntrack(model, None if full else snap.changed)
         self.last_conntrack_seconds = time.perf_counter() - t0
+        if self.loopback is not None:
+            await self.loopback.sync(snap, full)
         (log.info if full else log.debug)(
             "nftables %s sync: render %.3fs, nft %.3fs (%d transactions), %d elements in "
             "%d chains%s, conntrack %.3fs",
