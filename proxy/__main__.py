@@ -18,6 +18,9 @@ def _setup_logging(level: str) -> None:
     # The kubernetes client and aiohttp are chatty at info; their warnings still show.
     for noisy in ("kubernetes", "urllib3", "aiohttp.access", "pyroute2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # urllib3 warns on each of its immediate retries; the watch logs one line per failed
+    # request itself, saying what to do.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,6 +66,11 @@ def make_source(cfg: Config, store: Store) -> Source:
         return ManifestsSource(cfg.manifests, store)
     from proxy.endpoints.kube import DEFAULT_KINDS, KubeSource, this_node
 
+    if cfg.proxy_mode == "userspace":
+        from proxy.userspace.dataplane import laptop_mode
+
+        if laptop_mode(cfg):  # a laptop is no Node: its user needs no right to read Nodes
+            return KubeSource(cfg, store)
     # Services, EndpointSlices and this node's own Node (zone, node IPs).
     return KubeSource(cfg, store, kinds=(*DEFAULT_KINDS, this_node(cfg.hostname)))
 

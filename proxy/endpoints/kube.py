@@ -12,8 +12,8 @@ not wait out the reconnect backoff. A stream that did useful work resumes at onc
 Everything is read as raw JSON (`_preload_content=False`): the client's model objects
 cost several times more CPU than parsing itself (see bench/watch_decode.py), and the
 store wants the wire's camelCase dicts anyway. Watch lines are one `json.loads` each; a
-list is decoded one item at a time (`decode_list`), so no single C call holds the GIL
-for long while the event loop's thread waits for it.
+list is decoded one item at a time (`ListReader`) and each item parsed as it comes, so no
+single C call holds the GIL for long and the decoded list never exists whole.
 
 Services labelled `service.kubernetes.io/service-proxy-name` are kept: the parser marks
 them (Service.proxy_name), data planes skip them and DNS still answers for them.
@@ -179,7 +179,7 @@ class _Informer:
                 except Exception as e:
                     if self._stopping.is_set():
                         return
-                    why = f"list failed: {_describe(e)}"
+                    why = f"list failed: {_describe(e)}{_advice(e, self.resource)}"
                     self._restart("error", why, "retrying the list", self._delay_after(e))
                     continue
             started, self.events, self.streaming = time.monotonic(), 0, False
@@ -248,13 +248,15 @@ class _Informer:
             resp.release_conn()
             self._set_resp(None)
         with memory.gc_paused():
-            items, list_rv = decode_list(data)
+            reader = ListReader(data)
             del data, resp  # the body (tens of MB at 100k endpoints) is not needed any more
-            n = len(items)
-            self._store.replace(self.kind, _drain(items))
-        self.rv = list_rv
+            counted = _Counted(reader.items())
+            # Decoded, parsed and dropped one object at a time; a bad body raises before
+            # the store applies anything.
+            self._store.replace(self.kind, counted)
+        self.rv = reader.rv
         self.synced.set()
-        log.info("listed %d %s at resourceVersion %s", n, self.resource, list_rv)
+        log.info("listed %d %s at resourceVersion %s", counted.n, self.resource, reader.rv)
 
     # -- watch -----------------------------------------------------------------------------
 
@@ -362,80 +364,126 @@ _DECODER = json.JSONDecoder()
 _WS = re.compile(r"[ \t\n\r]*")
 
 
+class ListReader:
+    """A list response, its items decoded one at a time as they are asked for.
+
+    The items are handed over as they are decoded (`items()`), never gathered in a list:
+    the parser turns each into a record and drops it, so the decoded objects of a big
+    list (76 MiB of dicts for 10k EndpointSlices with 100k endpoints) never exist at once,
+    and the few that are alive reuse the same heap, which is given back afterwards. One
+    `json.loads` of the whole body would also be one C call holding the GIL throughout
+    (~0.2 s CPU for 10k EndpointSlices) while the event loop's thread waits for it.
+
+    `items()` raises ValueError when the body is not a list response: after its last
+    item at the latest (a truncated body, no resourceVersion), so a consumer that applies
+    nothing before the iterator is exhausted (`Store.replace`) applies nothing then.
+    `rv` is the list's metadata.resourceVersion once `items()` is exhausted.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._text: str | None = data.decode("utf-8")
+        self.rv = ""
+
+    def items(self) -> Iterator[dict[str, Any]]:
+        text, self._text = self._text, None  # one pass; the text goes with the generator
+        if text is None:
+            raise ValueError("list response already read")
+        ws, decode = _WS.match, _DECODER.raw_decode
+        meta: Any = None
+        try:
+            i = ws(text, 0).end()  # type: ignore[union-attr]
+            if text[i] != "{":
+                raise ValueError("list response is not an object")
+            i = ws(text, i + 1).end()  # type: ignore[union-attr]
+            while text[i] != "}":
+                key, i = decode(text, i)
+                i = ws(text, i).end()  # type: ignore[union-attr]
+                if text[i] != ":":
+                    raise ValueError(f"expected ':' at {i}")
+                i = ws(text, i + 1).end()  # type: ignore[union-attr]
+                if key == "items" and text[i] == "[":
+                    i = ws(text, i + 1).end()  # type: ignore[union-attr]
+                    while text[i] != "]":
+                        item, i = decode(text, i)
+                        if isinstance(item, dict):
+                            yield item
+                        del item  # the consumer holds the only reference now
+                        i = ws(text, i).end()  # type: ignore[union-attr]
+                        if text[i] == ",":
+                            i = ws(text, i + 1).end()  # type: ignore[union-attr]
+                        elif text[i] != "]":
+                            raise ValueError(f"expected ',' or ']' at {i}")
+                    i += 1
+                else:
+                    value, i = decode(text, i)
+                    if key == "metadata":
+                        meta = value
+                    elif key == "items" and value is not None:
+                        raise ValueError("list response has items that are not a list")
+                i = ws(text, i).end()  # type: ignore[union-attr]
+                if text[i] == ",":
+                    i = ws(text, i + 1).end()  # type: ignore[union-attr]
+                elif text[i] != "}":
+                    raise ValueError(f"expected ',' or '}}' at {i}")
+        except IndexError:
+            raise ValueError("list response is truncated") from None
+        rv = meta.get("resourceVersion") if isinstance(meta, dict) else None
+        if not isinstance(rv, str) or not rv:
+            raise ValueError("list response has no resourceVersion")
+        self.rv = rv
+
+
 def decode_list(data: bytes) -> tuple[list[dict[str, Any]], str]:
     """A list response → (its items that are objects, metadata.resourceVersion);
-    ValueError if it is not a list.
-
-    Decoded one item at a time: `json.loads` of the whole body is one C call that holds
-    the GIL throughout (~0.2 s CPU for 10k EndpointSlices), and the event loop's thread
-    would wait that long. Between items the interpreter can hand the GIL over.
-    """
-    text = data.decode("utf-8")
-    ws, decode = _WS.match, _DECODER.raw_decode
-    items: list[Any] | None = None  # (kept as decoded; filtered at the end)
-    meta: Any = None
-    try:
-        i = ws(text, 0).end()  # type: ignore[union-attr]
-        if text[i] != "{":
-            raise ValueError("list response is not an object")
-        i = ws(text, i + 1).end()  # type: ignore[union-attr]
-        while text[i] != "}":
-            key, i = decode(text, i)
-            i = ws(text, i).end()  # type: ignore[union-attr]
-            if text[i] != ":":
-                raise ValueError(f"expected ':' at {i}")
-            i = ws(text, i + 1).end()  # type: ignore[union-attr]
-            if key == "items" and text[i] == "[":
-                items = []
-                i = ws(text, i + 1).end()  # type: ignore[union-attr]
-                while text[i] != "]":
-                    item, i = decode(text, i)
-                    items.append(item)
-                    i = ws(text, i).end()  # type: ignore[union-attr]
-                    if text[i] == ",":
-                        i = ws(text, i + 1).end()  # type: ignore[union-attr]
-                    elif text[i] != "]":
-                        raise ValueError(f"expected ',' or ']' at {i}")
-                i += 1
-            else:
-                value, i = decode(text, i)
-                if key == "metadata":
-                    meta = value
-                elif key == "items":
-                    items = value if value is not None else []
-            i = ws(text, i).end()  # type: ignore[union-attr]
-            if text[i] == ",":
-                i = ws(text, i + 1).end()  # type: ignore[union-attr]
-            elif text[i] != "}":
-                raise ValueError(f"expected ',' or '}}' at {i}")
-    except IndexError:
-        raise ValueError("list response is truncated") from None
-    rv = meta.get("resourceVersion") if isinstance(meta, dict) else None
-    if items is None:
-        items = []
-    if not isinstance(items, list) or not isinstance(rv, str) or not rv:
-        raise ValueError("list response has no items or resourceVersion")
-    if not all(isinstance(i, dict) for i in items):
-        items = [i for i in items if isinstance(i, dict)]
-    return items, rv
+    ValueError if it is not a list. (Everything at once: for tests and small lists.)"""
+    reader = ListReader(data)
+    items = list(reader.items())
+    return items, reader.rv
 
 
-def _drain(items: list[Any]) -> Iterator[dict[str, Any]]:
-    """The list's objects in order, each dropped from `items` as it is handed over, so
-    the parser holds the only reference and a parsed object is freed at once."""
-    items.reverse()
-    while items:
-        obj = items.pop()
-        if isinstance(obj, dict):
-            yield obj
+class _Counted:
+    """An iterator that counts what it hands over (for the list's log line)."""
+
+    def __init__(self, it: Iterator[dict[str, Any]]) -> None:
+        self._it = it
+        self.n = 0
+
+    def __iter__(self) -> _Counted:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        obj = next(self._it)
+        self.n += 1
+        return obj
 
 
 def _describe(e: BaseException) -> str:
     if isinstance(e, ApiException):
-        return f"HTTP {e.status} {e.reason or ''}".strip()
+        text = f"HTTP {e.status} {e.reason or ''}".strip()
+        try:  # the API server's Status says who was refused what
+            message = str(json.loads(e.body or "{}").get("message") or "").strip()
+        except (ValueError, AttributeError):
+            message = ""
+        if not message or message == e.reason:
+            return text
+        return f"{text} ({message.splitlines()[0]})"
     if isinstance(e, urllib3.exceptions.MaxRetryError) and e.reason is not None:
         return _first_line(e.reason)
     return f"{type(e).__name__}: {_first_line(e)}"
+
+
+def _advice(e: BaseException, resource: str) -> str:
+    """What to do about a failed list, appended to its log line ("" when nothing helps)."""
+    if isinstance(e, ApiException) and e.status == 401:
+        return " (the API server refused the kubeconfig's credentials: renew them, log in again)"
+    if isinstance(e, ApiException) and e.status == 403:
+        return (
+            f" (grant list and watch on {resource}: manifests/examples/laptop-rbac.yaml for a "
+            "person, manifests/base for the DaemonSet's service account)"
+        )
+    if isinstance(e, _NO_ANSWER):
+        return " (is the API server up and reachable from here? check the kubeconfig's server)"
+    return ""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from proxy.iptables.backend import run, which
@@ -287,6 +287,29 @@ class Conntrack:
             if res.rc == 0:
                 out += parse_list(res.out)
         return out
+
+    async def clear_stale(
+        self,
+        prev: Model | None,
+        model: Model,
+        node_name: str,
+        changed: frozenset[ServiceKey] | None,
+        families: Collection[int],
+    ) -> None:
+        """Delete the flows `model` made stale since `prev` (after a start, the ones the
+        table holds for it), for the programmed families; failures are logged, never
+        fail the sync."""
+        try:
+            if prev is None:
+                entries: list[Entry] = []
+                for fam in families:
+                    entries += await self.list(fam)
+                flushes = reconcile(entries, model)
+            else:  # O(changed Services) but may be large after a relist: off the loop
+                flushes = await asyncio.to_thread(stale_flushes, prev, model, node_name, changed)
+            await self.flush(f for f in flushes if f.family in families)
+        except Exception:
+            log.exception("conntrack cleanup failed")
 
 
 def _count(text: str) -> int:

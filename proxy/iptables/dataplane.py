@@ -336,12 +336,20 @@ class IptablesDataPlane:
                         len(added),
                         ", ".join(added),
                     )
-            for part in results[fam].pre:  # nft: big writes in Service-sized chunks
+            pre = results[fam].pre  # nft: big writes in Service-sized chunks
+            for i in range(len(pre)):
+                # A large render's chunks are written when read (tens of ms each): off
+                # the loop, one at a time, so only the one being restored is in memory.
+                t0 = time.perf_counter()
+                part = await loop.run_in_executor(None, pre.__getitem__, i)
+                render_s += time.perf_counter() - t0
                 restore_s += await ap.restore(part)
+                del part
             restore_s += await self._restore(fam, results[fam].text)
             self._state[fam] = results[fam].state
             if self._held.get(fam) and (full or not snap.changed):  # full and periodic
                 await self._delete_held(fam, results[fam].state)
+        self.last_render_seconds = render_s
         self.last_restore_seconds = restore_s
         self._set_rule_metrics(results)
         # Ports without local endpoints for a Local policy (the same in every family).
@@ -436,25 +444,9 @@ class IptablesDataPlane:
             metrics.IPTABLES_RULES_LAST.labels(table=table).set(n)
 
     async def _clear_conntrack(self, model: Model, changed: frozenset | None) -> None:
-        """Delete stale UDP/SCTP flows; failures are logged, never fail the sync."""
         t0 = time.perf_counter()
-        loop = asyncio.get_running_loop()
         prev, self._model = self._model, model
-        try:
-            if prev is None:
-                entries: list[conntrack.Entry] = []
-                for fam in self.families:
-                    entries += await self.conntrack.list(fam)
-                flushes = conntrack.reconcile(entries, model)
-            else:
-                job = functools.partial(
-                    conntrack.stale_flushes, prev, model, self.cfg.hostname, changed
-                )
-                flushes = await loop.run_in_executor(None, job)
-            flushes = [f for f in flushes if f.family in self.appliers]
-            await self.conntrack.flush(flushes)
-        except Exception:
-            log.exception("conntrack cleanup failed")
+        await self.conntrack.clear_stale(prev, model, self.cfg.hostname, changed, self.appliers)
         self.last_conntrack_seconds = time.perf_counter() - t0
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from itertools import repeat
 from operator import itemgetter
 from types import MappingProxyType
-from typing import Any
+from typing import Any, overload
 
 from proxy.iptables.names import (
     endpoint_chain,
@@ -74,7 +74,10 @@ NAT_CHAINS = (KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ)
 TOP_CHAINS = frozenset((FILTER, c) for c in FILTER_CHAINS) | frozenset((NAT, c) for c in NAT_CHAINS)
 
 _NEW = ("-m", "conntrack", "--ctstate", "NEW")
-_NONE: frozenset[tuple[str, str]] = frozenset()
+ChainNames = tuple[tuple[str, str], ...]
+"""(table, chain) of one Service's own chains, in the order its plan makes them: a tuple,
+not a set (10k Services: ~5 MB less in the state), so compared as made."""
+_NONE: ChainNames = ()
 
 
 def _jump(
@@ -125,7 +128,7 @@ CT_STATE_INVALID_COUNTER = "ct_state_invalid_dropped_pkts"
 LOCALHOST_NODEPORTS_COUNTER = "localhost_nps_accepted_pkts"
 NFACCT_COUNTERS = (CT_STATE_INVALID_COUNTER, LOCALHOST_NODEPORTS_COUNTER)
 
-# Above this many nat rules the render state keeps no chain text (memory over speed).
+# Above about this many nat rules the render state keeps no chain text (memory over speed).
 TEXT_CACHE_MAX_RULES = 100_000
 
 
@@ -167,9 +170,7 @@ class RenderState:
     """What the previous render left in the kernel (opaque to callers)."""
 
     chains: frozenset[tuple[str, str]] = frozenset()  # (table, chain) this proxy owns
-    service_chains: Mapping[ServiceKey, frozenset[tuple[str, str]]] = field(
-        default_factory=_empty_map
-    )
+    service_chains: Mapping[ServiceKey, ChainNames] = field(default_factory=_empty_map)
     # -- additions --
     service_rules: Mapping[ServiceKey, int] = field(default_factory=_empty_map)  # nat rules
     config: RenderConfig | None = None  # None: unknown, so the next render is full
@@ -188,7 +189,7 @@ class RenderResult:
     full: bool = True  # whether this was a full render
     # Restores to run, in order, before `text` (see `chunk_chains`): each holds the whole
     # chain set of some Services, leaf chains first, so every one is consistent alone.
-    pre: tuple[str, ...] = ()
+    pre: Sequence[str] = ()
     # Service ports with endpoints but none on this node for a Local policy, (internal,
     # external): kube-proxy's sync_proxy_rules_no_local_endpoints_total.
     no_local_endpoints: tuple[int, int] = (0, 0)
@@ -325,7 +326,7 @@ class ServiceFragment:
     eps: ServiceEndpoints | None
     ports: list[ServicePortInfo] | None = field(default_factory=list)  # None once written
     top: TopLevelRules = field(default_factory=TopLevelRules)
-    names: frozenset[tuple[str, str]] = _NONE  # (table, chain) of its own chains
+    names: ChainNames = _NONE  # (table, chain) of its own chains
     n_endpoints: int = 0
     # Ports with endpoints but none here for a Local policy: [internal, external]
     no_local: list[int] = field(default_factory=lambda: [0, 0])
@@ -393,7 +394,7 @@ class _Renderer:
                 self._plan_port(svc, port, cip, ext_ips, lb_ips, ranges, items, f, names)
             )
         f.ports = planned
-        f.names = frozenset(zip(repeat(NAT), names))
+        f.names = tuple(zip(repeat(NAT), names))
         return f
 
     def _plan_port(
@@ -562,6 +563,34 @@ class _Renderer:
             names.append(svl)
         names.extend([e.chain_name for e in reach])
         return p
+
+    def count(self, f: ServiceFragment) -> int:
+        """The rules write() makes for `f`'s chains (either comment flavour), from its plan
+        alone; tests check it against what write() makes."""
+        if not f.names or not f.ports:
+            return 0
+        n = 0
+        masq_any = self.cfg.masquerade_all or bool(self.cidr)
+        for p in f.ports:
+            if p.uses_external_traffic_chain:
+                n += (3 if self.cidr else 2) if p.external_policy_local else 1
+                n += p.has_external_endpoints
+            if p.uses_fw_chain:
+                ranges = p.load_balancer_source_ranges
+                n += len(ranges) + 1
+                node_ip = self.node_ip
+                if node_ip is not None and any(node_ip in ipaddress.ip_network(c) for c in ranges):
+                    n += len(p.load_balancer_ips)
+            per = 2 if p.sticky_max_age_seconds else 1
+            masq = p.has_internal_endpoints and masq_any
+            if p.cluster_endpoints:
+                n += per * len(p.cluster_endpoints)
+                n += masq and p.internal_policy_chain == p.cluster_policy_chain_name
+            if p.local_endpoints:
+                n += per * len(p.local_endpoints)
+                n += masq and p.internal_policy_chain == p.local_policy_chain_name
+            n += 2 * len(p.all_locally_reachable_endpoints)
+        return n
 
     # -- writing --------------------------------------------------------------------------
 
@@ -792,14 +821,22 @@ def _render(
         old = previous.fragments
     prev_names = previous.service_chains if previous is not None else {}
     r = _Renderer(cfg)
+    services = model.services
+    endpoints = model.endpoints
+    # Large rulesets: the state keeps each Service's plan outcome (names, top-level rules,
+    # counts) but neither its per-endpoint plan nor its chain text; they are made again
+    # when needed (a later full render: ~0.7 s at 320k rules, small beside
+    # iptables-restore). Decided up front (every endpoint is at least three nat rules), so
+    # that at 10k Services neither every plan nor every Service's text is alive at once.
+    lean = 3 * sum(len(e) for se in endpoints.values() for e in se.ports.values()) > (
+        TEXT_CACHE_MAX_RULES
+    )
 
     # Pass 1: plan every Service (or reuse its fragment); top-level rules are collected.
     top = TopLevelRules()
     frags: list[tuple[ServiceKey, ServiceFragment, bool]] = []
     total_endpoints = 0
     no_local_int = no_local_ext = 0
-    services = model.services
-    endpoints = model.endpoints
     for key in sorted(services):
         svc = services[key]
         eps = endpoints.get(key)
@@ -809,6 +846,9 @@ def _render(
             f = r.plan(svc, eps)
             if f is None:
                 continue
+            if lean:  # its rules are counted now and written when their chunk is
+                f.n_rules = r.count(f)
+                f.ports = None
         elif f.svc is not svc or f.eps is not eps:  # equal records: adopt the new ones
             f = f.copy()
             f.svc, f.eps = svc, eps
@@ -818,73 +858,94 @@ def _render(
         top.extend(f.top)
         frags.append((key, f, fresh))
 
-    # Pass 2: write per-Service chains where needed. (Fragments from `previous` always hold
-    # their lines: they were written when they were made.)
+    # Pass 2: write per-Service chains where needed. (Fragments from `previous` hold their
+    # lines unless the state was lean: they were written when they were made.)
     comments = total_endpoints <= cfg.large_cluster_threshold
-    n_decl: list[str] = []
-    n_rules: list[str] = []
     skipped = n_written = 0
     new_frags: dict[ServiceKey, ServiceFragment] = {}
-    touched: list[ServiceKey] = []
+    todo: list[tuple[ServiceKey, ServiceFragment]] = []
     for key, f, fresh in frags:
         if not full and not fresh and prev_names.get(key, _NONE) == f.names:
             new_frags[key] = f  # unchanged and already in the kernel
             skipped += f.n_rules
             continue
-        touched.append(key)
-        f = r.write(f, comments)
-        new_frags[key] = f
-        if f.decl:
-            n_decl.append(f.decl)
-        if f.rules:
-            n_rules.append(f.rules)
-        n_written += f.n_rules
-
-    pre: list[str] = []
-    if chunk_chains > 0 and len(n_decl) > 1:
-        # Whole Services per chunk (a Service's chains are replaced atomically); the final
-        # text keeps the top level, the remainder and the stale-chain deletions.
-        n_chains = sum(len(new_frags[k].names) for k in touched)
-        if n_chains > chunk_chains:
-            # Service chains jump to KUBE-MARK-MASQ, which may not exist yet on a first
-            # sync: each chunk carries it whole (same content, replaced atomically).
-            mark = cfg.masquerade_mark
-            mark_masq = (
-                f":{KUBE_MARK_MASQ} - [0:0]",
-                f"-A KUBE-MARK-MASQ -j MARK --or-mark {mark}",
-            )
-            block: list[str] = []
-            block_rules: list[str] = []
-            in_block = 0
-            for key in touched:
-                f = new_frags[key]
-                if not f.decl:
-                    continue
-                block.append(f.decl)
-                if f.rules:
-                    block_rules.append(f.rules)
+        todo.append((key, f))
+    del frags
+    touched = [key for key, _ in todo]
+    # Whole Services per chunk (a Service's chains are replaced atomically); the final
+    # text keeps the top level, the remainder and the stale-chain deletions.
+    chunking = (
+        chunk_chains > 0
+        and sum(1 for _, f in todo if f.names) > 1
+        and sum(len(f.names) for _, f in todo) > chunk_chains
+    )
+    # Service chains jump to KUBE-MARK-MASQ, which may not exist yet on a first sync:
+    # each chunk carries it whole (same content, replaced atomically).
+    mark_masq = (
+        f":{KUBE_MARK_MASQ} - [0:0]",
+        f"-A KUBE-MARK-MASQ -j MARK --or-mark {cfg.masquerade_mark}",
+    )
+    n_decl: list[str] = []
+    n_rules: list[str] = []
+    pre: Sequence[str] = ()
+    if chunking and lean:
+        # Chunks are written when they are restored, one at a time (`_Chunks`).
+        groups: list[tuple[ServiceFragment, ...]] = []
+        group: list[ServiceFragment] = []
+        in_block = 0
+        for key, f in todo:
+            if f.comments is not None:  # text from a state that kept it
+                f = _textless(f)
+            new_frags[key] = f
+            n_written += f.n_rules
+            if f.names:
+                group.append(f)
                 in_block += len(f.names)
                 if in_block >= chunk_chains:
-                    pre.append("\n".join(("*nat", *mark_masq, *block, *block_rules, "COMMIT\n")))
-                    block, block_rules, in_block = [], [], 0
-            n_decl, n_rules = block, block_rules
+                    groups.append(tuple(group))
+                    group, in_block = [], 0
+        for f in group:  # the remainder goes into the final text
+            w = r.write(f.copy(), comments)
+            n_decl.append(w.decl)
+            if w.rules:
+                n_rules.append(w.rules)
+        pre = _Chunks(r, comments, mark_masq, groups)
+    else:
+        chunks: list[str] = []
+        in_block = 0
+        for key, f in todo:
+            f = r.write(f, comments)
+            n_written += f.n_rules
+            decl, rules = f.decl, f.rules
+            new_frags[key] = _textless(f) if lean and (decl or rules) else f
+            if decl:
+                n_decl.append(decl)
+            if rules:
+                n_rules.append(rules)
+            if chunking and decl:
+                in_block += len(f.names)
+                if in_block >= chunk_chains:
+                    chunks.append("\n".join(("*nat", *mark_masq, *n_decl, *n_rules, "COMMIT\n")))
+                    n_decl, n_rules, in_block = [], [], 0
+        pre = tuple(chunks)
+    del todo
 
     service_chains = {k: f.names for k, f in new_frags.items() if f.names}
     if full:
         owned = set(TOP_CHAINS)
         for names in service_chains.values():
-            owned |= names
+            owned.update(names)
         stale: Iterable[tuple[str, str]] = previous.chains - owned if previous else ()
     else:
         assert previous is not None
         removed: set[tuple[str, str]] = set()
         added: set[tuple[str, str]] = set()
         for k in touched:
-            removed |= prev_names.get(k, _NONE)
-            added |= new_frags[k].names
+            removed.update(prev_names.get(k, _NONE))
+            added.update(new_frags[k].names)
         for k in prev_names:
             if k not in new_frags:  # Service gone (or no longer proxied)
-                removed |= prev_names[k]
+                removed.update(prev_names[k])
         owned = set((previous.chains - removed) | added | TOP_CHAINS)
         stale = removed - owned
     stale_by_table: dict[str, list[str]] = {}
@@ -892,17 +953,10 @@ def _render(
         stale_by_table.setdefault(table, []).append(chain)
 
     text, written = _assemble(cfg, top, n_decl, n_rules, n_written, stale_by_table)
-    if n_written + skipped > TEXT_CACHE_MAX_RULES:
-        # Large rulesets: keep the plan's outcome (names, top-level rules, counts) but not
-        # the chain text; a later full render writes those Services again (~0.7 s at
-        # 320k rules, small beside iptables-restore) and the state is ~30 MB smaller.
+    if lean:  # fragments reused from a state that kept text
         for k, f in new_frags.items():
             if f.decl or f.rules:
-                g = f.copy()
-                g.decl = g.rules = ""
-                g.comments = None
-                g.ports = None
-                new_frags[k] = g
+                new_frags[k] = _textless(f)
     state = RenderState(
         chains=frozenset(owned),
         service_chains=MappingProxyType(service_chains),
@@ -916,9 +970,65 @@ def _render(
         rules=MappingProxyType({FILTER: written[FILTER], NAT: written[NAT] + skipped}),
         rules_written=MappingProxyType(written),
         full=full,
-        pre=tuple(pre),
+        pre=pre,
         no_local_endpoints=(no_local_int, no_local_ext),
     )
+
+
+class _Chunks(Sequence[str]):
+    """The restores of a large render's per-Service chains, each written when it is read
+    (whole Services, leaf chains first; see `render`'s chunk_chains): at 10k Services all
+    of them at once were a copy of the whole ruleset (~30 MB) and of every Service's plan,
+    held through all the restores. Pure like the render: reading one twice gives the
+    same text. Read them from a worker thread: each is tens of ms of CPU."""
+
+    def __init__(
+        self,
+        r: _Renderer,
+        comments: bool,
+        head: tuple[str, ...],
+        groups: Sequence[tuple[ServiceFragment, ...]],
+    ) -> None:
+        self._r, self._comments, self._head, self._groups = r, comments, head, groups
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | Sequence[str]:
+        if isinstance(i, slice):
+            return _Chunks(self._r, self._comments, self._head, self._groups[i])
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # as in render(): nothing cyclic is made, and the heap is large
+        try:
+            decl: list[str] = []
+            rules: list[str] = []
+            for f in self._groups[i]:
+                w = self._r.write(f.copy(), self._comments)  # the state's own stays lean
+                decl.append(w.decl)
+                if w.rules:
+                    rules.append(w.rules)
+            return "\n".join(("*nat", *self._head, *decl, *rules, "COMMIT\n"))
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def __repr__(self) -> str:
+        return f"<{len(self._groups)} restores written when read>"
+
+
+def _textless(f: ServiceFragment) -> ServiceFragment:
+    """A copy of `f` without its chain text (and plan): written again when needed."""
+    g = f.copy()
+    g.decl = g.rules = ""
+    g.comments = None
+    g.ports = None
+    return g
 
 
 def _assemble(

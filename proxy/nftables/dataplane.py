@@ -34,7 +34,14 @@ from proxy.nftables.nft import (
     open_both,
     open_nft,
 )
-from proxy.nftables.render import TABLE, NftConfig, RenderResult, RenderState, render
+from proxy.nftables.render import (
+    TABLE,
+    FullStream,
+    NftConfig,
+    RenderResult,
+    RenderState,
+    render,
+)
 
 log = logging.getLogger("proxy.nftables")
 
@@ -209,32 +216,41 @@ class NftablesDataPlane:
         if full or not snap.changed:
             await self._refresh_addresses()
         results: dict[int, RenderResult] = {}
-        t0 = time.perf_counter()
+        render_s = apply_s = 0.0
+        txns = 0
         for fam in self.families:
-            job = functools.partial(
-                render,
-                model,
-                self.render_config(fam),
-                changed=None if full else snap.changed,
-                # a full render reuses the unchanged Services' plans of a known state
-                previous=self._state.get(fam),
-            )
-            results[fam] = await asyncio.to_thread(job)
-        self.last_render_seconds = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        for fam, res in results.items():
-            if res.text:
-                out = await asyncio.to_thread(self.nft.run, res.text)
-                if out.rc != 0:
-                    raise NftError(
-                        f"nft: {_family_name(fam)} {TABLE} transaction failed: "
-                        f"{first_error(out.err, res.text)}"
-                    )
+            t0 = time.perf_counter()
+            if full:
+                res, produce, n = await asyncio.to_thread(self._apply_full, fam, model)
+                render_s += produce
+                apply_s += time.perf_counter() - t0 - produce
+                txns += n
+            else:
+                job = functools.partial(
+                    render,
+                    model,
+                    self.render_config(fam),
+                    changed=snap.changed,
+                    previous=self._state.get(fam),
+                )
+                res = await asyncio.to_thread(job)
+                t1 = time.perf_counter()
+                render_s += t1 - t0
+                if res.text:
+                    out = await asyncio.to_thread(self.nft.run, res.text)
+                    if out.rc != 0:
+                        raise NftError(
+                            f"nft: {_family_name(fam)} {TABLE} transaction failed: "
+                            f"{first_error(out.err, res.text)}"
+                        )
+                    txns += 1
+                apply_s += time.perf_counter() - t1
+            results[fam] = res
             self._state[fam] = res.state
             ELEMENTS.labels(ip_family=str(fam)).set(res.elements)
             CHAINS.labels(ip_family=str(fam)).set(res.chains)
-        self.last_apply_seconds = self.last_restore_seconds = time.perf_counter() - t0
+        self.last_render_seconds = render_s
+        self.last_apply_seconds = self.last_restore_seconds = apply_s
         self.syncs += 1
         t0 = time.perf_counter()
         if not self._took_over:
@@ -245,16 +261,36 @@ class NftablesDataPlane:
         await self._clear_conntrack(model, None if full else snap.changed)
         self.last_conntrack_seconds = time.perf_counter() - t0
         (log.info if full else log.debug)(
-            "nftables %s sync: render %.3fs, nft %.3fs, %d elements in %d chains%s, "
-            "conntrack %.3fs",
+            "nftables %s sync: render %.3fs, nft %.3fs (%d transactions), %d elements in "
+            "%d chains%s, conntrack %.3fs",
             "full" if full else "partial",
             self.last_render_seconds,
             self.last_apply_seconds,
+            txns,
             sum(r.elements for r in results.values()),
             sum(r.chains for r in results.values()),
             f", iptables leftovers check {takeover:.3f}s" if takeover > 0.0005 else "",
             self.last_conntrack_seconds,
         )
+
+    def _apply_full(self, family: int, model: Model) -> tuple[RenderResult, float, int]:
+        """Render and apply one family's full ruleset, streamed: the text is produced in
+        parts straight into nft's input, never held whole. Into a table that did not
+        exist (a node's first start) as several transactions, each applied while the next
+        is rendered; otherwise one transaction, which recreates the table atomically.
+        Returns the result, the seconds spent rendering, and the transactions run."""
+        assert self.nft is not None
+        table = f"{_family_name(family)} {TABLE}"
+        fresh = self.nft.create_table(table)
+        stream = FullStream(model, self.render_config(family), previous=self._state.get(family))
+        out = self.nft.run_parts(stream, pipelined=fresh)
+        if out.result.rc != 0:
+            raise NftError(
+                f"nft: {table} full transaction failed"
+                f"{f' (part {out.transactions})' if fresh else ''}: "
+                f"{first_error(out.result.err, '')}"
+            )
+        return stream.result(), out.produce_seconds, out.transactions
 
     async def _remove_iptables_leftovers(self) -> None:
         """Takeover: the iptables mode's (or kube-proxy's) chains go once ours are in."""
@@ -269,20 +305,7 @@ class NftablesDataPlane:
 
     async def _clear_conntrack(self, model: Model, changed: frozenset | None) -> None:
         prev, self._model = self._model, model
-        try:
-            if prev is None:
-                entries: list[conntrack.Entry] = []
-                for fam in self.families:
-                    entries += await self.conntrack.list(fam)
-                flushes = conntrack.reconcile(entries, model)
-            else:
-                job = functools.partial(
-                    conntrack.stale_flushes, prev, model, self.cfg.hostname, changed
-                )
-                flushes = await asyncio.to_thread(job)
-            await self.conntrack.flush([f for f in flushes if f.family in self.families])
-        except Exception:
-            log.exception("conntrack cleanup failed")
+        await self.conntrack.clear_stale(prev, model, self.cfg.hostname, changed, self.families)
 
 
 async def remove_tables_on_takeover() -> None:

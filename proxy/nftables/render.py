@@ -38,7 +38,7 @@ import base64
 import gc
 import hashlib
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from types import MappingProxyType
@@ -654,95 +654,189 @@ def _element_text(m: int, k: str, v: str) -> str:
 
 
 def _render_full(model, cfg, planner, previous) -> RenderResult:
-    contribs: dict[ServiceKey, _Contrib] = {}
-    old = previous.contribs if previous is not None and previous.config == cfg else _EMPTY
-    services = model.services
-    endpoints = model.endpoints
-    for key in sorted(services):
-        svc = services[key]
-        eps = endpoints.get(key)
-        c = old.get(key)
-        if c is None or not _same(c, svc, eps):
-            c = planner.plan(svc, eps)
-        if c is not None:
-            contribs[key] = c
-    owners: dict[str, ServiceKey] = {}
-    shadows: dict[str, set[ServiceKey]] = {}
-    per_map: list[list[str]] = [[] for _ in MAP_NAMES]
-    hairpin: dict[str, int] = {}
-    in_use: set[str] = set()
-    chains: dict[str, tuple[str, ...]] = {}
-    sets: dict[str, str] = {}
-    for key, c in contribs.items():  # sorted: the first claimant owns a frontend
-        for g, els in c.groups.items():
-            if g in owners:
-                shadows.setdefault(g, set()).add(key)
-                continue
-            owners[g] = key
-            for m, k, v in els:
-                per_map[m].append(f"{k} : {v}" if v else k)
-        for ip in c.hairpin:
-            hairpin[ip] = hairpin.get(ip, 0) + 1
-        in_use.update(c.pickers)
-        if c.chains:
-            chains.update(c.chains)
-            sets.update(c.sets)
-    per_map[HAIRPIN] = [f"{ip} . {ip}" for ip in hairpin]
-    np_ips = cfg.nodeport_ips()
-    per_map[NODEPORT_IPS] = list(np_ips or ())
+    stream = FullStream(model, cfg, planner=planner, previous=previous)
+    text = "".join(stream)
+    return stream.result(text)
 
-    fam = cfg.ipx
-    decls, fixed_chains, base_rules = _fixed(cfg)
-    lines = [
-        f"add table {fam} {TABLE}",
-        f"delete table {fam} {TABLE}",  # with the line above: recreate, atomically
-        f"table {fam} {TABLE} {{",
-        '\tcomment "rules for kube-proxy-py"',
-    ]
-    for idx in range(len(MAP_NAMES)):
-        if idx == NODEPORT_IPS and np_ips is None:
-            continue
-        lines.append("\t" + _map_decl(cfg, idx))
-    for name, body in sorted(sets.items()):
-        lines.append(f"\tset {name} {{ {body} }}")
-    all_chains = dict(fixed_chains)
-    pickers = declared_pickers(in_use)
-    for p in pickers:
-        all_chains[p] = picker_rules(cfg, p)
-    all_chains.update(sorted(chains.items()))
-    for name, rules in all_chains.items():
-        lines.append(f"\tchain {name} {{")
-        lines.extend(f"\t\t{r}" for r in rules)
-        lines.append("\t}")
-    for decl, rules in zip(decls, base_rules.values(), strict=True):
-        lines.append(f"\t{decl}")
-        lines.extend(f"\t\t{r}" for r in rules)
-        lines.append("\t}")
-    lines.append("}")
-    n_elements = 0
+
+def _picker_bound(model: Model) -> list[str]:
+    """Picker names covering every endpoint count the model can use: a port's usable
+    endpoints are some of its raw ones, so the largest raw count bounds them all. (The
+    table's head, with the pickers, is written before any Service is planned.)"""
+    top = 0
+    for eps in model.endpoints.values():
+        for v in eps.ports.values():
+            if len(v) > top:
+                top = len(v)
+    return [f"pick-{top}"] if top else []
+
+
+class FullStream:
+    """A full render, produced piece by piece: iterating yields nft input in parts of at
+    most PART_ELEMENTS elements, each a sequence of whole commands (a transaction may end
+    after any part), the first part the table itself. Services are planned as the parts
+    are produced, so a consumer applying parts while later ones are planned overlaps the
+    render with nft, and no whole transaction text is ever held. `result()` after the
+    iteration: the state and counts."""
+
+    def __init__(
+        self,
+        model: Model,
+        cfg: NftConfig,
+        *,
+        planner: _Planner | None = None,
+        previous: RenderState | None = None,
+        part_elements: int = 0,
+    ) -> None:
+        self.part_elements = part_elements or PART_ELEMENTS
+        self.model = model
+        self.cfg = cfg
+        self.planner = planner or _Planner(cfg)
+        self.previous = previous
+        self._state: RenderState | None = None
+        self._chains = 0
+        self.elements = 0
+
+    def __iter__(self) -> Iterator[str]:
+        gc_was = gc.isenabled()
+        gc.disable()  # many small objects, no cycles: the cyclic GC only costs time here
+        try:
+            yield from self._parts()
+        finally:
+            if gc_was:
+                gc.enable()
+
+    def _parts(self) -> Iterator[str]:
+        cfg, previous, planner = self.cfg, self.previous, self.planner
+        old = previous.contribs if previous is not None and previous.config == cfg else _EMPTY
+        services = self.model.services
+        endpoints = self.model.endpoints
+        fam = cfg.ipx
+        t = f"{fam} {TABLE}"
+        np_ips = cfg.nodeport_ips()
+        decls, fixed_chains, base_rules = _fixed(cfg)
+        pickers = declared_pickers(_picker_bound(self.model))
+        declared = frozenset(pickers)
+        lines = [
+            f"add table {t}",
+            f"delete table {t}",  # with the line above: recreate, atomically
+            f"table {t} {{",
+            '\tcomment "rules for kube-proxy-py"',
+        ]
+        for idx in range(len(MAP_NAMES)):
+            if idx == NODEPORT_IPS and np_ips is None:
+                continue
+            lines.append("\t" + _map_decl(cfg, idx))
+        all_chains = dict(fixed_chains)
+        for p in pickers:
+            all_chains[p] = picker_rules(cfg, p)
+        for name, rules in all_chains.items():
+            lines.append(f"\tchain {name} {{")
+            lines.extend(f"\t\t{r}" for r in rules)
+            lines.append("\t}")
+        for decl, rules in zip(decls, base_rules.values(), strict=True):
+            lines.append(f"\t{decl}")
+            lines.extend(f"\t\t{r}" for r in rules)
+            lines.append("\t}")
+        lines.append("}")
+        lines.append("")
+        yield "\n".join(lines)
+
+        contribs: dict[ServiceKey, _Contrib] = {}
+        owners: dict[str, ServiceKey] = {}
+        shadows: dict[str, set[ServiceKey]] = {}
+        hairpin: dict[str, int] = {}
+        chains: dict[str, tuple[str, ...]] = {}
+        sets: dict[str, str] = {}
+        per_map: list[list[Element]] = [[] for _ in MAP_NAMES]
+        own: list[str] = []  # affinity sets and chains, before the elements naming them
+        pending = 0
+        n_elements = 0
+        for key in sorted(services):  # sorted: the first claimant owns a frontend
+            svc = services[key]
+            eps = endpoints.get(key)
+            c = old.get(key)
+            if c is None or not _same(c, svc, eps):
+                c = planner.plan(svc, eps)
+            if c is None:
+                continue
+            if not c.pickers <= declared:  # cannot happen: the bound covers every count
+                raise AssertionError(f"picker outside the declared bound: {c.pickers}")
+            contribs[key] = c
+            for g, els in c.groups.items():
+                if g in owners:
+                    shadows.setdefault(g, set()).add(key)
+                    continue
+                owners[g] = key
+                for el in els:
+                    per_map[el[0]].append(el)
+                pending += len(els)
+            for ip in c.hairpin:
+                hairpin[ip] = hairpin.get(ip, 0) + 1
+            if c.chains:
+                for name, body in c.sets.items():
+                    if name not in sets:
+                        own.append(f"add set {t} {name} {{ {body} }}")
+                sets.update(c.sets)
+                fresh = [n for n in c.chains if n not in chains]
+                own.extend(f"add chain {t} {n}" for n in fresh)
+                for n in fresh:
+                    own.extend(f"add rule {t} {n} {r}" for r in c.chains[n])
+                chains.update(c.chains)
+            if pending >= self.part_elements:
+                n_elements += pending
+                yield _elements_part(t, own, per_map)
+                pending = 0
+        per_map[HAIRPIN] = [(HAIRPIN, f"{ip} . {ip}", "") for ip in hairpin]
+        per_map[NODEPORT_IPS] = [(NODEPORT_IPS, ip, "") for ip in np_ips or ()]
+        n_elements += pending + len(per_map[HAIRPIN]) + len(per_map[NODEPORT_IPS])
+        if own or any(per_map):
+            yield _elements_part(t, own, per_map)
+        self.elements = n_elements
+        self._chains = len(all_chains) + len(base_rules) + len(chains)
+        self._state = RenderState(
+            config=cfg,
+            contribs=MappingProxyType(contribs),
+            owners=MappingProxyType(owners),
+            shadows=MappingProxyType({g: frozenset(v) for g, v in shadows.items()}),
+            hairpin=MappingProxyType(hairpin),
+            nodeport_ips=np_ips or (),
+            pickers=declared,
+            chains=frozenset(chains),
+            sets=frozenset(sets),
+            elements=n_elements,
+        )
+
+    def result(self, text: str = "") -> RenderResult:
+        """The state once every part was produced (`text`: what the caller joined, if)."""
+        if self._state is None:
+            raise RuntimeError("FullStream.result() before the stream was consumed")
+        return RenderResult(
+            text=text,
+            state=self._state,
+            full=True,
+            elements=self.elements,
+            elements_written=self.elements,
+            chains=self._chains,
+        )
+
+
+PART_ELEMENTS = 4000  # elements per part of a full stream (about 160 KB of text)
+
+
+def _elements_part(t: str, own: list[str], per_map: list[list[Element]]) -> str:
+    """`own` declarations, then `add element` commands for `per_map`; empties both."""
+    lines = own[:]
+    own.clear()
     for m, els in enumerate(per_map):
-        n_elements += len(els)
-        _chunked(lines, f"add element {fam} {TABLE} {MAP_NAMES[m]}", els)
-    state = RenderState(
-        config=cfg,
-        contribs=MappingProxyType(contribs),
-        owners=MappingProxyType(owners),
-        shadows=MappingProxyType({g: frozenset(v) for g, v in shadows.items()}),
-        hairpin=MappingProxyType(hairpin),
-        nodeport_ips=np_ips or (),
-        pickers=frozenset(pickers),
-        chains=frozenset(chains),
-        sets=frozenset(sets),
-        elements=n_elements,
-    )
-    return RenderResult(
-        text="\n".join(lines) + "\n",
-        state=state,
-        full=True,
-        elements=n_elements,
-        elements_written=n_elements,
-        chains=len(all_chains) + len(base_rules),
-    )
+        if els:
+            head = f"add element {t} {MAP_NAMES[m]}"
+            for i in range(0, len(els), _CHUNK):
+                batch = ", ".join(f"{k} : {v}" if v else k for _, k, v in els[i : i + _CHUNK])
+                lines.append(f"{head} {{ {batch} }}")
+            els.clear()
+    lines.append("")
+    return "\n".join(lines)
 
 
 _CHUNK = 2000  # elements per `add element` command

@@ -21,7 +21,11 @@ rather than assumed:
 - Nodes are cluster-scoped: `/api/v1/nodes`, no namespace (under a namespace: 404);
 - `pods/NAME/portforward` over WebSocket with the kubelet's channel framing
   (`v4.channel.k8s.io`; see proxy/testbed/portforward.py), connecting to the Pod's
-  `status.podIP` from the server's own network namespace (`dial`).
+  `status.podIP` from the server's own network namespace (`dial`);
+- optionally, authentication and authorization as a user sees them: `token` (a request
+  without `Authorization: Bearer <token>` gets 401) and `forbidden` (resources such as
+  "nodes" or "pods/portforward" this user may not use: 403 with kube-apiserver's
+  message). The /admin controls are always open.
 
 Test controls (methods, and the same over HTTP under /admin for a server in another
 process or network namespace): create/update/apply/delete objects, `compact(keep_last)`,
@@ -310,6 +314,10 @@ class ApiServer:
         self.portforward_grace = portforward_grace
         self.portforward_requests: Counter[str] = Counter()  # "ns/name" → WebSockets opened
         self._tunnels: dict[socket.socket, str] = {}  # open tunnel → "ns/name" of its Pod
+        # Who may do what: None lets anybody in; resources in `forbidden` get 403.
+        self.token: str | None = None
+        self.forbidden: set[str] = set()
+        self.user = "alice@example.com"
 
     # -- objects ---------------------------------------------------------------------------
 
@@ -680,7 +688,7 @@ class ApiServer:
         self.stop()
 
     def kubeconfig(self, path: str | Path) -> Path:
-        return write_kubeconfig(path, self.url)
+        return write_kubeconfig(path, self.url, token=self.token)
 
     def track(self, conn: socket.socket, add: bool) -> None:
         with self._conns_lock:
@@ -939,7 +947,8 @@ class _Handler(BaseHTTPRequestHandler):
             elif method == "GET" and path in ("/healthz", "/readyz", "/livez"):
                 self.send_json(200, b"ok")
             elif m := _PORTFORWARD_RE.match(path):
-                self.server.api.serve_portforward(self, m["ns"], m["name"], url.query)
+                if self._allowed("create", "pods/portforward", m["ns"], m["name"]):
+                    self.server.api.serve_portforward(self, m["ns"], m["name"], url.query)
             elif m := _PATH_RE.match(path):
                 self._resource(method, m, q)
             else:
@@ -962,6 +971,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_status(404, "NotFound", f"{res.name} are not namespaced")
                 return
             ns = ""
+        verb = {"POST": "create", "PUT": "update", "DELETE": "delete"}.get(method, "get")
+        if verb == "get" and name is None:
+            verb = "watch" if q.get("watch", "") in ("1", "true") else "list"
+        if not self._allowed(verb, res.name, ns, name):
+            return
         if method == "GET" and name is None:
             reqs: list[Req] = [*parse_selector(q.get("labelSelector", ""))]
             reqs += parse_field_selector(q.get("fieldSelector", ""))
@@ -997,6 +1011,25 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_json(200, api.delete(res.name, ns if ns is not None else "default", name))
         else:
             self.send_status(405, "MethodNotAllowed", f"{method} {self.path}")
+
+    def _allowed(self, verb: str, resource: str, ns: str | None, name: str | None) -> bool:
+        """Authentication (401) and authorization (403) as kube-apiserver answers them."""
+        api = self.server.api
+        if api.token is not None and self.headers.get("Authorization") != f"Bearer {api.token}":
+            self.send_status(401, "Unauthorized", "Unauthorized")
+            return False
+        if resource not in api.forbidden:
+            return True
+        what = f'{resource.split("/")[0]} "{name}"' if name else resource
+        group = RESOURCES[resource.split("/")[0]].group_version.rpartition("/")[0]
+        where = f'in the namespace "{ns}"' if ns else "at the cluster scope"
+        self.send_status(
+            403,
+            "Forbidden",
+            f'{what} is forbidden: User "{api.user}" cannot {verb} resource "{resource}" '
+            f'in API group "{group}" {where}',
+        )
+        return False
 
     def _admin(self, method: str, path: str, q: dict[str, str]) -> None:
         api = self.server.api
@@ -1070,13 +1103,15 @@ def load_file(api: ApiServer, path: str | Path) -> int:
     return len(docs)
 
 
-def write_kubeconfig(path: str | Path, url: str, namespace: str = "default") -> Path:
-    """A kubeconfig with no credentials pointing at `url` (plain HTTP)."""
+def write_kubeconfig(
+    path: str | Path, url: str, namespace: str = "default", token: str | None = None
+) -> Path:
+    """A kubeconfig pointing at `url` (plain HTTP), with a bearer token if given."""
     doc = {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "test", "cluster": {"server": url}}],
-        "users": [{"name": "test", "user": {}}],
+        "users": [{"name": "test", "user": {"token": token} if token else {}}],
         "contexts": [
             {"name": "test", "context": {"cluster": "test", "user": "test", "namespace": namespace}}
         ],
@@ -1211,10 +1246,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kubeconfig", help="write a kubeconfig for this server there")
     p.add_argument("--history", type=int, default=100_000, help="events kept for watch resume")
     p.add_argument("-v", action="store_true", help="log every request")
+    p.add_argument("--token", help="require this bearer token (401 without it)")
+    p.add_argument(
+        "--forbid", action="append", default=[], help="a resource the user may not use (403)"
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.v else logging.INFO, format="%(message)s")
     host, _, port = a.listen.rpartition(":")
     api = ApiServer(history_limit=a.history)
+    api.token = a.token
+    api.forbidden.update(a.forbid)
     for f in a.load:
         log.info("loaded %d objects from %s", load_file(api, f), f)
     api.start(host=host.strip("[]") or "127.0.0.1", port=int(port))

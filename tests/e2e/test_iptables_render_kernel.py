@@ -214,7 +214,7 @@ def test_kernel_accepts_full_then_partial(backend: tuple[str, str, str], family:
         assert not partial.full and "-X KUBE-" in partial.text
         restore(ns, binary, partial)
         check_kernel(ns, binary, partial)
-        assert not (full.state.service_chains[gone] & partial.state.chains)
+        assert not (set(full.state.service_chains[gone]) & partial.state.chains)
 
         # And a full render on top leaves exactly the same kernel state.
         again = render(make_model(services, endpoints), cfg, previous=partial.state)

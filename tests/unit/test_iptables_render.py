@@ -912,7 +912,7 @@ def test_full_render_deletes_stale_chains() -> None:
     res = render(make_model(services, endpoints), CFG, previous=first.state)
     gone = sorted(c for _, c in first.state.service_chains[("ns1", "a")])
     assert [ln for ln in res.text.splitlines() if ln.startswith("-X")] == [f"-X {c}" for c in gone]
-    assert res.state.chains == first.state.chains - first.state.service_chains[("ns1", "a")]
+    assert res.state.chains == first.state.chains - set(first.state.service_chains[("ns1", "a")])
 
 
 def test_full_render_with_previous_matches_fresh_render() -> None:
