@@ -29,7 +29,6 @@ NETFILTER = "/proc/sys/net/netfilter/"
 CONNTRACK_MAX = NETFILTER + "nf_conntrack_max"
 HASHSIZE = "/sys/module/nf_conntrack/parameters/hashsize"
 ROUTE_LOCALNET = "/proc/sys/net/ipv4/conf/all/route_localnet"
-MAX_LIMIT = 1 << 20  # kube-proxy caps the scaled value at 1M entries
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,14 +44,11 @@ class Write:
 
 
 def conntrack_max(max_per_core: int, minimum: int, ncpu: int) -> int:
-    """kube-proxy's getConntrackMax: per-core times CPUs (capped at 1M), at least `minimum`;
-    0 (leave the kernel's value) when max-per-core is 0."""
+    """kube-proxy's getConntrackMax: per-core times CPUs, at least `minimum` (no upper
+    cap); 0 (leave the kernel's value) when max-per-core is 0."""
     if max_per_core <= 0:
         return 0
-    scaled = max_per_core * ncpu
-    if scaled > MAX_LIMIT:
-        return MAX_LIMIT
-    return max(scaled, minimum)
+    return max(max_per_core * ncpu, minimum)
 
 
 def localhost_nodeports_by_nat(cfg: Config) -> bool:
@@ -82,8 +78,8 @@ def plan(
 
     limit = conntrack_max(cfg.conntrack_max_per_core, cfg.conntrack_min, ncpu)
     if limit > 0:
-        have = current(CONNTRACK_MAX)
-        if have is None or have < limit:  # never lowered, as kube-proxy
+        # Written whenever it differs, lowered too, as kube-proxy's SetMax does.
+        if current(CONNTRACK_MAX) != limit:
             writes.append(Write(CONNTRACK_MAX, limit, optional=True))
         hashsize = current(HASHSIZE)
         if hashsize is not None and hashsize < limit // 4:
@@ -160,7 +156,7 @@ def apply(writes: list[Write]) -> None:
             if w.optional:
                 log.warning(
                     "cannot set %s to %d here (%s): the host's value (%s) applies; set it "
-                    "on the host if it is too small",
+                    "on the host to change it",
                     w.name,
                     w.value,
                     why,

@@ -92,6 +92,16 @@ def _sysctl_on(path: str) -> bool:
         return False
 
 
+def nodeport_cidrs(cfg: Config, family: int, node_ip: str) -> tuple[str, ...]:
+    """--nodeport-addresses of a family (both kernel modes); `primary` is the node IP
+    (all addresses when there is none, as kube-proxy)."""
+    if cfg.nodeport_primary:
+        if not node_ip or ipaddress.ip_address(node_ip).is_loopback:
+            return ()
+        return (f"{node_ip}/{32 if family == 4 else 128}",)
+    return tuple(c for c in cfg.nodeport_addresses if ip_family(c) == family)
+
+
 class IptablesDataPlane:
     """The iptables data plane (`--proxy-mode=iptables`)."""
 
@@ -110,6 +120,7 @@ class IptablesDataPlane:
         self.nfacct = NfAcct()
         self.nfacct_counters: frozenset[str] = frozenset()  # counters rules may use
         self._nfacct_refused = False  # a restore failed on the nfacct match
+        self._nfacct_checked = False  # the first check logs its outcome, whatever it is
         self.node: NodeInfo = UNKNOWN_NODE  # the last model's view of this node
         # NodePorts on ::1, which NAT cannot serve (no route_localnet for IPv6)
         self.loopback: LocalhostNodePorts | None = None
@@ -215,14 +226,7 @@ class IptablesDataPlane:
         return self.node.ip(family) or self.node_ips.get(family, "")
 
     def nodeport_cidrs(self, family: int) -> tuple[str, ...]:
-        """--nodeport-addresses of a family; `primary` is the node IP (all addresses when
-        there is none, as kube-proxy)."""
-        if self.cfg.nodeport_primary:
-            ip = self.node_ip(family)
-            if not ip or ipaddress.ip_address(ip).is_loopback:
-                return ()
-            return (f"{ip}/{32 if family == 4 else 128}",)
-        return tuple(c for c in self.cfg.nodeport_addresses if ip_family(c) == family)
+        return nodeport_cidrs(self.cfg, family, self.node_ip(family))
 
     def render_config(self, family: int) -> RenderConfig:
         cfg = self.cfg
@@ -259,7 +263,8 @@ class IptablesDataPlane:
                     why = f"cannot create nfacct counter {name}: {e.strerror or e}"
         else:
             why = "iptables does not take the nfacct match (no xt_nfacct?)"
-        if frozenset(ok) != self.nfacct_counters:
+        if frozenset(ok) != self.nfacct_counters or not self._nfacct_checked:
+            self._nfacct_checked = True
             if ok:
                 log.info("nfacct counters in use: %s", ", ".join(sorted(ok)))
             else:

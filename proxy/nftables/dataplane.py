@@ -6,7 +6,9 @@ a failed one changes nothing, the previous state is forgotten and the runner's r
 a full sync, which recreates the table. After the first successful sync the iptables
 mode's (or kube-proxy's) leftovers are removed, so a node switching modes is never
 without Service rules. Stale UDP/SCTP conntrack entries are cleared as in the iptables
-mode (proxy/iptables/conntrack.py).
+mode (proxy/iptables/conntrack.py). Localhost NodePorts (127.0.0.1 and ::1), which
+kube-proxy's nftables mode does not serve and kernel NAT cannot here, are served by the
+userspace engine (proxy/userspace/localhost.py).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import time
 
 from prometheus_client import Counter, Gauge
 
+from proxy import metrics
 from proxy.config import Config, PrivilegeError, UsageError
 from proxy.endpoints.store import Snapshot
 from proxy.iptables import conntrack
 from proxy.iptables.backend import has_net_admin
-from proxy.model import Model, ip_family
+from proxy.model import UNKNOWN_NODE, Model, NodeInfo, ip_family
 from proxy.nftables.nft import (
     INSTALL_HINT,
     LibNftables,
@@ -40,8 +43,10 @@ from proxy.nftables.render import (
     NftConfig,
     RenderResult,
     RenderState,
+    no_local_endpoints,
     render,
 )
+from proxy.userspace.localhost import LocalhostNodePorts, loopback_addresses
 
 log = logging.getLogger("proxy.nftables")
 
@@ -106,9 +111,12 @@ class NftablesDataPlane:
         self.node_ips: dict[int, str] = {}
         self.tcp_be_liberal = False
         self.node_zone = ""  # from the model's Node
+        self.node: NodeInfo = UNKNOWN_NODE  # the last model's view of this node
         self._state: dict[int, RenderState | None] = {}
         self._model: Model | None = None
         self._took_over = False
+        # NodePorts on loopback (the rules never DNAT it): the userspace engine's listeners
+        self.loopback: LocalhostNodePorts | None = None
         self.last_render_seconds = 0.0
         self.last_apply_seconds = 0.0
         self.last_restore_seconds = 0.0  # same as last_apply_seconds (bench compatibility)
@@ -137,7 +145,7 @@ class NftablesDataPlane:
         from proxy.iptables.dataplane import _sysctl_on
 
         self.tcp_be_liberal = _sysctl_on("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
-        probe = await asyncio.to_thread(self.nft.run, "list tables\n")
+        probe = await asyncio.to_thread(self.nft.probe)
         if probe.rc != 0:
             raise UsageError(f"nft does not work here: {first_error(probe.err, '')}")
         if not self.conntrack.available:
@@ -146,22 +154,32 @@ class NftablesDataPlane:
                 "changes; install the conntrack package"
             )
         await self._refresh_addresses()
+        addrs = loopback_addresses(self.cfg, self.families)  # no loopback NAT in this mode
+        if addrs:
+            self.loopback = LocalhostNodePorts(self.cfg, addrs)
+            await self.loopback.start()
         kind = self.nft.describe()
         fams = ", ".join(f"{_family_name(f)} {TABLE}" for f in self.families)
         log.info("nftables data plane ready (%s): tables %s", kind, fams)
 
+    # The kernel's rules serve the traffic; only the localhost NodePorts (the userspace
+    # engine, see `loopback`) have listening sockets and connections to hand over.
     async def hand_over(self) -> None:
-        return None  # no listening sockets: the kernel's rules serve the traffic
+        if self.loopback is not None:
+            await self.loopback.hand_over()
 
     async def drain(self, timeout: float) -> None:
-        return None  # no proxied connections either
+        if self.loopback is not None:
+            await self.loopback.drain(timeout)
 
     def predecessor_gone(self) -> None:
-        return None
+        if self.loopback is not None:
+            self.loopback.predecessor_gone()
 
     async def stop(self) -> None:
         """Leave the tables in place (like kube-proxy) so traffic keeps flowing."""
-        return None
+        if self.loopback is not None:
+            await self.loopback.stop()
 
     async def cleanup(self) -> None:
         """Delete both tables. Idempotent."""
@@ -176,16 +194,20 @@ class NftablesDataPlane:
     # -- sync ------------------------------------------------------------------------------
 
     def render_config(self, family: int) -> NftConfig:
+        from proxy.iptables.dataplane import nodeport_cidrs
+
         cfg = self.cfg
+        # The node IP: its Node object's, else its default route's source (as iptables).
+        node_ip = self.node.ip(family) or self.node_ips.get(family, "")
         return NftConfig(
             family=family,
             node_name=cfg.hostname,
             cluster_cidrs=tuple(c for c in cfg.cluster_cidrs if ip_family(c) == family),
             masquerade_all=cfg.masquerade_all,
             masquerade_mark=cfg.masquerade_mark,
-            nodeport_addresses=tuple(c for c in cfg.nodeport_addresses if ip_family(c) == family),
+            nodeport_addresses=nodeport_cidrs(cfg, family, node_ip),  # `primary` too
             local_ips=tuple(ip for ip in self.local_ips if ip_family(ip) == family),
-            node_ip=self.node_ips.get(family, ""),
+            node_ip=node_ip,
             conntrack_tcp_be_liberal=self.tcp_be_liberal,
             node_zone=self.node_zone,
         )
@@ -213,6 +235,7 @@ class NftablesDataPlane:
         assert self.nft is not None
         model = snap.model
         self.node_zone = model.node.zone  # a new zone makes the render full (chain_inputs)
+        self.node = model.node  # its IPs: `--nodeport-addresses primary`
         if full or not snap.changed:
             await self._refresh_addresses()
         results: dict[int, RenderResult] = {}
@@ -221,10 +244,10 @@ class NftablesDataPlane:
         for fam in self.families:
             t0 = time.perf_counter()
             if full:
-                res, produce, n = await asyncio.to_thread(self._apply_full, fam, model)
+                res, produce = await asyncio.to_thread(self._apply_full, fam, model)
                 render_s += produce
                 apply_s += time.perf_counter() - t0 - produce
-                txns += n
+                txns += 1
             else:
                 job = functools.partial(
                     render,
@@ -251,6 +274,11 @@ class NftablesDataPlane:
             CHAINS.labels(ip_family=str(fam)).set(res.chains)
         self.last_render_seconds = render_s
         self.last_apply_seconds = self.last_restore_seconds = apply_s
+        # Ports without local endpoints for a Local policy (the same in every family).
+        counts = [no_local_endpoints(r.state) for r in results.values()]
+        for i, policy in enumerate(("internal", "external")):
+            n = max((c[i] for c in counts), default=0)
+            metrics.NO_LOCAL_ENDPOINTS.labels(traffic_policy=policy).set(n)
         self.syncs += 1
         t0 = time.perf_counter()
         if not self._took_over:
@@ -260,6 +288,8 @@ class NftablesDataPlane:
         t0 = time.perf_counter()
         await self._clear_conntrack(model, None if full else snap.changed)
         self.last_conntrack_seconds = time.perf_counter() - t0
+        if self.loopback is not None:
+            await self.loopback.sync(snap, full)
         (log.info if full else log.debug)(
             "nftables %s sync: render %.3fs, nft %.3fs (%d transactions), %d elements in "
             "%d chains%s, conntrack %.3fs",
@@ -273,24 +303,19 @@ class NftablesDataPlane:
             self.last_conntrack_seconds,
         )
 
-    def _apply_full(self, family: int, model: Model) -> tuple[RenderResult, float, int]:
-        """Render and apply one family's full ruleset, streamed: the text is produced in
-        parts straight into nft's input, never held whole. Into a table that did not
-        exist (a node's first start) as several transactions, each applied while the next
-        is rendered; otherwise one transaction, which recreates the table atomically.
-        Returns the result, the seconds spent rendering, and the transactions run."""
+    def _apply_full(self, family: int, model: Model) -> tuple[RenderResult, float]:
+        """Render and apply one family's full ruleset in one transaction, streamed: the
+        render produces it in parts straight into nft's input, so its text is never held
+        whole. Returns the result and the seconds spent rendering."""
         assert self.nft is not None
-        table = f"{_family_name(family)} {TABLE}"
-        fresh = self.nft.create_table(table)
         stream = FullStream(model, self.render_config(family), previous=self._state.get(family))
-        out = self.nft.run_parts(stream, pipelined=fresh)
+        out = self.nft.run_parts(stream)
         if out.result.rc != 0:
             raise NftError(
-                f"nft: {table} full transaction failed"
-                f"{f' (part {out.transactions})' if fresh else ''}: "
+                f"nft: {_family_name(family)} {TABLE} full transaction failed: "
                 f"{first_error(out.result.err, '')}"
             )
-        return stream.result(), out.produce_seconds, out.transactions
+        return stream.result(), out.produce_seconds
 
     async def _remove_iptables_leftovers(self) -> None:
         """Takeover: the iptables mode's (or kube-proxy's) chains go once ours are in."""

@@ -18,7 +18,12 @@ from proxy.config import parse_args
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
 K8S_VERSION = "1.32"
-KUSTOMIZATIONS = ["", "overlays/userspace", "overlays/node-local-dns"]
+KUSTOMIZATIONS = [
+    "",
+    "overlays/userspace",
+    "overlays/node-local-dns",
+    "overlays/reduced-privileges",
+]
 
 
 def render(path: Path) -> list[dict]:
@@ -117,3 +122,29 @@ def test_image_is_set_with_kustomize_images(tmp_path: Path) -> None:
     ds = by_kind(render(overlay))["DaemonSet"]
     (c,) = ds["spec"]["template"]["spec"]["containers"]
     assert c["image"] == "registry.example.com/kube-proxy-py:0.1.0"
+
+
+def test_reduced_privileges_overlay_runs_init_only_first(tmp_path: Path) -> None:
+    """The privileged set-up in an init container (--init-only, the daemon's own flags and
+    config), then the daemon without privileges, with NET_ADMIN and NET_RAW only (what
+    tests/e2e/test_semantics.py::test_init_only_then_a_daemon_without_privileges runs)."""
+    objs = by_kind(render(MANIFESTS / "overlays/reduced-privileges"))
+    pod = objs["DaemonSet"]["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    (c,) = pod["containers"]
+    assert init["image"] == c["image"] and init["securityContext"] == {"privileged": True}
+    assert init["command"] == [c["command"][0], "--init-only", *c["command"][1:]]
+    assert init["volumeMounts"][0] == next(m for m in c["volumeMounts"] if m["name"] == "config")
+    assert c["securityContext"] == {
+        "privileged": False,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]},
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(objs["ConfigMap"]["data"]["config.yaml"])
+    argv = [
+        f"--config={config}" if a.startswith("--config=") else a.replace("$(NODE_NAME)", "n")
+        for a in init["command"][1:]
+    ]
+    cfg = parse_args(argv)
+    assert cfg.init_only and cfg.proxy_mode == "iptables"

@@ -45,7 +45,7 @@ def cfg(**kw) -> Config:
         (67890, 1, 3, 203670),
         (1, 123456, 4, 123456),  # Min is considered
         (0, 123456, 4, 0),  # leave the system's value
-        (65536, 0, 64, 1 << 20),  # capped at 1M
+        (65536, 0, 64, 1 << 22),  # no cap (kube-proxy's getConntrackMax has none)
     ],
 )
 def test_conntrack_max_is_kube_proxys(per_core: int, minimum: int, ncpu: int, want: int) -> None:
@@ -55,10 +55,12 @@ def test_conntrack_max_is_kube_proxys(per_core: int, minimum: int, ncpu: int, wa
 def test_defaults_write_kube_proxys_timeouts_and_route_localnet() -> None:
     writes, notes = plan(cfg(), 2, KERNEL.get, host_netns=False)
     assert writes == [
+        # 32768 per core x 2 is below the minimum, 131072: set (lowered), as kube-proxy does
+        Write(CONNTRACK_MAX, 131072, optional=True),
         Write(NETFILTER + "nf_conntrack_tcp_timeout_established", 86400),
         Write(NETFILTER + "nf_conntrack_tcp_timeout_close_wait", 3600),
     ]
-    assert notes == []  # max 131072 <= 262144 and hashsize is large enough: nothing to say
+    assert notes == []  # hashsize 262144 >= 131072 / 4: nothing to say
     assert localnet_plan(cfg(), KERNEL.get) == [Write(ROUTE_LOCALNET, 1)]
     assert localnet_plan(cfg(), {ROUTE_LOCALNET: 1}.get) == []
     assert localnet_plan(cfg(localhost_nodeports=False), KERNEL.get) == []
@@ -80,7 +82,7 @@ def test_udp_timeouts_be_liberal_and_zero_means_leave() -> None:
         conntrack_tcp_timeout_close_wait=0,
         localhost_nodeports=False,
     )
-    writes, _ = plan(c, 2, KERNEL.get, host_netns=False)
+    writes, _ = plan(c, 2, {**KERNEL, CONNTRACK_MAX: 131072}.get, host_netns=False)
     assert writes == [
         Write(NETFILTER + "nf_conntrack_udp_timeout", 45),
         Write(NETFILTER + "nf_conntrack_udp_timeout_stream", 300),
@@ -88,7 +90,7 @@ def test_udp_timeouts_be_liberal_and_zero_means_leave() -> None:
     ]
 
 
-def test_conntrack_max_raised_never_lowered_hashsize_only_from_the_host() -> None:
+def test_conntrack_max_set_when_it_differs_hashsize_only_from_the_host() -> None:
     small = {**KERNEL, CONNTRACK_MAX: 65536, HASHSIZE: 16384}
     c = cfg(conntrack_max_per_core=32768, conntrack_min=0, localhost_nodeports=False)
     host, _ = plan(c, 8, small.get, host_netns=True)
@@ -98,8 +100,11 @@ def test_conntrack_max_raised_never_lowered_hashsize_only_from_the_host() -> Non
     assert Write(CONNTRACK_MAX, 262144, optional=True) in node
     assert not any(w.path == HASHSIZE for w in node)
     assert "host-wide" in notes[0]
+    # Lowered too (kube-proxy's SetMax writes any other value), never written when equal.
     big = {**KERNEL, CONNTRACK_MAX: 1 << 20}
-    assert not any(w.path == CONNTRACK_MAX for w in plan(c, 8, big.get, host_netns=True)[0])
+    assert Write(CONNTRACK_MAX, 262144, optional=True) in plan(c, 8, big.get, host_netns=True)[0]
+    same = {**KERNEL, CONNTRACK_MAX: 262144}
+    assert not any(w.path == CONNTRACK_MAX for w in plan(c, 8, same.get, host_netns=True)[0])
 
 
 def test_route_localnet_only_for_iptables_localhost_nodeports() -> None:
@@ -129,3 +134,25 @@ def test_nodeport_addresses_primary_keyword() -> None:
     assert not c.nodeport_primary and c.nodeport_addresses == ("10.0.0.0/8",)
     with pytest.raises(UsageError, match="alone"):
         parse_args(["--nodeport-addresses", "primary,10.0.0.0/8", "--hostname-override", "n"])
+
+
+def test_nodeport_addresses_primary_in_both_kernel_modes() -> None:
+    """`primary` is the Node object's IP of each family (else the default route's source,
+    else every address) in the iptables and the nftables mode's render configs."""
+    from proxy.iptables.dataplane import IptablesDataPlane, nodeport_cidrs
+    from proxy.model import NodeInfo
+    from proxy.nftables.dataplane import NftablesDataPlane
+
+    c = cfg(nodeport_primary=True)
+    assert nodeport_cidrs(c, 4, "198.18.200.1") == ("198.18.200.1/32",)
+    assert nodeport_cidrs(c, 6, "fd00:18::1") == ("fd00:18::1/128",)
+    assert nodeport_cidrs(c, 4, "") == () and nodeport_cidrs(c, 4, "127.0.0.1") == ()
+    listed = cfg(nodeport_addresses=("10.0.0.0/8", "fd00::/8"))
+    assert nodeport_cidrs(listed, 4, "198.18.200.1") == ("10.0.0.0/8",)
+    for plane in (IptablesDataPlane(c), NftablesDataPlane(c)):
+        plane.node_ips = {4: "198.18.200.9"}  # the default route's source
+        assert plane.render_config(4).nodeport_addresses == ("198.18.200.9/32",)
+        plane.node = NodeInfo(addresses=("198.18.200.1", "fd00:18::1"))
+        assert plane.render_config(4).nodeport_addresses == ("198.18.200.1/32",)
+        assert plane.render_config(6).nodeport_addresses == ("fd00:18::1/128",)
+        assert plane.render_config(4).node_ip == "198.18.200.1"
