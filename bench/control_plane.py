@@ -10,6 +10,9 @@ For each size (Services × endpoints per Service) and each round, alternating:
     The ruleset it wrote is saved (`iptables-save`).
   * the reference (`iptables-restore`): that saved ruleset restored in one go into another
     fresh namespace: what the kernel tool alone needs for the same rules.
+Both also by CPU time (user + system, the daemon's with the restores it ran): on the
+shared machine a start's wall time is mostly its CPU time over the share it got, so the
+CPU ratio says where the work is when the load makes wall times drift.
 
 Data planes are entries of CONTENDERS; the nftables mode adds its own when it exists.
 """
@@ -20,6 +23,7 @@ import contextlib
 import datetime as dt
 import json
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -34,7 +38,7 @@ from proxy.testbed import Testbed
 from proxy.testbed.apiserver import AdminClient, ApiServer, write_kubeconfig
 
 from .core import Run, SuiteResult, Target, alternate
-from .machine import ensure_tools, loadavg, rss_kib
+from .machine import cpu_seconds, ensure_tools, loadavg, rss_kib
 
 SIZES = (100, 1000, 5000, 10000, 20000)
 QUICK_SIZES = (100, 1000)
@@ -221,6 +225,7 @@ def daemon_start(
             prof = Profiler(px.pid, profile, stem) if profile else None
             try:
                 t_sync, k = _wait_sync(px, "full", 0, timeout=sync_timeout or 120 + n * 0.05)
+                cpu = cpu_seconds(px.pid, children=True)  # read within 50 ms of the log line
             finally:
                 if prof is not None:
                     prof.stop(px.logs(), t0)
@@ -239,6 +244,7 @@ def daemon_start(
     return {
         "sync_s": t_sync - t0,
         "partial_s": t_part - t1,
+        "cpu_s": cpu,
         "peak_rss_mib": (peak or 0) / 1024,
         "rss_mib": (rss or 0) / 1024,
         "ruleset": saved,
@@ -257,15 +263,23 @@ _ENSURE_NFACCT = (
 )
 
 
-def reference_restore(c: ControlContender, ruleset: str, n: int, gen: int, work: Path) -> float:
-    """Seconds for the kernel tool to load `ruleset` into a fresh namespace."""
+def reference_restore(
+    c: ControlContender, ruleset: str, n: int, gen: int, work: Path
+) -> tuple[float, float]:
+    """Seconds for the kernel tool to load `ruleset` into a fresh namespace: wall, CPU."""
     with Testbed(workdir=work / f"{c.mode}-ref-{n}-{gen}") as tb:
         host = tb.add_external("restore", "198.18.200.2")
         if "--nfacct-name" in ruleset:  # the daemon's rules count into nfacct counters
             host.python(_ENSURE_NFACCT)
+        c0 = _children_cpu()
         t0 = time.perf_counter()
         host.exec(list(c.restore), input=ruleset, timeout=3600)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, _children_cpu() - c0
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 class Profiler:
@@ -355,6 +369,14 @@ def run(ctx: Run) -> SuiteResult:
                     services=n,
                     target=SYNC_RATIO_TARGET if n == TARGET_SIZE else None,
                 ),
+                "cpu": res.figure(
+                    f"CPU time to all Services programmed, {c.mode} mode (with children)",
+                    unit="s",
+                    product=c.name,
+                    reference=c.reference,
+                    better="lower",
+                    services=n,
+                ),
                 "peak": res.figure(
                     f"peak RSS during start, {c.mode} mode",
                     unit="MiB",
@@ -400,6 +422,7 @@ def run(ctx: Run) -> SuiteResult:
                         {"contender": name, "services": n, "round": r + 1, **d["load"]}
                     )
                     figs["sync"].add(name, d["sync_s"])
+                    figs["cpu"].add(name, d["cpu_s"])
                     figs["peak"].add(name, d["peak_rss_mib"])
                     figs["rss"].add(name, d["rss_mib"])
                     figs["partial"].add(name, d["partial_s"])
@@ -408,7 +431,9 @@ def run(ctx: Run) -> SuiteResult:
                         continue
                 step(f"control plane: {c.reference}, {n} Services, round {r + 1}")
                 load = loadavg()
-                figs["sync"].add(c.reference, reference_restore(c, ruleset, n, r + 1, work))
+                wall, cpu = reference_restore(c, ruleset, n, r + 1, work)
+                figs["sync"].add(c.reference, wall)
+                figs["cpu"].add(c.reference, cpu)
                 when = {"contender": c.reference, "services": n, "round": r + 1}
                 when |= {"loadavg_start": load, "loadavg_end": loadavg()}
                 res.extra.setdefault("loadavg", []).append(when)

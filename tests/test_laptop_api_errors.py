@@ -195,3 +195,24 @@ def test_unreachable_api_server_and_refused_credentials_say_what_to_do(workdir: 
             for line in one_line_each(text, "list failed"):
                 assert "HTTP 401 Unauthorized" in line, line
                 assert "refused the kubeconfig's credentials: renew them" in line, line
+
+
+def test_port_forward_without_an_api_server_is_a_one_line_user_error(workdir: Path) -> None:
+    manifests = workdir / "services.yaml"
+    manifests.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: default}\n")
+    os.chmod(manifests, 0o644)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-m", "proxy", "--proxy-mode=userspace", "--manifests", str(manifests),
+            "--userspace-endpoint-access=port-forward",
+            "--healthz-bind-address", f"127.0.0.1:{free_port()}",
+            "--metrics-bind-address", f"127.0.0.1:{free_port()}"]  # fmt: skip
+    out = subprocess.run(
+        [*unprivileged_prefix(), *args], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("kube-proxy-py: error:")]
+    assert errors == [
+        "kube-proxy-py: error: --userspace-endpoint-access=port-forward goes through the API "
+        "server: use --kubeconfig (or run in a pod), not --manifests"
+    ], out.stderr

@@ -21,6 +21,7 @@ import time
 
 from prometheus_client import Counter, Gauge
 
+from proxy import metrics
 from proxy.config import Config, PrivilegeError, UsageError
 from proxy.endpoints.store import Snapshot
 from proxy.iptables import conntrack
@@ -42,6 +43,7 @@ from proxy.nftables.render import (
     NftConfig,
     RenderResult,
     RenderState,
+    no_local_endpoints,
     render,
 )
 from proxy.userspace.localhost import LocalhostNodePorts, loopback_addresses
@@ -143,7 +145,7 @@ class NftablesDataPlane:
         from proxy.iptables.dataplane import _sysctl_on
 
         self.tcp_be_liberal = _sysctl_on("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
-        probe = await asyncio.to_thread(self.nft.run, "list tables\n")
+        probe = await asyncio.to_thread(self.nft.probe)
         if probe.rc != 0:
             raise UsageError(f"nft does not work here: {first_error(probe.err, '')}")
         if not self.conntrack.available:
@@ -242,10 +244,10 @@ class NftablesDataPlane:
         for fam in self.families:
             t0 = time.perf_counter()
             if full:
-                res, produce, n = await asyncio.to_thread(self._apply_full, fam, model)
+                res, produce = await asyncio.to_thread(self._apply_full, fam, model)
                 render_s += produce
                 apply_s += time.perf_counter() - t0 - produce
-                txns += n
+                txns += 1
             else:
                 job = functools.partial(
                     render,
@@ -272,6 +274,11 @@ class NftablesDataPlane:
             CHAINS.labels(ip_family=str(fam)).set(res.chains)
         self.last_render_seconds = render_s
         self.last_apply_seconds = self.last_restore_seconds = apply_s
+        # Ports without local endpoints for a Local policy (the same in every family).
+        counts = [no_local_endpoints(r.state) for r in results.values()]
+        for i, policy in enumerate(("internal", "external")):
+            n = max((c[i] for c in counts), default=0)
+            metrics.NO_LOCAL_ENDPOINTS.labels(traffic_policy=policy).set(n)
         self.syncs += 1
         t0 = time.perf_counter()
         if not self._took_over:
@@ -296,24 +303,19 @@ class NftablesDataPlane:
             self.last_conntrack_seconds,
         )
 
-    def _apply_full(self, family: int, model: Model) -> tuple[RenderResult, float, int]:
-        """Render and apply one family's full ruleset, streamed: the text is produced in
-        parts straight into nft's input, never held whole. Into a table that did not
-        exist (a node's first start) as several transactions, each applied while the next
-        is rendered; otherwise one transaction, which recreates the table atomically.
-        Returns the result, the seconds spent rendering, and the transactions run."""
+    def _apply_full(self, family: int, model: Model) -> tuple[RenderResult, float]:
+        """Render and apply one family's full ruleset in one transaction, streamed: the
+        render produces it in parts straight into nft's input, so its text is never held
+        whole. Returns the result and the seconds spent rendering."""
         assert self.nft is not None
-        table = f"{_family_name(family)} {TABLE}"
-        fresh = self.nft.create_table(table)
         stream = FullStream(model, self.render_config(family), previous=self._state.get(family))
-        out = self.nft.run_parts(stream, pipelined=fresh)
+        out = self.nft.run_parts(stream)
         if out.result.rc != 0:
             raise NftError(
-                f"nft: {table} full transaction failed"
-                f"{f' (part {out.transactions})' if fresh else ''}: "
+                f"nft: {_family_name(family)} {TABLE} full transaction failed: "
                 f"{first_error(out.result.err, '')}"
             )
-        return stream.result(), out.produce_seconds, out.transactions
+        return stream.result(), out.produce_seconds
 
     async def _remove_iptables_leftovers(self) -> None:
         """Takeover: the iptables mode's (or kube-proxy's) chains go once ours are in."""

@@ -103,72 +103,31 @@ class NftCommand:
         )
         return NftResult(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode())
 
-    def run_parts(self, parts: Iterable[str], *, split_bytes: int = 0) -> StreamResult:
-        """Feed `parts` (whole commands each) to `nft -f -` as they are produced, so the
-        text is never held whole. `split_bytes` 0: one process, one transaction. Else a
-        transaction ends after every `split_bytes` of input and is started at once, while
-        the next one is produced (at most one nft running, in order): the producer's
-        work overlaps nft's. nft reads its whole input before parsing it, so only
-        separate transactions overlap. Stops at the first failed transaction."""
+    def run_parts(self, parts: Iterable[str]) -> StreamResult:
+        """One transaction fed to `nft -f -` part by part as the parts are produced, so
+        its text is never held whole. (nft reads all of its input before parsing it: the
+        producer's work cannot overlap nft's within one transaction.)"""
         produce = 0.0
         it = iter(parts)
-        if not split_bytes:
-            proc = _Proc(self.binary)
-            try:
-                while True:
-                    t0 = time.perf_counter()
-                    part = next(it, None)
-                    produce += time.perf_counter() - t0
-                    if part is None:
-                        break
-                    if not proc.write(part.encode()):
-                        break  # nft exited early: its error says why
-                return StreamResult(proc.finish(), produce, 1)
-            finally:
-                proc.kill()
-        running: _Proc | None = None
-        batch: list[bytes] = []
-        size = 0
-        txns = 0
+        proc = _Proc(self.binary)
         try:
             while True:
                 t0 = time.perf_counter()
                 part = next(it, None)
                 produce += time.perf_counter() - t0
-                if part is not None:
-                    data = part.encode()
-                    batch.append(data)
-                    size += len(data)
-                    if size < split_bytes:
-                        continue
-                if batch:
-                    if running is not None:
-                        res = running.finish()
-                        running = None
-                        if res.rc != 0:
-                            return StreamResult(res, produce, txns)
-                    running = _Proc(self.binary)
-                    txns += 1
-                    for data in batch:
-                        if not running.write(data):
-                            break
-                    running.close_input()  # nft starts parsing at the end of its input
-                    batch, size = [], 0
                 if part is None:
                     break
-            if running is None:
-                return StreamResult(NftResult(0, "", ""), produce, txns)
-            return StreamResult(running.finish(), produce, txns)
+                if not proc.write(part.encode()):
+                    break  # nft exited early: its error says why
+            return StreamResult(proc.finish(), produce)
         finally:
-            if running is not None:
-                running.kill()
+            proc.kill()
 
 
 @dataclass(frozen=True, slots=True)
 class StreamResult:
     result: NftResult
-    produce_seconds: float  # time spent producing the input (rendering), overlapped
-    transactions: int
+    produce_seconds: float  # time spent producing the input (rendering)
 
 
 class _Proc:
@@ -233,31 +192,24 @@ class Nft:
         assert self.lib is not None
         return self.lib.run(text)
 
-    def run_parts(self, parts: Iterable[str], *, pipelined: bool = False) -> StreamResult:
+    def run_parts(self, parts: Iterable[str]) -> StreamResult:
         """A transaction produced in parts (a full sync), streamed into `nft -f -`;
-        `pipelined`: as several transactions, each applied while the next is produced
-        (only for a table created empty just before: between them, packets see some
-        Services programmed and the rest not yet). libnftables alone: joined, one call."""
+        with libnftables alone, joined and run in one call."""
         if self.cmd is not None:
-            return self.cmd.run_parts(parts, split_bytes=PIPELINE_BYTES if pipelined else 0)
+            return self.cmd.run_parts(parts)
         assert self.lib is not None
         t0 = time.perf_counter()
         text = "".join(parts)
         produce = time.perf_counter() - t0
-        return StreamResult(self.lib.run(text), produce, 1)
+        return StreamResult(self.lib.run(text), produce)
 
-    def create_table(self, table: str) -> bool:
-        """`create table TABLE`: True when it was absent (it is there now, empty), False
-        when it already exists. (In a child process when nft is there: cheap either way,
-        but nothing of nft's cache can reach the daemon's memory.)"""
+    def probe(self) -> NftResult:
+        """`list tables`, to see that nft works here. In a child when nft is there: nft
+        1.0.6 fetches the whole ruleset for it (another mode's leftover chains included,
+        ~80 MB at 10k Services in iptables mode), which libnftables would keep cached."""
         runner: NftCommand | LibNftables | None = self.cmd if self.cmd is not None else self.lib
         assert runner is not None
-        res = runner.run(f"create table {table}\n")
-        if res.rc == 0:
-            return True
-        if "File exists" in res.err:
-            return False
-        raise NftError(f"nft: create table {table}: {first_error(res.err, '')}")
+        return runner.run("list tables\n")
 
     def describe(self) -> str:
         if self.lib is not None and self.cmd is not None:
@@ -266,9 +218,6 @@ class Nft:
 
 
 LARGE_TRANSACTION = 256 * 1024  # bytes of nft input (about 6,000 elements)
-# A first full sync into a fresh table: input per transaction (about 45,000 elements;
-# nft needs ~0.6 s of CPU for it, the render ~0.3 s).
-PIPELINE_BYTES = 2 * 1024 * 1024
 
 
 def open_both() -> Nft:

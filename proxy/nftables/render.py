@@ -187,6 +187,45 @@ def endpoint_chain_base(svc: Service, port: PortSpec, ep: Endpoint) -> str:
 Element = tuple[int, str, str]  # (map index, key, value: "" for sets)
 
 
+class _Eps:
+    """A frontend's endpoint elements, kept as the endpoints themselves: element i is
+    (frontend . i) → endpoint i. Their text is made only when written (as strings they
+    were half of the state's memory: 20 MiB at 10k Services x 10 endpoints)."""
+
+    __slots__ = ("eps", "key", "m")
+
+    def __init__(self, m: int, key: str, eps: tuple[Endpoint, ...]) -> None:
+        self.m, self.key, self.eps = m, key, eps
+
+    def __len__(self) -> int:
+        return len(self.eps)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Eps) and (self.m, self.key, self.eps) == (
+            other.m,
+            other.key,
+            other.eps,
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def elements(self) -> Iterator[Element]:
+        m, key = self.m, self.key
+        for i, e in enumerate(self.eps):
+            yield (m, f"{key} . {i}", f"{e.ip} . {e.port}")
+
+
+Item = Element | _Eps
+
+
+def _expand(items: Iterable[Item]) -> Iterator[Element]:
+    for it in items:
+        if isinstance(it, _Eps):
+            yield from it.elements()
+        else:
+            yield it
+
+
 @dataclass(frozen=True, slots=True)
 class _Contrib:
     """What one Service puts into the kernel: elements of the shared maps, the picker
@@ -197,12 +236,25 @@ class _Contrib:
     # Elements by frontend ("ip <addr . proto . port>" or "np <proto . port>"): the unit
     # of ownership when two Services claim one frontend (bad input; the least
     # namespace/name wins, as a full render's first one would).
-    groups: Mapping[str, tuple[Element, ...]]
+    groups: Mapping[str, tuple[Item, ...]]
     hairpin: frozenset[str]  # endpoint IPs (hairpin-endpoints, refcounted)
     pickers: frozenset[str]
     chains: Mapping[str, tuple[str, ...]]  # own chains: name → rules
     sets: Mapping[str, str]  # own sets: name → declaration body
     endpoints: int  # endpoint elements (metrics)
+    # Ports with endpoints but none here for a Local policy (internal, external):
+    # kube-proxy's sync_proxy_rules_no_local_endpoints_total (see no_local_endpoints).
+    no_local: tuple[int, int] = (0, 0)
+
+
+def no_local_endpoints(state: RenderState) -> tuple[int, int]:
+    """(internal, external) Service ports with a Local policy and no endpoint on this
+    node although they have endpoints, over everything the state holds."""
+    internal = external = 0
+    for c in state.contribs.values():
+        internal += c.no_local[0]
+        external += c.no_local[1]
+    return internal, external
 
 
 _EMPTY: Mapping = MappingProxyType({})
@@ -238,20 +290,22 @@ class _Planner:
         ranges = [c for c in svc.load_balancer_source_ranges if ip_family(c) == fam]
         if any(c.endswith("/0") for c in ranges):
             ranges = []
-        out: dict[str, list[Element]] = {}
+        out: dict[str, list[Item]] = {}
         hairpin: set[str] = set()
         pickers: set[str] = set()
         chains: dict[str, tuple[str, ...]] = {}
         sets: dict[str, str] = {}
         n_eps = 0
+        no_local = [0, 0]
         for port in svc.ports:
             raw = svc_eps.ports.get((port.name, port.protocol), ()) if svc_eps else ()
             items = sorted(
                 ((_ep_str(e), e) for e in raw if (":" in e.ip) == (fam == 6)), key=_first
             )
             n_eps += self._port(
-                svc, port, cip, ext_ips, lb_ips, ranges, items, out, pickers, chains, sets
-            )
+                svc, port, cip, ext_ips, lb_ips, ranges, items, out, pickers, chains, sets,
+                no_local,
+            )  # fmt: skip
             # Hairpin (a pod reaching itself through the Service) is DNATed on the pod's
             # own node, so only this node's endpoints (or those of unknown node) need it.
             node = self.node
@@ -265,9 +319,12 @@ class _Planner:
             MappingProxyType(chains) if chains else _EMPTY,
             MappingProxyType(sets) if sets else _EMPTY,
             n_eps,
+            (no_local[0], no_local[1]),
         )
 
-    def _port(self, svc, port, cip, ext_ips, lb_ips, ranges, items, out, pickers, chains, sets):
+    def _port(
+        self, svc, port, cip, ext_ips, lb_ips, ranges, items, out, pickers, chains, sets, no_local
+    ):
         proto = port.protocol.lower()
         pp = f"{proto} . {port.port}"
         externally = bool(port.node_port or lb_ips or ext_ips)
@@ -286,6 +343,10 @@ class _Planner:
         internal = local if itp_local else cluster
         has_internal = has_endpoints and (not itp_local or bool(local))
         has_external = has_endpoints and (not etp_local or bool(local))
+        if has_endpoints and not has_internal:
+            no_local[0] += 1
+        if has_endpoints and etp_local and externally and not has_external:
+            no_local[1] += 1
         uses_ext = has_endpoints and externally
         uses_fw = has_endpoints and bool(lb_ips) and bool(ranges)
         refuse = f"goto {REJECT_CHAIN}" if not has_endpoints else "drop"
@@ -302,15 +363,16 @@ class _Planner:
 
         before = set(out)  # a frontend repeated by a later port (bad input) is skipped
 
-        def group(name: str) -> list[Element]:
+        def group(name: str) -> list[Item]:
             return [] if name in before else out.setdefault(name, [])
 
-        def endpoints(els: list[Element], map_idx: int, key: str, eps_: list[Endpoint]) -> None:
+        def endpoints(els: list[Item], map_idx: int, key: str, eps_: list[Endpoint]) -> None:
             nonlocal n_eps
             if affinity:
                 return  # the affinity chains DNAT themselves
             n_eps += len(eps_)
-            els.extend((map_idx, f"{key} . {i}", f"{e.ip} . {e.port}") for i, e in enumerate(eps_))
+            if eps_:
+                els.append(_Eps(map_idx, key, tuple(eps_)))
 
         # ClusterIP
         key = f"{cip} . {pp}"
@@ -748,7 +810,7 @@ class FullStream:
         hairpin: dict[str, int] = {}
         chains: dict[str, tuple[str, ...]] = {}
         sets: dict[str, str] = {}
-        per_map: list[list[Element]] = [[] for _ in MAP_NAMES]
+        per_map: list[list[str]] = [[] for _ in MAP_NAMES]  # element text
         own: list[str] = []  # affinity sets and chains, before the elements naming them
         pending = 0
         n_elements = 0
@@ -769,8 +831,15 @@ class FullStream:
                     continue
                 owners[g] = key
                 for el in els:
-                    per_map[el[0]].append(el)
-                pending += len(els)
+                    if isinstance(el, _Eps):
+                        k = el.key
+                        per_map[el.m] += [
+                            f"{k} . {i} : {e.ip} . {e.port}" for i, e in enumerate(el.eps)
+                        ]
+                        pending += len(el.eps)
+                    else:
+                        per_map[el[0]].append(f"{el[1]} : {el[2]}" if el[2] else el[1])
+                        pending += 1
             for ip in c.hairpin:
                 hairpin[ip] = hairpin.get(ip, 0) + 1
             if c.chains:
@@ -787,8 +856,8 @@ class FullStream:
                 n_elements += pending
                 yield _elements_part(t, own, per_map)
                 pending = 0
-        per_map[HAIRPIN] = [(HAIRPIN, f"{ip} . {ip}", "") for ip in hairpin]
-        per_map[NODEPORT_IPS] = [(NODEPORT_IPS, ip, "") for ip in np_ips or ()]
+        per_map[HAIRPIN] = [f"{ip} . {ip}" for ip in hairpin]
+        per_map[NODEPORT_IPS] = list(np_ips or ())
         n_elements += pending + len(per_map[HAIRPIN]) + len(per_map[NODEPORT_IPS])
         if own or any(per_map):
             yield _elements_part(t, own, per_map)
@@ -824,7 +893,7 @@ class FullStream:
 PART_ELEMENTS = 4000  # elements per part of a full stream (about 160 KB of text)
 
 
-def _elements_part(t: str, own: list[str], per_map: list[list[Element]]) -> str:
+def _elements_part(t: str, own: list[str], per_map: list[list[str]]) -> str:
     """`own` declarations, then `add element` commands for `per_map`; empties both."""
     lines = own[:]
     own.clear()
@@ -832,8 +901,7 @@ def _elements_part(t: str, own: list[str], per_map: list[list[Element]]) -> str:
         if els:
             head = f"add element {t} {MAP_NAMES[m]}"
             for i in range(0, len(els), _CHUNK):
-                batch = ", ".join(f"{k} : {v}" if v else k for _, k, v in els[i : i + _CHUNK])
-                lines.append(f"{head} {{ {batch} }}")
+                lines.append(f"{head} {{ {', '.join(els[i : i + _CHUNK])} }}")
             els.clear()
     lines.append("")
     return "\n".join(lines)
@@ -899,10 +967,10 @@ def _render_partial(cfg, previous: RenderState, touched) -> RenderResult:
         if was == now and now not in touched:
             continue
         if was is not None:
-            for m, k, v in old_contribs[was].groups[g]:
+            for m, k, v in _expand(old_contribs[was].groups[g]):
                 gone[(m, k)] = v
         if now is not None:
-            for m, k, v in contribs[now].groups[g]:
+            for m, k, v in _expand(contribs[now].groups[g]):
                 came[(m, k)] = v
 
     hairpin = previous.hairpin.copy() if hair_delta else previous.hairpin

@@ -28,6 +28,9 @@ NODE_A, NODE_B = "198.18.200.1", "198.18.200.2"
 OUTSIDE = "198.18.200.100"
 CLIENT = "198.18.1.100"
 WEBS = {"web-1": "198.18.1.11", "web-2": "198.18.1.12", "web-b": "198.18.2.10"}
+# IPv6 (the same IP_TRANSPARENT path, with ip6tables and `ip -6 rule`): web-1 and web-b.
+CLIENT6 = "fd00:18::1:100"
+WEBS6 = {"web-1": "fd00:18::1:11", "web-b": "fd00:18::2:10"}
 
 
 @dataclass
@@ -87,6 +90,20 @@ def eps(name: str, pods: list[str]) -> dict:
     }
 
 
+def web6() -> list[dict]:
+    """An IPv6 Service whose endpoints are web-1 (this node) and web-b (node-b)."""
+    service = svc("web6", "fd00:19::60:10")
+    service["spec"]["ipFamilies"] = ["IPv6"]
+    slice_ = eps("web6", [])
+    slice_["addressType"] = "IPv6"
+    slice_["endpoints"] = [
+        {"addresses": [ip], "conditions": {"ready": True},
+         "nodeName": "node-b" if p == "web-b" else "node-a"}
+        for p, ip in WEBS6.items()
+    ]  # fmt: skip
+    return [service, slice_]
+
+
 OBJECTS = [
     svc("web", "198.19.60.10", 30080, 30708),
     eps("web", ["web-1", "web-2"]),
@@ -94,6 +111,7 @@ OBJECTS = [
     eps("self", ["web-1"]),
     svc("remote", "198.19.60.12", 30081, 30709),  # its endpoint is on node-b
     eps("remote", ["web-b"]),
+    *web6(),
 ]
 
 
@@ -101,13 +119,19 @@ OBJECTS = [
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     work = tmp_path_factory.mktemp("userspace-source")
     with Testbed(workdir=work) as tb:
-        a = tb.add_node("node-a", underlay_ip=NODE_A, pod_cidr="198.18.1.0/24")
-        b = tb.add_node("node-b", underlay_ip=NODE_B, pod_cidr="198.18.2.0/24")
+        a = tb.add_node(
+            "node-a", underlay_ip=NODE_A, pod_cidr="198.18.1.0/24",
+            underlay_ipv6="fd00:200::1", pod_cidr_v6="fd00:18::1:0/112",
+        )  # fmt: skip
+        b = tb.add_node(
+            "node-b", underlay_ip=NODE_B, pod_cidr="198.18.2.0/24",
+            underlay_ipv6="fd00:200::2", pod_cidr_v6="fd00:18::2:0/112",
+        )  # fmt: skip
         hosts = {
-            "web-1": tb.add_pod(a, "web-1", WEBS["web-1"]),
+            "web-1": tb.add_pod(a, "web-1", WEBS["web-1"], ipv6=WEBS6["web-1"]),
             "web-2": tb.add_pod(a, "web-2", WEBS["web-2"]),
-            "web-b": tb.add_pod(b, "web-b", WEBS["web-b"]),
-            "client": tb.add_pod(a, "client", CLIENT),
+            "web-b": tb.add_pod(b, "web-b", WEBS["web-b"], ipv6=WEBS6["web-b"]),
+            "client": tb.add_pod(a, "client", CLIENT, ipv6=CLIENT6),
             "outside": tb.add_external("outside", OUTSIDE),
         }
         hosts["outside"].route("198.19.60.0/24", via=NODE_A)
@@ -126,7 +150,7 @@ def start(site: Site, *extra: str, env: dict[str, str] | None = None) -> ProxyPr
             "--proxy-mode=userspace",
             "--manifests", str(site.manifests),
             "--hostname-override", "node-a",
-            "--cluster-cidr", "198.18.0.0/16",
+            "--cluster-cidr", "198.18.0.0/16,fd00:18::/64",
             "--nodeport-addresses", "198.18.200.0/24",
             "--healthz-bind-address", "0.0.0.0:10256",
             *extra,
@@ -162,7 +186,7 @@ def tcp_peer(host: Host, ip: str, port: int) -> str:
 
 def udp_peer(host: Host, ip: str, port: int) -> tuple[str, int, int]:
     """(peer ip the backend saw, its port, our own source port)."""
-    with host.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with host.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(5)
         s.connect((ip, port))
         s.send(b"who")
@@ -184,6 +208,17 @@ def test_endpoints_see_a_pod_clients_address(site: Site, daemon: ProxyProcess) -
     for ip in ("198.19.60.10", "198.19.60.12"):
         seen, port, mine = udp_peer(client, ip, 7008)
         assert (seen, port) == (CLIENT, mine)  # the client's port too
+
+
+def test_endpoints_see_a_pod_clients_ipv6_address(site: Site, daemon: ProxyProcess) -> None:
+    client = site.hosts["client"]
+    # Over ip6tables' mark and `ip -6 rule`: web-1 on this node, web-b on node-b.
+    assert {tcp_peer(client, "fd00:19::60:10", 80) for _ in range(8)} == {CLIENT6}
+    served = {http_request(client, "fd00:19::60:10", 80, "/")[2].strip() for _ in range(8)}
+    assert served == {"web-1", "web-b"}, served  # both endpoints were reached
+    for _ in range(4):  # UDP sessions, spread over both: the client's address and port
+        seen, port, mine = udp_peer(client, "fd00:19::60:10", 7008)
+        assert (seen, port) == (CLIENT6, mine)
 
 
 def test_nodeport_from_outside(site: Site, daemon: ProxyProcess) -> None:

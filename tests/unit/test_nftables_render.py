@@ -19,7 +19,7 @@ from proxy.model import (
     ServiceEndpoints,
     make_model,
 )
-from proxy.nftables.render import NftConfig, is_picker, render
+from proxy.nftables.render import NftConfig, is_picker, no_local_endpoints, render
 from proxy.selection import usable_endpoints
 
 from .nft_fake import FakeNft, Refused
@@ -120,6 +120,28 @@ def test_no_endpoints_rejects_and_local_policy_without_local_endpoints_drops():
     assert elements(text, "nodeport-fallback") == {"tcp . 30002": "goto pick-nodeport-1"}
     assert "198.19.100.2 . tcp . 80" not in elements(text, "service-ips")
     assert elements(text, "service-ips") == {"198.19.0.2 . tcp . 80": "goto pick-1"}
+
+
+def test_no_local_endpoints_counted_as_kube_proxy_does():
+    """sync_proxy_rules_no_local_endpoints_total: a Local policy with endpoints, none on
+    this node (external: etp Local and externally reachable; internal: itp Local); a
+    Service without any endpoint is not counted. Partial renders keep the count."""
+    remote, here = eps(ep("198.18.2.2", node="node-b")), eps(ep("198.18.1.4"))
+    m = model(
+        (svc("empty", "198.19.0.1", node_port=30001, external_traffic_local=True), None),
+        (svc("etp", "198.19.0.2", node_port=30002, external_traffic_local=True), remote),
+        (svc("itp", "198.19.0.3", internal_traffic_local=True), remote),
+        (svc("etp-here", "198.19.0.4", node_port=30004, external_traffic_local=True), here),
+        (svc("etp-no-np", "198.19.0.5", external_traffic_local=True), remote),  # not external
+    )
+    full = render(m, CFG)
+    assert no_local_endpoints(full.state) == (1, 1)
+    m2 = model(
+        *[(s, m.endpoints.get(s.key)) for s in m.services.values()],
+        (svc("new", "198.19.0.9"), remote),
+    )
+    part = render(m2, CFG, changed=frozenset({("default", "new")}), previous=full.state)
+    assert not part.full and no_local_endpoints(part.state) == (1, 1)
 
 
 def test_external_traffic_local_uses_local_endpoints_and_keeps_the_source():

@@ -9,19 +9,26 @@ which serves pods/portforward with the kubelet's framing and dials the Pods' pod
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import hashlib
 import logging
 import os
+import shutil
 import socket
+import ssl
+import subprocess
 from collections import Counter
 from collections.abc import Awaitable
+from pathlib import Path
 
 import pytest
 import uvloop
+import yaml
 from kubernetes import client as k8s
 
 from proxy.config import Config
+from proxy.endpoints.kube import load_client_config
 from proxy.endpoints.store import Store
 from proxy.model import Service
 from proxy.testbed.apiserver import ApiServer
@@ -67,9 +74,12 @@ def slices_for(backends: list[Backend], **kw) -> list[dict]:
 
 
 class Harness:
-    def __init__(self, api: ApiServer, access: str = "port-forward") -> None:
-        conf = k8s.Configuration()
-        conf.host = api.url
+    def __init__(
+        self, api: ApiServer, access: str = "port-forward", conf: k8s.Configuration | None = None
+    ) -> None:
+        if conf is None:
+            conf = k8s.Configuration()
+            conf.host = api.url
         self.api = api
         self.store = Store()
         cfg = Config(userspace_laptop="on", hostname="node-a", userspace_endpoint_access=access)
@@ -168,8 +178,13 @@ def test_megabytes_both_ways_through_a_tunnel(api: ApiServer) -> None:
     run(main())
 
 
-def test_refusing_pod_is_retried_on_another(api: ApiServer, caplog) -> None:
+def test_refusing_pod_is_retried_on_another(api: ApiServer, caplog, monkeypatch) -> None:
     caplog.set_level(logging.WARNING, "proxy.userspace")
+    # A tunnel counts as connected SETTLE after the port prefixes if no error came: the
+    # kubelet dials the Pod after sending them. This API server dials from a thread of
+    # this process, which under a CPU hog can wait for the GIL longer than 10 ms; the
+    # refusal must still arrive before the tunnel counts as connected.
+    monkeypatch.setattr(portforward, "SETTLE", 1.0)
 
     async def main():
         good = await Backend("good").start()
@@ -299,5 +314,118 @@ def test_probe_sees_refused_as_reachable() -> None:
         s.close()
         ok, seen = await portforward.probe_direct([("127.0.0.1", port)])
         assert ok and seen == f"127.0.0.1:{port} refused"
+
+    run(main())
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _pki(d: Path, ca: str) -> None:
+    """A CA `ca`, a server certificate for 127.0.0.1 and a client certificate, signed by it."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.crt", "-days", "2",
+             "-subj", f"/CN={ca}", cwd=d)  # fmt: skip
+    for name, ext in (
+        ("server", "subjectAltName=IP:127.0.0.1,DNS:kubernetes\nextendedKeyUsage=serverAuth"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
+        (d / f"{name}.ext").write_text(ext + "\n")
+        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}/O=system:masters", cwd=d)  # fmt: skip
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
+                 "-CAcreateserial", "-out", f"{name}.crt", "-days", "2",
+                 "-extfile", f"{name}.ext", cwd=d)  # fmt: skip
+
+
+async def _tls_front(api: ApiServer, d: Path) -> asyncio.Server:
+    """TLS in front of the test API server, as a real one listens: the server certificate,
+    and a client certificate required (plain TCP relayed behind it, upgrades included)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=d / "ca.crt")
+    ctx.load_cert_chain(d / "server.crt", d / "server.key")
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    host, port = api.address
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            w.close()
+
+    async def relay(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        try:
+            sr, sw = await asyncio.open_connection(host, port)
+        except OSError:
+            cw.close()
+            return
+        await asyncio.gather(pipe(cr, sw), pipe(sr, cw))
+
+    return await asyncio.start_server(relay, "127.0.0.1", 0, ssl=ctx)
+
+
+def _tls_kubeconfig(d: Path, port: int, ca: str) -> Path:
+    b64 = lambda name: base64.b64encode((d / name).read_bytes()).decode()  # noqa: E731
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {
+            "server": f"https://127.0.0.1:{port}", "certificate-authority-data": b64(f"{ca}.crt"),
+        }}],
+        "users": [{"name": "u", "user": {
+            "client-certificate-data": b64("client.crt"), "client-key-data": b64("client.key"),
+            "token": "s3cret",
+        }}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    }  # fmt: skip
+    path = d / f"kubeconfig-{ca}"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_tunnels_use_the_kubeconfigs_tls_client_certificate_and_token(
+    api: ApiServer, tmp_path: Path
+) -> None:
+    """A real cluster's API server: HTTPS with its own CA, a client certificate and a bearer
+    token, all from the kubeconfig (inline data, as `kind` and cloud CLIs write it), loaded
+    as the daemon loads it. A CA that did not sign the server's certificate fails the
+    tunnel (verification is on), not a silent plain connection."""
+    assert shutil.which("openssl"), "openssl is needed to make the test certificates"
+    _pki(tmp_path, "ca")
+    (tmp_path / "other").mkdir()
+    _pki(tmp_path / "other", "ca")
+    api.token = "s3cret"
+
+    async def main():
+        b = await Backend("web-0").start()
+        api.apply(pod("web-0"))
+        front = await _tls_front(api, tmp_path)
+        port = front.sockets[0].getsockname()[1]
+        (tmp_path / "ca-other.crt").write_bytes((tmp_path / "other" / "ca.crt").read_bytes())
+        try:
+            conf = load_client_config(Config(kubeconfig=str(_tls_kubeconfig(tmp_path, port, "ca"))))
+            async with Harness(api, conf=conf) as h:
+                await h.set([web()], slices_for([b]), full=True)
+                assert [(await hello(IP, 8080))[0] for _ in range(3)] == ["web-0"] * 3
+                assert h.dp.forwarder is not None and h.dp.forwarder.stats["failed"] == 0
+            assert api.portforward_requests["default/web-0"] >= 3
+
+            bad = load_client_config(
+                Config(kubeconfig=str(_tls_kubeconfig(tmp_path, port, "ca-other")))
+            )
+            target = portforward.ApiTarget.from_configuration(bad)
+            fwd = portforward.Forwarder(target, asyncio.get_running_loop())
+            await fwd.start()
+            with pytest.raises(portforward.TunnelError, match="CERTIFICATE_VERIFY_FAILED"):
+                await fwd.open(("default/web-0", b.port), timeout=10)
+            await fwd.close()
+        finally:
+            front.close()
+            await b.stop()
 
     run(main())
