@@ -94,10 +94,8 @@ def web6() -> list[dict]:
     """An IPv6 Service whose endpoints are web-1 (this node) and web-b (node-b)."""
     service = svc("web6", "fd00:19::60:10")
     service["spec"]["ipFamilies"] = ["IPv6"]
-    service["spec"]["ports"] = service["spec"]["ports"][:1]
     slice_ = eps("web6", [])
     slice_["addressType"] = "IPv6"
-    slice_["ports"] = slice_["ports"][:1]
     slice_["endpoints"] = [
         {"addresses": [ip], "conditions": {"ready": True},
          "nodeName": "node-b" if p == "web-b" else "node-a"}
@@ -188,7 +186,7 @@ def tcp_peer(host: Host, ip: str, port: int) -> str:
 
 def udp_peer(host: Host, ip: str, port: int) -> tuple[str, int, int]:
     """(peer ip the backend saw, its port, our own source port)."""
-    with host.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with host.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(5)
         s.connect((ip, port))
         s.send(b"who")
@@ -218,6 +216,9 @@ def test_endpoints_see_a_pod_clients_ipv6_address(site: Site, daemon: ProxyProce
     assert {tcp_peer(client, "fd00:19::60:10", 80) for _ in range(8)} == {CLIENT6}
     served = {http_request(client, "fd00:19::60:10", 80, "/")[2].strip() for _ in range(8)}
     assert served == {"web-1", "web-b"}, served  # both endpoints were reached
+    for _ in range(4):  # UDP sessions, spread over both: the client's address and port
+        seen, port, mine = udp_peer(client, "fd00:19::60:10", 7008)
+        assert (seen, port) == (CLIENT6, mine)
 
 
 def test_nodeport_from_outside(site: Site, daemon: ProxyProcess) -> None:

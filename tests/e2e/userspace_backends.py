@@ -66,12 +66,29 @@ def serve_stream(conn: socket.socket) -> None:
 
 
 def serve_udp_peer(port: int) -> None:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", port))
+    """Answers each datagram with its sender's ip:port, on IPv4 and (where the host has
+    it) IPv6."""
+    socks = []
+    for fam, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        if fam == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            s.bind((addr, port))
+        except OSError:
+            s.close()  # no IPv6 here
+            continue
+        socks.append(s)
     print("READY", flush=True)
+    for s in socks[1:]:
+        threading.Thread(target=_udp_peer_loop, args=(s,), daemon=True).start()
+    _udp_peer_loop(socks[0])
+
+
+def _udp_peer_loop(s: socket.socket) -> None:
     while True:
-        _, (ip, peer_port) = s.recvfrom(65535)
-        s.sendto(f"{ip}:{peer_port}".encode(), (ip, peer_port))
+        _, addr = s.recvfrom(65535)
+        s.sendto(f"{addr[0]}:{addr[1]}".encode(), addr)
 
 
 def main() -> None:
