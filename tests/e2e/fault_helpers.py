@@ -122,7 +122,7 @@ def children(pid: int) -> list[int]:
         for tid in os.listdir(f"/proc/{pid}/task"):
             text = Path(f"/proc/{pid}/task/{tid}/children").read_text()
             out += [int(c) for c in text.split()]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # it (or a thread) exited meanwhile
         pass
     return out
 
@@ -130,7 +130,7 @@ def children(pid: int) -> list[int]:
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # exited (ESRCH while it is exiting)
         return ""
 
 

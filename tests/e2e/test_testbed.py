@@ -270,8 +270,12 @@ def test_context_manager_cleans_up_on_error() -> None:
 
 CHILD = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     from proxy.testbed import Testbed, start_backend
+    # A terminal's dispositions: a run started in the background or under nohup hands
+    # its children SIGINT/SIGHUP ignored, and an ignored signal ends nothing to clean up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     tb = Testbed({prefix!r})
     {enter}
     n = tb.add_node("n1", underlay_ip="198.18.200.1", pod_cidr="198.18.1.0/24")
