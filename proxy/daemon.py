@@ -25,7 +25,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from proxy import nodesetup
+from proxy import memory, nodesetup
 from proxy.config import Config, PrivilegeError, UsageError, describe
 from proxy.dataplane import LARGE_MODEL, Consumer, DataPlane, NoDataPlane
 from proxy.endpoints.source import Source
@@ -157,6 +157,7 @@ async def run(cfg: Config) -> int:
     if cfg.init_only:  # privileged set-up for a container that will not have the rights
         return await asyncio.to_thread(nodesetup.init_only, cfg)
     log.info("starting kube-proxy-py: %s", describe(cfg))
+    memory.tune()  # before the watch and worker threads exist
     # The loop's thread gets the GIL back within 1 ms (Python's default: 5 ms) when a
     # watch thread is parsing a big list: answers and new connections wait less.
     sys.setswitchinterval(0.001)

@@ -78,6 +78,27 @@ def settle() -> None:
     gc.freeze()
 
 
+# mallopt(3) parameters (glibc's malloc.h)
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+
+
+def tune() -> None:
+    """Set glibc's malloc up for a heap whose big buffers come and go (list bodies, restore
+    inputs of ~1 MB each): a fixed mmap threshold, so such a buffer is always its own
+    mapping and goes back to the kernel when freed (by default the threshold rises to the
+    largest buffer freed so far, up to 32 MB, and later ones stay in the heap), and two
+    arenas for the few threads (lists, renders) instead of one per thread. Call once,
+    before threads start."""
+    if _libc is None:
+        return
+    try:
+        _libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+        _libc.mallopt(_M_ARENA_MAX, 2)
+    except Exception as e:  # not glibc after all: nothing to tune
+        log.debug("mallopt failed: %s", e)
+
+
 def trim() -> None:
     """Hand free heap pages back to the kernel (malloc_trim releases the GIL)."""
     if _libc is not None:

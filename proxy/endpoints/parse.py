@@ -66,6 +66,7 @@ def _meta(obj: Any) -> tuple[str, str, dict, dict]:
         raise BadObject("metadata.name/namespace missing")
     if len(ns) > 63 or not _NAME_RE.match(ns):
         raise BadObject(f"invalid namespace {ns[:80]!r}")
+    ns = sys.intern(ns)  # a few namespaces over every record: one copy each
     labels = meta.get("labels") or {}
     annotations = meta.get("annotations") or {}
     if not isinstance(labels, dict):
@@ -115,9 +116,10 @@ def _port_number(v: Any, what: str, *, allow_zero: bool = False) -> int:
 
 def _protocol(v: Any) -> str:
     p = "TCP" if v is None else v
-    if p not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {str(p)[:20]!r}")
-    return p
+    for known in PROTOCOLS:  # the constant, not the decoded copy (one per record)
+        if p == known:
+            return known
+    raise ValueError(f"unknown protocol {str(p)[:20]!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +191,7 @@ def parse_service(obj: Any) -> ParsedService:
                 raise ValueError(f"duplicate port name {pname!r}")
             seen.add((port, proto))
             seen_names.add(pname)
-            ports.append(PortSpec(pname, proto, port, node_port, target))
+            ports.append(PortSpec(sys.intern(pname), proto, port, node_port, target))
         except ValueError as e:
             problems.append(f"spec.ports[{i}] skipped: {e}")
 
@@ -365,7 +367,8 @@ def parse_slice(obj: Any) -> Slice:
             pname = p.get("name") or ""
             if not isinstance(pname, str):
                 raise ValueError("port name is not a string")
-            ports.append((pname, _protocol(p.get("protocol")), _port_number(p.get("port"), "port")))
+            proto = _protocol(p.get("protocol"))
+            ports.append((sys.intern(pname), proto, _port_number(p.get("port"), "port")))
         except ValueError as e:
             problems.append(f"ports[{i}] skipped: {e}")
 
