@@ -410,8 +410,14 @@ def test_tunnels_use_the_kubeconfigs_tls_client_certificate_and_token(
         try:
             conf = load_client_config(Config(kubeconfig=str(_tls_kubeconfig(tmp_path, port, "ca"))))
             async with Harness(api, conf=conf) as h:
-                await h.set([web()], slices_for([b]), full=True)
-                assert [(await hello(IP, 8080))[0] for _ in range(3)] == ["web-0"] * 3
+                # Its own Service name, so its own laptop address: other runs of the tests
+                # above on this machine bind default/web's (with SO_REUSEPORT).
+                svc = service("web-tls", ports=[{"name": "p", "port": 8080, "protocol": "TCP"}])
+                sl = web_slice([b])
+                sl["metadata"]["labels"]["kubernetes.io/service-name"] = "web-tls"
+                await h.set([svc], [sl], full=True)
+                ip = laptop_address(Service("default", "web-tls"))
+                assert [(await hello(ip, 8080))[0] for _ in range(3)] == ["web-0"] * 3
                 assert h.dp.forwarder is not None and h.dp.forwarder.stats["failed"] == 0
             assert api.portforward_requests["default/web-0"] >= 3
 
