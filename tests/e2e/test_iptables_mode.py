@@ -12,6 +12,7 @@ shared by both. Services live in 198.19.10.0/24 here.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -512,7 +513,12 @@ def test_healthz_and_metrics(site, manifests, start_proxy):
     # As kube-proxy: a trigger time from before the daemon started measures nothing of it.
     assert before == 0, "a last-change-trigger-time older than the daemon was observed"
 
-    # An endpoint change made now is observed.
+    # An endpoint change made now is observed. The annotation has whole seconds, and one
+    # stamped in the second the daemon started reads as older than it (kube-proxy ignores
+    # those too): wait for the clock to enter the next second first.
+    started = time.time()  # the daemon's store started before this
+    while time.time() < math.floor(started) + 1:
+        time.sleep(0.01)
     manifests.write("m-eps", endpoint_slice("m", site.webs, port=8080, trigger_time=time.time()))
 
     def observed() -> None:
