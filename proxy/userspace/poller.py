@@ -20,7 +20,9 @@ import contextlib
 import select
 from collections.abc import Callable
 
-_IN = select.EPOLLIN
+# EPOLLRDHUP: the peer's FIN shows in the event that also reports its last bytes.
+_IN = select.EPOLLIN | select.EPOLLRDHUP
+_FIN = select.EPOLLRDHUP | select.EPOLLERR
 _OUT = select.EPOLLOUT
 # An error or hang-up wakes whichever side is registered (its recv/send then reports it).
 _READ = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
@@ -31,7 +33,7 @@ MAX_EVENTS = 256  # per dispatch; more stay pending and the loop calls again
 class Poller:
     """add_reader/add_writer/remove_reader/remove_writer like the loop's, for raw fds."""
 
-    __slots__ = ("_dropped", "_ep", "_loop", "_mask", "_readers", "_writers", "fd")
+    __slots__ = ("_dropped", "_ep", "_loop", "_mask", "_readers", "_writers", "fd", "peer_closed")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -41,6 +43,9 @@ class Poller:
         self._writers: dict[int, Callable[[], object]] = {}
         self._mask: dict[int, int] = {}
         self._dropped: set[int] = set()  # unregistered during the current dispatch
+        # In a reader callback: the peer had sent its FIN (no error) when the event was
+        # reported, so a read that drains the socket has read everything it will send.
+        self.peer_closed = False
         loop.add_reader(self.fd, self._dispatch)
 
     def __len__(self) -> int:
@@ -119,6 +124,7 @@ class Poller:
                 if ev & _READ and not (dropped and fd in dropped):
                     cb = readers.get(fd)
                     if cb is not None:
+                        self.peer_closed = ev & _FIN == select.EPOLLRDHUP
                         cb()
                 if ev & _WRITE and not (dropped and fd in dropped):
                     cb = writers.get(fd)

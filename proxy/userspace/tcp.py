@@ -653,10 +653,16 @@ class Pump:
         except OSError:
             self.conn.close(reset=True)
             return
+        # A short read drained the socket; when the peer's FIN had come too, no recv
+        # just to read the EOF: one syscall and one wake-up less per closing connection.
+        fin = n < len(buf) and self.poll.peer_closed
         if sent < n:
             self.pending = buf[sent:n].tobytes()
             self.off = 0
             self._block()
+            self.eof = fin  # on_writable finishes once these bytes are written
+        elif fin:
+            self._eof()
 
     def _splice(self) -> None:
         eng = self.eng
