@@ -23,6 +23,7 @@ from collections.abc import Callable
 # EPOLLRDHUP: the peer's FIN shows in the event that also reports its last bytes.
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _FIN = select.EPOLLRDHUP | select.EPOLLERR
+_TROUBLE = select.EPOLLERR | select.EPOLLHUP
 _OUT = select.EPOLLOUT
 # An error or hang-up wakes whichever side is registered (its recv/send then reports it).
 _READ = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
@@ -33,7 +34,17 @@ MAX_EVENTS = 256  # per dispatch; more stay pending and the loop calls again
 class Poller:
     """add_reader/add_writer/remove_reader/remove_writer like the loop's, for raw fds."""
 
-    __slots__ = ("_dropped", "_ep", "_loop", "_mask", "_readers", "_writers", "fd", "peer_closed")
+    __slots__ = (
+        "_dropped",
+        "_ep",
+        "_loop",
+        "_mask",
+        "_readers",
+        "_writers",
+        "fd",
+        "peer_closed",
+        "trouble",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -46,6 +57,9 @@ class Poller:
         # In a reader callback: the peer had sent its FIN (no error) when the event was
         # reported, so a read that drains the socket has read everything it will send.
         self.peer_closed = False
+        # In a writer callback: the event carried an error or hang-up; without either, a
+        # connect in progress has succeeded (no getsockopt(SO_ERROR) needed to tell).
+        self.trouble = False
         loop.add_reader(self.fd, self._dispatch)
 
     def __len__(self) -> int:
@@ -129,6 +143,7 @@ class Poller:
                 if ev & _WRITE and not (dropped and fd in dropped):
                     cb = writers.get(fd)
                     if cb is not None:
+                        self.trouble = ev & _TROUBLE != 0
                         cb()
             except Exception as e:  # like the loop's handles: report it, serve the others
                 self._loop.call_exception_handler(

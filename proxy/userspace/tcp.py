@@ -438,7 +438,9 @@ class TcpConn:
             self.engine.connecting.pop(self, None)
 
     def _on_connect(self) -> None:
-        err = self.bsock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        # Writable with no error or hang-up reported: connected, no syscall to ask.
+        trouble = self.engine.poller.trouble
+        err = self.bsock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if trouble else 0
         if err:
             self._stop_watching()
             self._failed(err)
