@@ -52,6 +52,18 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(msg) from None
 
 
+DATA_FIGURES = ("throughput", "cps", "latency", "idle")  # data_plane.measure's groups
+
+
+def _figures(text: str) -> list[str]:
+    names = [f.strip() for f in text.split(",") if f.strip()]
+    bad = [f for f in names if f not in DATA_FIGURES]
+    if bad or not names:
+        msg = f"expected some of {','.join(DATA_FIGURES)}: {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return names
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kube-proxy-py-bench", description=__doc__.split("\n")[0])
     p.add_argument("suite", choices=(*SUITES, *MORE_SUITES, "all", "readme"))
@@ -66,13 +78,18 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--modes",
         type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
-        help="data plane modes to start (default: every one, e.g. iptables,nftables)",
+        help="daemon modes to start, control and data plane (default: all; e.g. userspace)",
     )
     g.add_argument(
         "--profile", type=Path, help="py-spy stacks and an RSS timeline of each daemon start there"
     )
     g = p.add_argument_group("data plane")
     g.add_argument("--streams", type=_ints, help="iperf3 stream counts (default 1,8,32)")
+    g.add_argument(
+        "--figures",
+        type=_figures,
+        help=f"only these measurements: {','.join(DATA_FIGURES)} (default: all)",
+    )
     g = p.add_argument_group("dns")
     g.add_argument("--dns-names", type=int, default=1000, help="Services named (1000)")
     g.add_argument("--dns-sets", type=lambda s: s.split(","), help="A,mixed,search")
@@ -85,7 +102,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--baseline",
         type=Path,
-        help="control plane: also run the daemon from this checkout (a before/after contender)",
+        help="control and data plane: also run the daemon from this checkout (a before/after "
+        "contender)",
     )
     p.add_argument(
         "--keep-work", action="store_true", help="keep DIR/work (logs) after a successful run"

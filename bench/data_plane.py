@@ -33,6 +33,7 @@ import yaml
 
 from proxy.testbed import Testbed
 
+from .cli import DATA_FIGURES
 from .core import Run, SuiteResult, Target, alternate
 from .machine import cpu_seconds, ensure_tools, rss_kib
 
@@ -46,6 +47,8 @@ SVC_HTTP_PORT = 80  # on the Service and the proxies
 PROXY_CPU, LOAD_CPU = "1", "0"
 CPS_INFLIGHT = 64
 PRODUCT, REFERENCE = "userspace mode", "HAProxy"
+BASELINE = f"{PRODUCT} @baseline"
+FIGURES = DATA_FIGURES  # --figures: what measure() can be limited to
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,9 @@ class DataContender:
     serve: Callable[[Bench], contextlib.AbstractContextManager[Endpoint]]
 
 
-def contenders() -> list[DataContender]:
+def contenders(baseline: Path | None = None, modes: list[str] | None = None) -> list[DataContender]:
+    """`baseline`: a checkout whose userspace mode runs too (a before/after contender);
+    `modes`: only these of the daemon's modes."""
     from proxy.config import MODES
 
     out = [
@@ -76,6 +81,12 @@ def contenders() -> list[DataContender]:
     ]
     if "nftables" in MODES:
         out.insert(2, DataContender("nftables mode", ("nft",), lambda b: b.daemon("nftables")))
+    if modes is not None:  # --modes: only these daemon modes (the references always run)
+        out = [c for c in out if not c.name.endswith(" mode") or c.name[: -len(" mode")] in modes]
+    if baseline is not None:
+        base = str(baseline.resolve())
+        old = DataContender(BASELINE, (), lambda b: b.daemon("userspace", pythonpath=base))
+        out.insert(out.index(next(c for c in out if c.name == PRODUCT)) + 1, old)
     return out
 
 
@@ -232,8 +243,12 @@ class Bench:
             _stop(p)
 
     @contextlib.contextmanager
-    def daemon(self, mode: str, *extra: str) -> Iterator[Endpoint]:
-        log = self.work / f"daemon-{'-'.join([mode, *extra]).replace('--', '')}.log"
+    def daemon(self, mode: str, *extra: str, pythonpath: str | None = None) -> Iterator[Endpoint]:
+        """`pythonpath`: run the daemon of that checkout instead (--baseline)."""
+        stem = "-".join([mode, *extra, *(["baseline"] if pythonpath else [])]).replace("--", "")
+        log = self.work / f"daemon-{stem}.log"
+        # PYTHONSAFEPATH: `-m proxy` must not find this checkout in the cwd first
+        env = {"PYTHONPATH": pythonpath, "PYTHONSAFEPATH": "1"} if pythonpath else None
         args = [
             *extra,
             "--proxy-mode",
@@ -254,6 +269,7 @@ class Bench:
                 ["taskset", "-c", PROXY_CPU, sys.executable, "-m", "proxy", *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                env=env,
             )
         try:
             _wait(
@@ -331,25 +347,30 @@ class Bench:
                 s.close()
         return (after - before) / count
 
-    def measure(self, ep: Endpoint, streams: list[int], idle: int, lat: int) -> dict[str, Any]:
+    def measure(
+        self, ep: Endpoint, streams: list[int], idle: int, lat: int, which: list[str]
+    ) -> dict[str, Any]:
         d = self.o.duration
         self.loadgen("cps", ep.ip, ep.http_port, 0.3, 8)  # warm-up: lazy set-up paid here
         r: dict[str, Any] = {}
-        for n in streams:
+        for n in streams if "throughput" in which else []:
             c0 = cpu_seconds(ep.pid) if ep.pid else 0.0
             gbps = self.iperf(ep, n)
             r[f"gbps_{n}"] = gbps
             if ep.pid and gbps:
                 gb = gbps / 8 * self.iperf_seconds
                 r[f"cpu_ms_per_gb_{n}"] = (cpu_seconds(ep.pid) - c0) * 1e3 / gb
-        c0 = cpu_seconds(ep.pid) if ep.pid else 0.0
-        c = self.loadgen("cps", ep.ip, ep.http_port, d, CPS_INFLIGHT)
-        r["cps"] = c["per_second"]
-        if ep.pid and c["conns"]:
-            r["cpu_us_per_conn"] = (cpu_seconds(ep.pid) - c0) * 1e6 / c["conns"]
-        la = self.loadgen("lat", ep.ip, ep.http_port, lat)
-        r["p50_us"], r["p99_us"] = la["p50_us"], la["p99_us"]
-        r["idle_kib"] = self.idle_kib(ep, idle)
+        if "cps" in which:
+            c0 = cpu_seconds(ep.pid) if ep.pid else 0.0
+            c = self.loadgen("cps", ep.ip, ep.http_port, d, CPS_INFLIGHT)
+            r["cps"] = c["per_second"]
+            if ep.pid and c["conns"]:
+                r["cpu_us_per_conn"] = (cpu_seconds(ep.pid) - c0) * 1e6 / c["conns"]
+        if "latency" in which:
+            la = self.loadgen("lat", ep.ip, ep.http_port, lat)
+            r["p50_us"], r["p99_us"] = la["p50_us"], la["p99_us"]
+        if "idle" in which:
+            r["idle_kib"] = self.idle_kib(ep, idle)
         return r
 
 
@@ -359,6 +380,7 @@ def run(ctx: Run) -> SuiteResult:
     streams = o.streams or ([1, 32] if ctx.quick else [1, 8, 32])
     idle = 500 if ctx.quick else 4000
     lat = 2000 if ctx.quick else 20000
+    which = o.figures or list(FIGURES)
     res = SuiteResult(
         settings={
             "rounds": rounds,
@@ -367,6 +389,7 @@ def run(ctx: Run) -> SuiteResult:
             "idle_connections": idle,
             "latency_requests": lat,
             "cps_inflight": CPS_INFLIGHT,
+            "measured": which,
             "pinning": f"proxy on CPU {PROXY_CPU}, load on CPU {LOAD_CPU}",
         }
     )
@@ -375,7 +398,7 @@ def run(ctx: Run) -> SuiteResult:
         res.missing["all"] = "; ".join(base.values())
         return res
     cs = []
-    for c in contenders():
+    for c in contenders(o.baseline, o.modes):
         why = ensure_tools(list(c.tools), ctx.install)
         if why:
             res.missing[c.name] = "; ".join(why.values())
@@ -408,7 +431,7 @@ def run(ctx: Run) -> SuiteResult:
             step(f"data plane: {name}, round {r + 1}")
             try:
                 with by_name[name].serve(bench) as ep:
-                    m = bench.measure(ep, streams, idle, lat)
+                    m = bench.measure(ep, streams, idle, lat, which)
             except Exception as e:  # one contender failing must not lose the others
                 res.missing.setdefault(name, f"failed: {e}".splitlines()[0][:300])
                 m = {}

@@ -28,7 +28,8 @@ def data_plane(res: SuiteResult, out: Path) -> Path | None:
     ax1.set_xlabel("parallel streams (iperf3)")
     ax1.set_ylabel("Gbit/s")
     ax1.set_title("throughput against streams")
-    ax1.legend(fontsize=8)
+    if ax1.lines:  # --figures without throughput: no curves
+        ax1.legend(fontsize=8)
     if cps is not None:
         names = [c for c in cps.samples if cps.value(c) is not None]
         vals = [cps.value(c) or 0 for c in names]

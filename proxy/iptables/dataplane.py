@@ -44,7 +44,7 @@ from proxy.iptables.render import (
 )
 from proxy.model import UNKNOWN_NODE, Model, NodeInfo, ip_family
 from proxy.nodesetup import setup_route_localnet
-from proxy.userspace.localhost import LocalhostNodePorts, loopback_addresses
+from proxy.userspace.localhost import LocalhostNodePorts, LoopbackLifecycle, loopback_addresses
 
 # Chains per iptables-nft-restore transaction on big writes: a transaction's cost is
 # quadratic in its chains on iptables 1.8.9 (one chunk of 4000 chains 0.65 s CPU, of 2000
@@ -105,7 +105,7 @@ def nodeport_cidrs(cfg: Config, family: int, node_ip: str) -> tuple[str, ...]:
     return tuple(c for c in cfg.nodeport_addresses if ip_family(c) == family)
 
 
-class IptablesDataPlane:
+class IptablesDataPlane(LoopbackLifecycle):
     """The iptables data plane (`--proxy-mode=iptables`)."""
 
     name = "iptables"
@@ -184,25 +184,6 @@ class IptablesDataPlane:
             "iptables data plane ready: %s",
             ", ".join(str(b) for b in self.backends.values()),
         )
-
-    # The kernel's rules serve the traffic; only the ::1 NodePorts (served by the userspace
-    # engine, see `loopback`) have listening sockets and connections to hand over.
-    async def hand_over(self) -> None:
-        if self.loopback is not None:
-            await self.loopback.hand_over()
-
-    async def drain(self, timeout: float) -> None:
-        if self.loopback is not None:
-            await self.loopback.drain(timeout)
-
-    def predecessor_gone(self) -> None:
-        if self.loopback is not None:
-            self.loopback.predecessor_gone()
-
-    async def stop(self) -> None:
-        """Leave every rule in place (like kube-proxy) so traffic keeps flowing."""
-        if self.loopback is not None:
-            await self.loopback.stop()
 
     async def cleanup(self) -> None:
         """Remove kube-proxy's chains and jumps from nat/filter/mangle, IPv4 and IPv6,

@@ -46,7 +46,7 @@ from proxy.nftables.render import (
     no_local_endpoints,
     render,
 )
-from proxy.userspace.localhost import LocalhostNodePorts, loopback_addresses
+from proxy.userspace.localhost import LocalhostNodePorts, LoopbackLifecycle, loopback_addresses
 
 log = logging.getLogger("proxy.nftables")
 
@@ -96,7 +96,7 @@ def ipv6_available() -> bool:
     return os.path.exists("/proc/net/if_inet6")
 
 
-class NftablesDataPlane:
+class NftablesDataPlane(LoopbackLifecycle):
     """The nftables data plane (`--proxy-mode=nftables`)."""
 
     name = "nftables"
@@ -161,25 +161,6 @@ class NftablesDataPlane:
         kind = self.nft.describe()
         fams = ", ".join(f"{_family_name(f)} {TABLE}" for f in self.families)
         log.info("nftables data plane ready (%s): tables %s", kind, fams)
-
-    # The kernel's rules serve the traffic; only the localhost NodePorts (the userspace
-    # engine, see `loopback`) have listening sockets and connections to hand over.
-    async def hand_over(self) -> None:
-        if self.loopback is not None:
-            await self.loopback.hand_over()
-
-    async def drain(self, timeout: float) -> None:
-        if self.loopback is not None:
-            await self.loopback.drain(timeout)
-
-    def predecessor_gone(self) -> None:
-        if self.loopback is not None:
-            self.loopback.predecessor_gone()
-
-    async def stop(self) -> None:
-        """Leave the tables in place (like kube-proxy) so traffic keeps flowing."""
-        if self.loopback is not None:
-            await self.loopback.stop()
 
     async def cleanup(self) -> None:
         """Delete both tables. Idempotent."""

@@ -105,6 +105,32 @@ PICKERS = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """The maps and chains through which external traffic reaches a Service: by its
+    external/LB IPs or by its NodePort (the same shape, kube-proxy's twin maps)."""
+
+    policies: int
+    local_chain: str
+    masq_chain: str
+    fallback: int
+    targets: int
+    endpoints: int
+    local_endpoints: int
+    no_endpoints: int
+    picker: str  # the picker chains' kind prefix
+
+
+_BY_IP = _Entry(
+    IP_POLICIES, EXTERNAL_LOCAL, EXTERNAL_MASQ, EXTERNAL_FALLBACK, SERVICE_IPS,
+    SERVICE_ENDPOINTS, SERVICE_LOCAL_ENDPOINTS, NO_ENDPOINT_SERVICES, "",
+)  # fmt: skip
+_BY_NODEPORT = _Entry(
+    NODEPORT_POLICIES, NODEPORT_LOCAL, NODEPORT_MASQ, NODEPORT_FALLBACK, SERVICE_NODEPORTS,
+    NODEPORT_ENDPOINTS, NODEPORT_LOCAL_ENDPOINTS, NO_ENDPOINT_NODEPORTS, "nodeport-",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class NftConfig:
     family: int  # 4 or 6
@@ -354,7 +380,7 @@ class _Planner:
         n_eps = 0
 
         def chooser(kind: str, eps_: list[Endpoint]) -> str:
-            """The verdict sending a packet to one of `eps_` (kind: "" or "local-")."""
+            """The verdict sending a packet to one of `eps_` (kind: a picker prefix, "" … "nodeport-local-")."""
             if affinity:
                 return f"goto {self._affinity(svc, port, kind, eps_, chains, sets)}"
             name = f"pick-{kind}{len(eps_)}"
@@ -373,6 +399,24 @@ class _Planner:
             n_eps += len(eps_)
             if eps_:
                 els.append(_Eps(map_idx, key, tuple(eps_)))
+
+        def external(els: list[Item], key: str, by: _Entry) -> None:
+            """External traffic by `by` (IPs or NodePort): policy, then endpoints."""
+            if uses_ext:
+                p = by.picker
+                if etp_local:
+                    els.append((by.policies, key, f"jump {by.local_chain}"))
+                    els.append((by.fallback, key, chooser(p, cluster)))
+                    endpoints(els, by.endpoints, key, cluster)
+                    if local:
+                        els.append((by.targets, key, chooser(p + "local-", local)))
+                        endpoints(els, by.local_endpoints, key, local)
+                else:
+                    els.append((by.policies, key, f"jump {by.masq_chain}"))
+                    els.append((by.targets, key, chooser(p, cluster)))
+                    endpoints(els, by.endpoints, key, cluster)
+            if not has_external:
+                els.append((by.no_endpoints, key, refuse))
 
         # ClusterIP
         key = f"{cip} . {pp}"
@@ -400,20 +444,7 @@ class _Planner:
         for ip in dict.fromkeys((*ext_ips, *lb_ips)):
             key = f"{ip} . {pp}"
             els = group("ip " + key)
-            if uses_ext:
-                if etp_local:
-                    els.append((IP_POLICIES, key, f"jump {EXTERNAL_LOCAL}"))
-                    els.append((EXTERNAL_FALLBACK, key, chooser("", cluster)))
-                    endpoints(els, SERVICE_ENDPOINTS, key, cluster)
-                    if local:
-                        els.append((SERVICE_IPS, key, chooser("local-", local)))
-                        endpoints(els, SERVICE_LOCAL_ENDPOINTS, key, local)
-                else:
-                    els.append((IP_POLICIES, key, f"jump {EXTERNAL_MASQ}"))
-                    els.append((SERVICE_IPS, key, chooser("", cluster)))
-                    endpoints(els, SERVICE_ENDPOINTS, key, cluster)
-            if not has_external:
-                els.append((NO_ENDPOINT_SERVICES, key, refuse))
+            external(els, key, _BY_IP)
             if allowed and ip in lb_ips:
                 els.append((FIREWALL_IPS, key, ""))
                 els.extend((FIREWALL_ALLOW, f"{key} . {c}", "") for c in allowed)
@@ -422,20 +453,7 @@ class _Planner:
         if port.node_port:
             key = f"{proto} . {port.node_port}"
             els = group("np " + key)
-            if uses_ext:
-                if etp_local:
-                    els.append((NODEPORT_POLICIES, key, f"jump {NODEPORT_LOCAL}"))
-                    els.append((NODEPORT_FALLBACK, key, chooser("nodeport-", cluster)))
-                    endpoints(els, NODEPORT_ENDPOINTS, key, cluster)
-                    if local:
-                        els.append((SERVICE_NODEPORTS, key, chooser("nodeport-local-", local)))
-                        endpoints(els, NODEPORT_LOCAL_ENDPOINTS, key, local)
-                else:
-                    els.append((NODEPORT_POLICIES, key, f"jump {NODEPORT_MASQ}"))
-                    els.append((SERVICE_NODEPORTS, key, chooser("nodeport-", cluster)))
-                    endpoints(els, NODEPORT_ENDPOINTS, key, cluster)
-            if not has_external:
-                els.append((NO_ENDPOINT_NODEPORTS, key, refuse))
+            external(els, key, _BY_NODEPORT)
         return n_eps
 
     def _affinity(self, svc, port, kind, eps_, chains, sets) -> str:

@@ -78,3 +78,28 @@ class LocalhostNodePorts:
     def listening(self) -> tuple[tuple[str, int, str], ...]:
         """(ip, port, protocol) of every open listener (for tests and logs)."""
         return tuple(sorted(self._plane.listeners))
+
+
+class LoopbackLifecycle:
+    """The seamless-restart and stop hooks of a kernel data plane: its rules serve the
+    traffic and stay in place, so only its localhost NodePorts' listeners (`loopback`,
+    when it serves any) have sockets and connections to hand over, drain and stop."""
+
+    loopback: LocalhostNodePorts | None = None
+
+    async def hand_over(self) -> None:
+        if self.loopback is not None:
+            await self.loopback.hand_over()
+
+    async def drain(self, timeout: float) -> None:
+        if self.loopback is not None:
+            await self.loopback.drain(timeout)
+
+    def predecessor_gone(self) -> None:
+        if self.loopback is not None:
+            self.loopback.predecessor_gone()
+
+    async def stop(self) -> None:
+        """Leave every rule in place (like kube-proxy) so traffic keeps flowing."""
+        if self.loopback is not None:
+            await self.loopback.stop()

@@ -37,6 +37,7 @@ from proxy.userspace.backend import Backend
 from proxy.userspace.balancer import ep_key
 from proxy.userspace.listeners import ListenerKey, fmt_key
 from proxy.userspace.metrics import GLOBAL
+from proxy.userspace.poller import Poller
 from proxy.userspace.transparent import SourcePolicy, transparent_socket
 
 if TYPE_CHECKING:
@@ -98,6 +99,8 @@ class TcpEngine:
         if engine != "copy" and not splice_available():
             engine = "copy"
         self.loop = loop
+        # The proxied sockets' readiness (the listeners stay with the loop): see poller.py.
+        self.poller = Poller(loop)
         self.engine = engine
         self.connect_timeouts = connect_timeouts
         self.buf = memoryview(bytearray(buffer_size))
@@ -148,6 +151,9 @@ class TcpEngine:
     # -- listeners -------------------------------------------------------------------------
 
     def listen(self, key: ListenerKey, sock: socket.socket, backend: Backend) -> TcpListener:
+        # Accepted sockets inherit TCP_NODELAY from the listener (Linux): one setsockopt
+        # here instead of one per connection.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         lst = TcpListener(self, key, sock, backend)
         self.listeners.add(lst)
         lst.resume()
@@ -241,6 +247,7 @@ class TcpEngine:
         for fd in self._reserve:
             os.close(fd)
         self._reserve.clear()
+        self.poller.close()
 
 
 class TcpListener:
@@ -366,8 +373,7 @@ class TcpConn:
         self.closed = False
         self.tunnel: Tunnel | asyncio.Task | None = None  # port-forward: the tunnel, or its opening
         self.last = _now()
-        csock.setblocking(False)
-        csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        csock.setblocking(False)  # TCP_NODELAY: inherited from the listener
         engine.nfds += 1
         backend.conns.add(self)
         st = backend.stats
@@ -416,7 +422,7 @@ class TcpConn:
         bs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         err = bs.connect_ex((ep.ip, ep.port))
         if err == errno.EINPROGRESS:
-            eng.loop.add_writer(bs.fileno(), self._on_connect)
+            eng.poller.add_writer(bs.fileno(), self._on_connect)
             self.watching = True
             timeouts = eng.connect_timeouts
             eng.connect_deadline(self, now + timeouts[min(self.attempt, len(timeouts) - 1)])
@@ -427,7 +433,7 @@ class TcpConn:
 
     def _stop_watching(self) -> None:
         if self.watching:
-            self.engine.loop.remove_writer(self.bsock.fileno())
+            self.engine.poller.remove_writer(self.bsock.fileno())
             self.watching = False
             self.engine.connecting.pop(self, None)
 
@@ -438,7 +444,7 @@ class TcpConn:
             self._failed(err)
         else:
             self._connected()
-            # After the pumps' add_reader, so the loop keeps this fd's poll handle.
+            # After the pumps' add_reader: one epoll_ctl MOD each, not a DEL and an ADD.
             self._stop_watching()
 
     def on_timeout(self) -> None:
@@ -543,6 +549,7 @@ class TcpConn:
         for p in (self.up, self.down):
             if p is not None:
                 p.stop()
+        self.up = self.down = None  # no conn <-> pump cycle left for the GC to find
         for s in (self.csock, self.bsock):
             if s is not None:
                 if reset:
@@ -571,10 +578,10 @@ class Pump:
         "dst",
         "eng",
         "eof",
-        "loop",
         "off",
         "pending",
         "pipe",
+        "poll",
         "sfd",
         "splicing",
         "src",
@@ -585,7 +592,7 @@ class Pump:
         eng = conn.engine
         self.conn = conn
         self.eng = eng
-        self.loop = eng.loop
+        self.poll = eng.poller
         self.src = src
         self.dst = dst
         self.sfd = src.fileno()
@@ -599,13 +606,13 @@ class Pump:
         self.pipe: tuple[int, int] | None = None  # held only while bytes are stuck in it
 
     def start(self) -> None:
-        self.loop.add_reader(self.sfd, self.on_readable)
+        self.poll.add_reader(self.sfd, self.on_readable)
 
     def stop(self) -> None:
         if self.pending is not None:
-            self.loop.remove_writer(self.dfd)
+            self.poll.remove_writer(self.dfd)
         elif not self.eof:
-            self.loop.remove_reader(self.sfd)
+            self.poll.remove_reader(self.sfd)
         if self.pipe is not None:
             self.eng.release_pipe(self.pipe, empty=False)
             self.pipe = None
@@ -692,8 +699,8 @@ class Pump:
         self._block()
 
     def _block(self) -> None:
-        self.loop.remove_reader(self.sfd)
-        self.loop.add_writer(self.dfd, self.on_writable)
+        self.poll.remove_reader(self.sfd)
+        self.poll.add_writer(self.dfd, self.on_writable)
 
     def on_writable(self) -> None:
         pipe = self.pipe
@@ -717,15 +724,15 @@ class Pump:
             self.pipe = None
             self.eng.release_pipe(pipe, empty=True)
         self.pending = None
-        self.loop.remove_writer(self.dfd)
+        self.poll.remove_writer(self.dfd)
         self.conn.last = _now()
         if self.eof:
             self._finish()
         else:
-            self.loop.add_reader(self.sfd, self.on_readable)
+            self.poll.add_reader(self.sfd, self.on_readable)
 
     def _eof(self) -> None:
-        self.loop.remove_reader(self.sfd)
+        self.poll.remove_reader(self.sfd)
         self.eof = True
         if self.pending is None:
             self._finish()
