@@ -46,10 +46,13 @@ from proxy.model import UNKNOWN_NODE, Model, NodeInfo, ip_family
 from proxy.nodesetup import setup_route_localnet
 from proxy.userspace.localhost import LocalhostNodePorts, LoopbackLifecycle, loopback_addresses
 
-# Chains per iptables-nft-restore transaction on big writes: --noflush is quadratic in the
-# chains of one transaction on iptables 1.8.9 (measured: 32k chains 20 s in one restore,
-# 1.3 s in 4k chunks); see render(chunk_chains=).
-NFT_CHUNK_CHAINS = 4000
+# Chains per iptables-nft-restore transaction on big writes: a transaction's cost is
+# quadratic in its chains on iptables 1.8.9 (one chunk of 4000 chains 0.65 s CPU, of 2000
+# 0.17 s, of 500 0.02-0.05 s), while each restore also pays a fixed start and a cache
+# fetch growing with the table. 10k Services x 10 endpoints (32k chains), restores' CPU:
+# 4000 → 21 s, 2000 → 12.5 s, 1000 → 8.4-9 s, 700 → 7.8 s, 500 → 7.8-8.1 s, 250 → 9.2 s
+# (bench/README.md, session 4); see render(chunk_chains=).
+NFT_CHUNK_CHAINS = 500
 # Stale chains one restore may set aside because a rule outside this proxy jumps to them.
 MAX_HELD_PER_RESTORE = 16
 
@@ -323,14 +326,26 @@ class IptablesDataPlane(LoopbackLifecycle):
                         ", ".join(added),
                     )
             pre = results[fam].pre  # nft: big writes in Service-sized chunks
-            for i in range(len(pre)):
-                # A large render's chunks are written when read (tens of ms each): off
-                # the loop, one at a time, so only the one being restored is in memory.
-                t0 = time.perf_counter()
-                part = await loop.run_in_executor(None, pre.__getitem__, i)
-                render_s += time.perf_counter() - t0
-                restore_s += await ap.restore(part)
-                del part
+            # A large render's chunks are written when read (ms each), off the loop; the
+            # next one is written while iptables-restore loads this one (two cores), so
+            # at most two are in memory.
+            ahead = loop.run_in_executor(None, pre.__getitem__, 0) if pre else None
+            try:
+                for i in range(len(pre)):
+                    assert ahead is not None
+                    t0 = time.perf_counter()
+                    part = await ahead
+                    render_s += time.perf_counter() - t0  # the part not hidden
+                    ahead = (
+                        loop.run_in_executor(None, pre.__getitem__, i + 1)
+                        if i + 1 < len(pre)
+                        else None
+                    )
+                    restore_s += await ap.restore(part)
+                    del part
+            finally:
+                if ahead is not None:  # a restore failed: that chunk is not needed
+                    ahead.cancel()
             restore_s += await self._restore(fam, results[fam].text)
             self._state[fam] = results[fam].state
             if self._held.get(fam) and (full or not snap.changed):  # full and periodic

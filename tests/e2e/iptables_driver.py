@@ -4,13 +4,14 @@ Run as `ip netns exec NS python -m tests.e2e.iptables_driver`: the whole process
 every iptables/conntrack command it starts) lives in NS, so nothing can reach the host's
 rules. One JSON command per stdin line, one JSON reply per stdout line; logs go to stderr.
 
-Commands: start {cfg}, sync {model, changed, full}, inject {line}, metrics, cleanup {cfg},
-detect. Models are sent as plain JSON (see `build_model`).
+Commands: start {cfg}, sync {model, changed, full}, inject {line[, chunk]}, chunks {chains},
+metrics, cleanup {cfg}, detect. Models are sent as plain JSON (see `build_model`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -61,19 +62,21 @@ class Driver:
     def __init__(self) -> None:
         self.dp: IptablesDataPlane | None = None
         self.inject: str | None = None
+        self.inject_chunk: int | None = None  # inject into that chunk (`pre`), not `text`
         self.texts: dict[int, str] = {}
         dp_mod._timed_render = self._render  # capture (and optionally corrupt) renders
 
     def _render(self, model, rcfg, changed, previous, chunk_chains=0):
         res, dt = _real_render(model, rcfg, changed, previous, chunk_chains)
-        if self.inject is not None and rcfg.family == 4:
+        if self.inject is not None and rcfg.family == 4 and self.inject_chunk is not None:
+            pre = list(res.pre)
+            head, sep, tail = pre[self.inject_chunk].rpartition("COMMIT")
+            pre[self.inject_chunk] = f"{head}{self.inject}\n{sep}{tail}"
+            res = dataclasses.replace(res, pre=pre)
+            self.inject = self.inject_chunk = None
+        elif self.inject is not None and rcfg.family == 4:
             head, sep, tail = res.text.rpartition("COMMIT")  # the nat table's COMMIT
-            res = type(res)(
-                text=f"{head}{self.inject}\n{sep}{tail}",
-                state=res.state,
-                rules=res.rules,
-                rules_written=res.rules_written,
-            )
+            res = dataclasses.replace(res, text=f"{head}{self.inject}\n{sep}{tail}")
             self.inject = None
         self.texts[rcfg.family] = res.text
         return res, dt
@@ -97,7 +100,10 @@ class Driver:
                 "restore_s": self.dp.last_restore_seconds,
             }
         if op == "inject":
-            self.inject = cmd["line"]
+            self.inject, self.inject_chunk = cmd["line"], cmd.get("chunk")
+            return {}
+        if op == "chunks":  # chains per restore on nft (the daemon's is for 10k Services)
+            dp_mod.NFT_CHUNK_CHAINS = cmd["chains"]
             return {}
         if op == "metrics":
             names = (

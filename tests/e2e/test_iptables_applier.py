@@ -224,6 +224,59 @@ def test_failed_restore_keeps_old_rules_and_raises(
     assert sep_of(API, "198.18.1.20:8080") not in declared(after)
 
 
+def test_chunked_full_sync_failing_in_a_chunk_keeps_rules_and_retries(
+    node: Node, driver: Driver
+) -> None:
+    """nft: a full sync restores whole Services in chunks, the next chunk written while the
+    current one loads. A chunk that fails stops the sync there: earlier chunks are in,
+    later ones and the top level are not, nothing is flushed, every jump still resolves,
+    and the retry (a full sync) programs everything."""
+    keys = [("default", f"s{i}") for i in range(8)]
+
+    def eight(ep_base: int) -> dict:
+        return model(
+            *((svc(k, f"198.19.0.{i + 1}"), [(f"198.18.1.{ep_base + i}", 8080)])
+              for i, k in enumerate(keys))
+        )  # fmt: skip
+
+    start(driver, "nft")
+    driver.ok("chunks", chains=4)  # 2 Services (SVC + SEP each) per restore: 4 chunks
+    reply = driver.ok("sync", model=eight(10), full=True)
+    nat = save(node, "iptables-nft-save", "nat")
+    for i, k in enumerate(keys):
+        assert chains_of(k) not in declared(reply["texts"]["4"])  # in a chunk, not the text
+        sep = sep_of(k, f"198.18.1.{10 + i}:8080")
+        assert rules_of(nat, chains_of(k))[-1].endswith(f"-j {sep}")
+    before = nat
+    m0 = driver.ok("metrics")
+
+    driver.ok("inject", line="-A KUBE-MARK-MASQ -j KUBE-NO-SUCH-CHAIN", chunk=2)
+    reply = driver.call("sync", model=eight(30), full=True)
+    assert not reply["ok"] and reply["type"] == "RestoreError"
+    assert "KUBE-NO-SUCH-CHAIN" in reply["error"]
+    nat = save(node, "iptables-nft-save", "nat")
+    have = declared(nat)
+    for i, k in enumerate(keys):
+        old, new = sep_of(k, f"198.18.1.{10 + i}:8080"), sep_of(k, f"198.18.1.{30 + i}:8080")
+        assert old in have  # stale chains go with the top level, which did not run
+        assert (new in have) == (i < 4), k  # chunks 0 and 1 only
+        assert rules_of(nat, chains_of(k))[-1].endswith(f"-j {new if i < 4 else old}")
+    assert rules_of(nat, "KUBE-SERVICES") == rules_of(before, "KUBE-SERVICES")
+    for line in nat.splitlines():  # every jump resolves
+        if line.startswith("-A ") and " -j KUBE-" in line:
+            assert line.rsplit("-j ", 1)[1].split()[0] in have, line
+    m1 = driver.ok("metrics")
+    key = "kubeproxy_sync_proxy_rules_iptables_restore_failures_total"
+    assert m1[key] == m0[key] + 1
+
+    driver.ok("sync", model=eight(30), full=True)  # the runner's retry
+    nat = save(node, "iptables-nft-save", "nat")
+    for i, k in enumerate(keys):
+        assert sep_of(k, f"198.18.1.{10 + i}:8080") not in declared(nat)
+        sep = sep_of(k, f"198.18.1.{30 + i}:8080")
+        assert rules_of(nat, chains_of(k))[-1].endswith(f"-j {sep}")
+
+
 @pytest.mark.parametrize("backend", ["nft", "legacy"])
 def test_a_chain_held_by_a_rule_outside_the_product(
     node: Node, driver: Driver, backend: str
