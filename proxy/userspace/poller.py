@@ -20,7 +20,10 @@ import contextlib
 import select
 from collections.abc import Callable
 
-_IN = select.EPOLLIN
+# EPOLLRDHUP: the peer's FIN shows in the event that also reports its last bytes.
+_IN = select.EPOLLIN | select.EPOLLRDHUP
+_FIN = select.EPOLLRDHUP | select.EPOLLERR
+_TROUBLE = select.EPOLLERR | select.EPOLLHUP
 _OUT = select.EPOLLOUT
 # An error or hang-up wakes whichever side is registered (its recv/send then reports it).
 _READ = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
@@ -31,7 +34,17 @@ MAX_EVENTS = 256  # per dispatch; more stay pending and the loop calls again
 class Poller:
     """add_reader/add_writer/remove_reader/remove_writer like the loop's, for raw fds."""
 
-    __slots__ = ("_dropped", "_ep", "_loop", "_mask", "_readers", "_writers", "fd")
+    __slots__ = (
+        "_dropped",
+        "_ep",
+        "_loop",
+        "_mask",
+        "_readers",
+        "_writers",
+        "fd",
+        "peer_closed",
+        "trouble",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -41,52 +54,75 @@ class Poller:
         self._writers: dict[int, Callable[[], object]] = {}
         self._mask: dict[int, int] = {}
         self._dropped: set[int] = set()  # unregistered during the current dispatch
+        # In a reader callback: the peer had sent its FIN (no error) when the event was
+        # reported, so a read that drains the socket has read everything it will send.
+        self.peer_closed = False
+        # In a writer callback: the event carried an error or hang-up; without either, a
+        # connect in progress has succeeded (no getsockopt(SO_ERROR) needed to tell).
+        self.trouble = False
         loop.add_reader(self.fd, self._dispatch)
 
     def __len__(self) -> int:
         """Descriptors registered (tests: nothing left behind)."""
         return len(self._mask)
 
+    # add_* and remove_* do their one epoll_ctl inline: they run about six times per
+    # proxied connection.
     def add_reader(self, fd: int, cb: Callable[[], object]) -> None:
         self._readers[fd] = cb
-        self._set(fd, self._mask.get(fd, 0) | _IN)
+        old = self._mask.get(fd, 0)
+        if not old & _IN:
+            self._mask[fd] = mask = old | _IN
+            try:
+                if old:
+                    self._ep.modify(fd, mask)
+                else:
+                    self._ep.register(fd, mask)
+            except OSError:
+                self._resync(fd, mask)
 
     def add_writer(self, fd: int, cb: Callable[[], object]) -> None:
         self._writers[fd] = cb
-        self._set(fd, self._mask.get(fd, 0) | _OUT)
+        old = self._mask.get(fd, 0)
+        if not old & _OUT:
+            self._mask[fd] = mask = old | _OUT
+            try:
+                if old:
+                    self._ep.modify(fd, mask)
+                else:
+                    self._ep.register(fd, mask)
+            except OSError:
+                self._resync(fd, mask)
 
     def remove_reader(self, fd: int) -> None:
         if self._readers.pop(fd, None) is not None:
-            self._set(fd, self._mask.get(fd, 0) & ~_IN)
+            self._lower(fd, self._mask[fd] & ~_IN)
 
     def remove_writer(self, fd: int) -> None:
         if self._writers.pop(fd, None) is not None:
-            self._set(fd, self._mask.get(fd, 0) & ~_OUT)
+            self._lower(fd, self._mask[fd] & ~_OUT)
 
-    def _set(self, fd: int, mask: int) -> None:
-        old = self._mask.get(fd, 0)
-        if mask == old:
+    def _lower(self, fd: int, mask: int) -> None:
+        if mask:
+            self._mask[fd] = mask
+            try:
+                self._ep.modify(fd, mask)
+            except OSError:
+                self._resync(fd, mask)
             return
-        ep = self._ep
-        if not mask:
-            del self._mask[fd]
-            self._dropped.add(fd)
-            # Already closed (EBADF) or gone with its last reference (ENOENT): nothing left.
-            with contextlib.suppress(OSError):
-                ep.unregister(fd)
-            return
-        self._mask[fd] = mask
-        # The kernel's and our view can only differ after a descriptor was closed while
-        # registered (a bug elsewhere): follow the kernel rather than fail the connection.
+        del self._mask[fd]
+        self._dropped.add(fd)
+        # Already closed (EBADF) or gone with its last reference (ENOENT): nothing left.
+        with contextlib.suppress(OSError):
+            self._ep.unregister(fd)
+
+    def _resync(self, fd: int, mask: int) -> None:
+        """The kernel's view and ours differ: only after a descriptor was closed while
+        registered (a bug elsewhere). Follow the kernel rather than fail the connection."""
         try:
-            if old:
-                ep.modify(fd, mask)
-            else:
-                ep.register(fd, mask)
+            self._ep.register(fd, mask)
         except FileExistsError:
-            ep.modify(fd, mask)
-        except FileNotFoundError:
-            ep.register(fd, mask)
+            self._ep.modify(fd, mask)
 
     def _dispatch(self) -> None:
         try:
@@ -102,10 +138,12 @@ class Poller:
                 if ev & _READ and not (dropped and fd in dropped):
                     cb = readers.get(fd)
                     if cb is not None:
+                        self.peer_closed = ev & _FIN == select.EPOLLRDHUP
                         cb()
                 if ev & _WRITE and not (dropped and fd in dropped):
                     cb = writers.get(fd)
                     if cb is not None:
+                        self.trouble = ev & _TROUBLE != 0
                         cb()
             except Exception as e:  # like the loop's handles: report it, serve the others
                 self._loop.call_exception_handler(

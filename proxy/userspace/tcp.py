@@ -438,7 +438,9 @@ class TcpConn:
             self.engine.connecting.pop(self, None)
 
     def _on_connect(self) -> None:
-        err = self.bsock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        # Writable with no error or hang-up reported: connected, no syscall to ask.
+        trouble = self.engine.poller.trouble
+        err = self.bsock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if trouble else 0
         if err:
             self._stop_watching()
             self._failed(err)
@@ -653,10 +655,16 @@ class Pump:
         except OSError:
             self.conn.close(reset=True)
             return
+        # A short read drained the socket; when the peer's FIN had come too, no recv
+        # just to read the EOF: one syscall and one wake-up less per closing connection.
+        fin = n < len(buf) and self.poll.peer_closed
         if sent < n:
             self.pending = buf[sent:n].tobytes()
             self.off = 0
             self._block()
+            self.eof = fin  # on_writable finishes once these bytes are written
+        elif fin:
+            self._eof()
 
     def _splice(self) -> None:
         eng = self.eng

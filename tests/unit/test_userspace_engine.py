@@ -261,6 +261,35 @@ def test_bulk_transfer_intact_both_ways(engine):
     run(main())
 
 
+def test_connections_leave_no_registration_behind_and_inherit_nodelay():
+    """The engine's epoll holds exactly the live connections' sockets; accepted sockets
+    get TCP_NODELAY from the listener (no setsockopt per connection)."""
+
+    async def main():
+        b = await Backend("a").start()
+        async with Harness() as h:
+            ip = await h.serve(b.port)
+            poller = h.dp.tcp.poller
+            idle = len(poller)
+            r, w = await asyncio.open_connection(ip, 8080)
+            assert (await r.readline()).strip() == b"a"
+            (conn,) = [c for be in h.dp.backends.values() for c in be.conns]
+            assert conn.csock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert conn.bsock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert len(poller) == idle + 2  # client and endpoint sockets
+            w.close()
+            for _ in range(20):  # each way: client closes, endpoint closes first, reset
+                assert (await hello(ip, 8080))[0] == "a"
+            r2, w2 = await asyncio.open_connection(ip, 8080)
+            await r2.readline()
+            w2.transport.abort()  # a reset from the client
+            while h.dp.open_connections() or len(poller) != idle:
+                await asyncio.sleep(0.01)  # wait for the state; run()'s deadline bounds it
+        await b.stop()
+
+    run(main())
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_half_close_keeps_the_other_direction_open(engine):
     async def read_all_then_answer(r, w):
