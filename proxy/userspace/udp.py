@@ -13,6 +13,7 @@ health and the datagram is retried once on another endpoint.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
@@ -134,7 +135,7 @@ class UdpListener:
             return None
         fam = socket.AF_INET6 if ":" in ep.ip else socket.AF_INET
         src = self.fds.source
-        s = None
+        s: _socket.socket | None = None  # socket.socket, or the C type (transparent)
         if src is not None and src.preserve(addr[0], ep, b.target.external):
             with contextlib.suppress(OSError):  # refused: the node's address, as without
                 s = transparent_socket(fam, socket.SOCK_DGRAM, addr[:2])
@@ -186,7 +187,9 @@ class UdpListener:
 class UdpSession:
     __slots__ = ("client", "closed", "ep_key", "fd", "last", "listener", "sock")
 
-    def __init__(self, listener: UdpListener, client: tuple, sock: socket.socket, ep_key: EpKey):
+    def __init__(
+        self, listener: UdpListener, client: tuple, sock: _socket.socket, ep_key: EpKey
+    ) -> None:
         self.listener = listener
         self.client = client
         self.sock = sock
