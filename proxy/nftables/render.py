@@ -380,7 +380,7 @@ class _Planner:
         n_eps = 0
 
         def chooser(kind: str, eps_: list[Endpoint]) -> str:
-            """The verdict sending a packet to one of `eps_` (kind: a picker prefix, "" … "nodeport-local-")."""
+            """The verdict sending a packet to one of `eps_` (kind: a picker prefix)."""
             if affinity:
                 return f"goto {self._affinity(svc, port, kind, eps_, chains, sets)}"
             name = f"pick-{kind}{len(eps_)}"
