@@ -477,3 +477,21 @@ def test_udp_flow_to_a_removed_endpoint_is_deleted(
         listing = node.exec(["conntrack", "-L", "-p", "udp", "--orig-dst", "198.19.0.53"])
         assert f"src={ep1.ip}" not in listing.stdout
         assert udp_ask(s, "198.19.0.53", 53, b"q2") == "ep2"
+
+
+def test_takeover_finds_the_nftables_modes_tables_by_netlink(node: Node) -> None:
+    """The iptables mode's first sync looks the nftables mode's tables up in the kernel's
+    list of tables (nft would fetch the whole ruleset first) and deletes only those."""
+    code = (
+        "import asyncio\n"
+        "from proxy.nftables.dataplane import remove_tables_on_takeover, tables_present\n"
+        "print(tables_present())\n"
+        "asyncio.run(remove_tables_on_takeover())\n"
+        "print(tables_present())\n"
+    )
+    assert node.python(code).stdout.split("\n")[:2] == ["()", "()"]
+    node.exec(["nft", "add", "table", "ip6", "kube-proxy"])
+    node.exec(["nft", "add", "table", "ip", "other"])
+    assert node.python(code).stdout.split("\n")[:2] == ["(6,)", "()"]
+    tables = node.exec(["nft", "list", "tables"]).stdout.split("\n")
+    assert "table ip other" in tables and "table ip6 kube-proxy" not in tables
