@@ -21,12 +21,14 @@ import select
 from collections.abc import Callable
 
 # EPOLLRDHUP: the peer's FIN shows in the event that also reports its last bytes.
-_IN = select.EPOLLIN | select.EPOLLRDHUP
-_FIN = select.EPOLLRDHUP | select.EPOLLERR
+# EPOLLPRI: TCP urgent data stops a read short of the end (at the mark) even with the FIN
+# in; such an event is not taken for the last one.
+_IN = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLPRI
+_FIN = select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLPRI
 _TROUBLE = select.EPOLLERR | select.EPOLLHUP
 _OUT = select.EPOLLOUT
 # An error or hang-up wakes whichever side is registered (its recv/send then reports it).
-_READ = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
+_READ = select.EPOLLIN | select.EPOLLPRI | select.EPOLLERR | select.EPOLLHUP
 _WRITE = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 MAX_EVENTS = 256  # per dispatch; more stay pending and the loop calls again
 

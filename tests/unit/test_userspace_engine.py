@@ -290,6 +290,39 @@ def test_connections_leave_no_registration_behind_and_inherit_nodelay():
     run(main())
 
 
+def test_urgent_data_before_the_fin_does_not_cut_the_stream():
+    """Bytes, an urgent byte, bytes and the FIN all queued before the proxy reads: the read
+    stops at the urgent mark with the FIN already in, which must not pass for the end."""
+
+    async def collect(r, w):
+        w.write(await r.read())  # everything until the FIN, back
+        await w.drain()
+
+    async def main():
+        b = await Backend("urgent", collect).start()
+        async with Harness(userspace_engine="copy") as h:
+            ip = await h.serve(b.port)
+            loop = asyncio.get_running_loop()
+            c = socket.create_connection((ip, 8080))
+            try:
+                # Blocking sends in one go: the proxy runs on this loop, so it reads only
+                # once all of this (and the FIN) is queued on its side.
+                c.sendall(b"abc")
+                c.send(b"!", socket.MSG_OOB)
+                c.sendall(b"def")
+                c.shutdown(socket.SHUT_WR)
+                c.setblocking(False)
+                got = b""
+                while chunk := await loop.sock_recv(c, 100):
+                    got += chunk
+            finally:
+                c.close()
+            assert got == b"abcdef"  # the urgent byte is not inline (as before), no more lost
+        await b.stop()
+
+    run(main())
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_half_close_keeps_the_other_direction_open(engine):
     async def read_all_then_answer(r, w):
