@@ -367,7 +367,9 @@ def run(ctx: Run) -> SuiteResult:
                     reference=c.reference,
                     better="lower",
                     services=n,
-                    target=SYNC_RATIO_TARGET if n == TARGET_SIZE else None,
+                    # Issue 10's target is the iptables mode's; the nftables mode's
+                    # (issue 11: <= 0.2x the iptables mode's sync) is nft_control_plane's.
+                    target=SYNC_RATIO_TARGET if n == TARGET_SIZE and c.mode == "iptables" else None,
                 ),
                 "cpu": res.figure(
                     f"CPU time to all Services programmed, {c.mode} mode (with children)",
