@@ -811,8 +811,8 @@ def render(
     chains each (`RenderResult.pre`), whole Services at a time, with the top-level chains
     and stale-chain deletions in the final `text`. iptables-nft-restore --noflush is
     quadratic in the chains of one transaction (32k chains: 20 s in one restore, 1.3 s
-    in chunks of 4k), so the nft backend uses it; legacy rewrites the whole table per
-    restore and must not.
+    in chunks of 4k; the data plane's NFT_CHUNK_CHAINS says which size it uses and why),
+    so the nft backend uses it; legacy rewrites the whole table per restore and must not.
     """
     # The render allocates ~10 objects per rule and frees none of them in cycles; left on,
     # the cyclic GC rescans the (large) live heap over and over and doubles the run time.
