@@ -2,7 +2,9 @@
 each prints one JSON line.
 
   cps IP PORT SECONDS INFLIGHT   new connections per second: connect, send an HTTP/1.0
-                                 request, read to EOF, close (INFLIGHT at once)
+                                 request, read to EOF, close (INFLIGHT at once); the
+                                 warm-up only: the measured rate is wrk's (`wrk_argv`),
+                                 a C client fast enough not to be the bottleneck
   lat IP PORT COUNT              round trips of a small request on one kept-alive connection
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import selectors
 import socket
 import statistics
@@ -58,6 +61,43 @@ def cps(ip: str, port: int, seconds: float, inflight: int) -> dict[str, Any]:
                 launch()
     elapsed = time.monotonic() - t0
     return {"conns": done, "errors": errors, "seconds": elapsed, "per_second": done / elapsed}
+
+
+def wrk_argv(ip: str, port: int, seconds: float, inflight: int) -> list[str]:
+    """wrk with a new connection per request: `Connection: close`, the server closes
+    after its response and wrk connects again (one thread: the load has one CPU)."""
+    return [
+        "wrk",
+        "-t1",
+        f"-c{inflight}",
+        f"-d{max(1, round(seconds))}s",
+        "-H",
+        "Connection: close",
+        f"http://{ip}:{port}/",
+    ]
+
+
+_WRK_RATE = re.compile(r"^Requests/sec:\s+([0-9.]+)", re.M)
+_WRK_COUNT = re.compile(r"^\s*(\d+) requests in ([0-9.]+)(us|ms|s|m)", re.M)
+_WRK_SOCKET = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+_WRK_STATUS = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+_UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def parse_wrk(out: str) -> dict[str, Any]:
+    """wrk's summary → the same keys as `cps` (pure; raises ValueError on other text)."""
+    rate, count = _WRK_RATE.search(out), _WRK_COUNT.search(out)
+    if rate is None or count is None:
+        raise ValueError(f"not wrk's summary: {out.strip()[-300:]!r}")
+    sock, status = _WRK_SOCKET.search(out), _WRK_STATUS.search(out)
+    errors = sum(int(x) for x in sock.groups()) if sock else 0
+    errors += int(status.group(1)) if status else 0
+    return {
+        "conns": int(count.group(1)),
+        "errors": errors,
+        "seconds": float(count.group(2)) * _UNIT[count.group(3)],
+        "per_second": float(rate.group(1)),
+    }
 
 
 def latency(ip: str, port: int, count: int) -> dict[str, Any]:

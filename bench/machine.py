@@ -16,6 +16,7 @@ from typing import Any
 PACKAGES = {
     "haproxy": "haproxy",
     "iperf3": "iperf3",
+    "wrk": "wrk",
     "dnsperf": "dnsperf",
     "dnsmasq": "dnsmasq-base",  # the binary without the system service
     "nsd": "nsd",
@@ -97,6 +98,7 @@ def describe() -> dict[str, Any]:
                 "nft": _version(["nft", "--version"]),
                 "haproxy": _version(["haproxy", "-v"]),
                 "iperf3": _version(["iperf3", "--version"]),
+                "wrk": _version(["wrk", "--version"]),
                 "dnsperf": _version(["dnsperf", "-h"]),
                 "dnsmasq": _version(["dnsmasq", "--version"]),
                 "nsd": _version(["nsd", "-v"]),
