@@ -28,6 +28,7 @@ import functools
 import logging
 import os
 import resource
+import select
 import socket
 import struct
 import time
@@ -37,7 +38,7 @@ from proxy.userspace.backend import Backend
 from proxy.userspace.balancer import ep_key
 from proxy.userspace.listeners import ListenerKey, fmt_key
 from proxy.userspace.metrics import GLOBAL
-from proxy.userspace.poller import Poller
+from proxy.userspace.poller import IN, OUT, Poller
 from proxy.userspace.transparent import SourcePolicy, transparent_socket
 
 if TYPE_CHECKING:
@@ -75,6 +76,19 @@ _LINGER0 = struct.pack("ii", 1, 0)
 _F_SETPIPE_SZ = 1031
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _AGAIN = (BlockingIOError, InterruptedError)
+# Event masks (edge-triggered, poller.py). An error or hang-up wakes both directions (the
+# recv or send then reports it). RDHUP without ERR or PRI: the peer's FIN had come with
+# the event, so a short read has read everything; PRI: urgent data stops a read short of
+# the end (at the mark), so such a read proves nothing.
+_READ = IN | select.EPOLLERR | select.EPOLLHUP
+_WRITE = OUT | select.EPOLLERR | select.EPOLLHUP
+_TROUBLE = select.EPOLLERR | select.EPOLLHUP
+_FIN = select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLPRI
+_RDHUP = select.EPOLLRDHUP
+_PRI = select.EPOLLPRI
+# Reads per event before yielding to the other connections (a bulk flow on the copy
+# engine); the rest is read in a later loop iteration.
+READS_PER_EVENT = 4
 _now = time.monotonic
 
 
@@ -422,32 +436,54 @@ class TcpConn:
         bs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         err = bs.connect_ex((ep.ip, ep.port))
         if err == errno.EINPROGRESS:
-            eng.poller.add_writer(bs.fileno(), self._on_connect)
+            # Registered once for the connection's whole life: the connect's completion,
+            # then the endpoint's bytes and its room for ours.
+            eng.poller.watch(bs.fileno(), IN | OUT, self._on_backend)
             self.watching = True
             timeouts = eng.connect_timeouts
             eng.connect_deadline(self, now + timeouts[min(self.attempt, len(timeouts) - 1)])
         elif err == 0:
+            eng.poller.watch(bs.fileno(), IN | OUT, self._on_backend)
             self._connected()
         else:
             self._failed(err)
 
     def _stop_watching(self) -> None:
+        """The connect is over (done, failed or timed out): no deadline any more."""
         if self.watching:
-            self.engine.poller.remove_writer(self.bsock.fileno())
             self.watching = False
             self.engine.connecting.pop(self, None)
 
-    def _on_connect(self) -> None:
-        # Writable with no error or hang-up reported: connected, no syscall to ask.
-        trouble = self.engine.poller.trouble
-        err = self.bsock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if trouble else 0
-        if err:
+    def _on_backend(self, ev: int) -> None:
+        """Events of the endpoint's socket."""
+        if self.watching:
+            if not ev & _WRITE:
+                return
             self._stop_watching()
-            self._failed(err)
-        else:
+            # Writable with no error or hang-up reported: connected, no syscall to ask.
+            if ev & _TROUBLE:
+                err = self.bsock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    self._failed(err)
+                    return
             self._connected()
-            # After the pumps' add_reader: one epoll_ctl MOD each, not a DEL and an ADD.
-            self._stop_watching()
+            if self.closed:
+                return
+        if ev & _READ:
+            self.down.on_readable(ev)  # type: ignore[union-attr]
+        if ev & _WRITE and not self.closed:
+            up = self.up
+            if up is not None and up.pending is not None:
+                up.on_writable()
+
+    def _on_client(self, ev: int) -> None:
+        """Events of the client's socket (registered once connected to an endpoint)."""
+        if ev & _READ:
+            self.up.on_readable(ev)  # type: ignore[union-attr]
+        if ev & _WRITE and not self.closed:
+            down = self.down
+            if down is not None and down.pending is not None:
+                down.on_writable()
 
     def on_timeout(self) -> None:
         self._stop_watching()
@@ -491,6 +527,7 @@ class TcpConn:
 
     def _failed(self, err: int, why: str = "") -> None:
         if self.bsock is not None:
+            self.engine.poller.forget(self.bsock.fileno())
             self.bsock.close()
             self.bsock = None
             self.engine.nfds -= 1
@@ -525,8 +562,9 @@ class TcpConn:
         self.tried = None
         self.up = Pump(self, self.csock, self.bsock, True)
         self.down = Pump(self, self.bsock, self.csock, False)
-        self.up.start()
-        self.down.start()
+        # The client's bytes that came while connecting are reported at once; room to
+        # write to the client is asked for only when it falls behind (Pump._block).
+        self.engine.poller.watch(self.csock.fileno(), IN, self._on_client)
 
     def reject(self, reason: str) -> None:
         """No endpoint could take the connection: reset the client (like a REJECT)."""
@@ -552,8 +590,10 @@ class TcpConn:
             if p is not None:
                 p.stop()
         self.up = self.down = None  # no conn <-> pump cycle left for the GC to find
+        poller = self.engine.poller
         for s in (self.csock, self.bsock):
             if s is not None:
+                poller.forget(s.fileno())
                 if reset:
                     with contextlib.suppress(OSError):
                         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
@@ -607,14 +647,7 @@ class Pump:
         self.off = 0
         self.pipe: tuple[int, int] | None = None  # held only while bytes are stuck in it
 
-    def start(self) -> None:
-        self.poll.add_reader(self.sfd, self.on_readable)
-
     def stop(self) -> None:
-        if self.pending is not None:
-            self.poll.remove_writer(self.dfd)
-        elif not self.eof:
-            self.poll.remove_reader(self.sfd)
         if self.pipe is not None:
             self.eng.release_pipe(self.pipe, empty=False)
             self.pipe = None
@@ -630,85 +663,107 @@ class Pump:
         else:
             st.bytes_to_client += n
 
-    def on_readable(self) -> None:
+    def on_readable(self, ev: int) -> None:
+        """src reported readiness (`ev`; 0: reading again after dst drained, nothing
+        known). Edge-triggered: read until a short read (when `ev` proves it the last
+        one) or EAGAIN, as long as dst takes everything."""
+        if self.pending is not None or self.eof:
+            return  # dst is full (on_writable reads again), or this direction is over
         if self.splicing:
             self._splice()
             return
         buf = self.eng.buf
-        try:
-            n = self.src.recv_into(buf)
-        except _AGAIN:
-            return
-        except OSError:
-            self.conn.close(reset=True)
-            return
-        if not n:
-            self._eof()
-            return
-        self._count(n)
-        if n == len(buf) and self.eng.engine == "auto":
-            self.splicing = True  # a bulk flow: zero-copy from the next read on
-        try:
-            sent = self.dst.send(buf[:n])
-        except _AGAIN:
-            sent = 0
-        except OSError:
-            self.conn.close(reset=True)
-            return
-        # A short read drained the socket; when the peer's FIN had come too, no recv
-        # just to read the EOF: one syscall and one wake-up less per closing connection.
-        fin = n < len(buf) and self.poll.peer_closed
-        if sent < n:
-            self.pending = buf[sent:n].tobytes()
-            self.off = 0
-            self._block()
-            self.eof = fin  # on_writable finishes once these bytes are written
-        elif fin:
-            self._eof()
-
-    def _splice(self) -> None:
-        eng = self.eng
-        try:
-            pipe = eng.pipe()
-        except OSError as e:
-            pipe = None
-            if e.errno in FD_ERRORS and eng.use_reserve(f"pipe for {self.conn.backend.label}", e):
-                with contextlib.suppress(OSError):
-                    pipe = eng.pipe()
-            if pipe is None:
+        size = len(buf)
+        src, dst = self.src, self.dst
+        for _ in range(READS_PER_EVENT):
+            try:
+                n = src.recv_into(buf)
+            except _AGAIN:
+                return
+            except OSError:
                 self.conn.close(reset=True)
                 return
-        try:
-            n = os.splice(self.sfd, pipe[1], eng.pipe_size, flags=_SPLICE_FLAGS)
-        except _AGAIN:
+            if not n:
+                self._eof()
+                return
+            self._count(n)
+            try:
+                sent = dst.send(buf[:n])
+            except _AGAIN:
+                sent = 0
+            except OSError:
+                self.conn.close(reset=True)
+                return
+            # A short read emptied the socket (unless urgent data stopped it at the
+            # mark); when the FIN had come with the event, that was the last read: no
+            # recv just to see the EOF, one syscall and one wake-up less per connection.
+            last = n < size and ev and not ev & _PRI
+            if sent < n:
+                self.pending = buf[sent:n].tobytes()
+                self.off = 0
+                self.eof = bool(last) and ev & _FIN == _RDHUP  # on_writable finishes
+                self._block()
+                return
+            if last:
+                if ev & _FIN == _RDHUP:
+                    self._eof()
+                return
+            if n == size and self.eng.engine == "auto":
+                self.splicing = True  # a bulk flow: zero-copy from the next read on
+                self._splice()
+                return
+        self.eng.loop.call_soon(self.on_readable, 0)  # the other connections' turn first
+
+    def _splice(self) -> None:
+        """Splice until EAGAIN: a short splice does not prove the socket empty (the pipe
+        fills by pages, not bytes)."""
+        eng = self.eng
+        for _ in range(READS_PER_EVENT):
+            try:
+                pipe = eng.pipe()
+            except OSError as e:
+                pipe = None
+                if e.errno in FD_ERRORS and eng.use_reserve(
+                    f"pipe for {self.conn.backend.label}", e
+                ):
+                    with contextlib.suppress(OSError):
+                        pipe = eng.pipe()
+                if pipe is None:
+                    self.conn.close(reset=True)
+                    return
+            try:
+                n = os.splice(self.sfd, pipe[1], eng.pipe_size, flags=_SPLICE_FLAGS)
+            except _AGAIN:
+                return
+            except OSError:
+                self.conn.close(reset=True)
+                return
+            if not n:
+                self._eof()
+                return
+            self._count(n)
+            left = n
+            try:
+                while left:
+                    left -= os.splice(pipe[0], self.dfd, left, flags=_SPLICE_FLAGS)
+                continue
+            except _AGAIN:
+                pass
+            except OSError:
+                eng.take_pipe(pipe)
+                eng.release_pipe(pipe, empty=False)
+                self.conn.close(reset=True)
+                return
+            eng.take_pipe(pipe)  # dst is full: these bytes wait in this pipe
+            self.pipe = pipe
+            self.pending = left
+            self._block()
             return
-        except OSError:
-            self.conn.close(reset=True)
-            return
-        if not n:
-            self._eof()
-            return
-        self._count(n)
-        left = n
-        try:
-            while left:
-                left -= os.splice(pipe[0], self.dfd, left, flags=_SPLICE_FLAGS)
-            return
-        except _AGAIN:
-            pass
-        except OSError:
-            eng.take_pipe(pipe)
-            eng.release_pipe(pipe, empty=False)
-            self.conn.close(reset=True)
-            return
-        eng.take_pipe(pipe)  # dst is full: these bytes wait in this pipe
-        self.pipe = pipe
-        self.pending = left
-        self._block()
+        self.eng.loop.call_soon(self.on_readable, 0)
 
     def _block(self) -> None:
-        self.poll.remove_reader(self.sfd)
-        self.poll.add_writer(self.dfd, self.on_writable)
+        """dst is full: have its room reported (the endpoint's socket reports it always)."""
+        self.poll.want(self.dfd, OUT)
 
     def on_writable(self) -> None:
         pipe = self.pipe
@@ -732,15 +787,13 @@ class Pump:
             self.pipe = None
             self.eng.release_pipe(pipe, empty=True)
         self.pending = None
-        self.poll.remove_writer(self.dfd)
         self.conn.last = _now()
         if self.eof:
             self._finish()
         else:
-            self.poll.add_reader(self.sfd, self.on_readable)
+            self.on_readable(0)  # src's edges while dst was full went unheeded
 
     def _eof(self) -> None:
-        self.poll.remove_reader(self.sfd)
         self.eof = True
         if self.pending is None:
             self._finish()

@@ -1,15 +1,17 @@
-"""The TCP engine's own epoll (proxy/userspace/poller.py) on real sockets and uvloop."""
+"""The TCP engine's own edge-triggered epoll (proxy/userspace/poller.py) on real sockets
+and uvloop."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import select
 import socket
 from collections.abc import Awaitable, Callable
 
 import uvloop
 
-from proxy.userspace.poller import Poller
+from proxy.userspace.poller import IN, OUT, Poller
 
 
 def run(coro: Awaitable) -> None:
@@ -21,38 +23,69 @@ async def until(pred: Callable[[], bool]) -> None:
         await asyncio.sleep(0.005)
 
 
-def test_readers_and_writers_fire_while_registered_and_leave_nothing_behind():
+async def a_later_dispatch(p: Poller) -> None:
+    """Wait until the poller has dispatched again (an event registered after now)."""
+    a, b = socket.socketpair()
+    seen: list[int] = []
+    p.watch(a.fileno(), IN, seen.append)
+    b.send(b"x")
+    await until(lambda: bool(seen))
+    p.forget(a.fileno())
+    a.close()
+    b.close()
+
+
+def test_a_handler_gets_each_new_readiness_once_and_nothing_after_forget():
     async def main():
         p = Poller(asyncio.get_running_loop())
         a, b = socket.socketpair()
         a.setblocking(False)
-        got: list[bytes] = []
-        writable: list[int] = []
+        events: list[int] = []
         try:
-            p.add_reader(a.fileno(), lambda: got.append(a.recv(100)))
-            p.add_writer(a.fileno(), lambda: writable.append(1))
-            assert len(p) == 1  # one registration for both interests
-            await until(lambda: bool(writable))
-            p.remove_writer(a.fileno())
+            p.watch(a.fileno(), IN, events.append)
+            assert len(p) == 1
             b.send(b"hello")
-            await until(lambda: got == [b"hello"])
-            n = len(writable)
+            await until(lambda: len(events) == 1)
+            assert events[0] & select.EPOLLIN and not events[0] & OUT
+            await a_later_dispatch(p)
+            assert len(events) == 1  # not drained, yet not reported again: edge-triggered
+            assert a.recv(100) == b"hello"
             b.send(b"again")
-            await until(lambda: got == [b"hello", b"again"])
-            assert len(writable) == n  # no writer callbacks once removed
-            p.remove_reader(a.fileno())
-            p.remove_reader(a.fileno())  # twice: a no-op, like the loop's
+            await until(lambda: len(events) == 2)  # new bytes: a new edge
+            assert a.recv(100) == b"again"
+            b.shutdown(socket.SHUT_WR)
+            await until(lambda: len(events) == 3)
+            assert events[2] & select.EPOLLRDHUP  # the FIN shows in the event
+            p.forget(a.fileno())
+            p.forget(a.fileno())  # twice: a no-op
             assert len(p) == 0
-            b.send(b"unseen")
-            marker_a, marker_b = socket.socketpair()
-            seen: list[int] = []
-            p.add_reader(marker_a.fileno(), lambda: seen.append(marker_a.recv(10) and 1))
-            marker_b.send(b"x")
-            await until(lambda: bool(seen))  # a later dispatch has run
-            assert got == [b"hello", b"again"]
-            p.remove_reader(marker_a.fileno())
-            marker_a.close()
-            marker_b.close()
+            a.shutdown(socket.SHUT_RDWR)  # a hang-up it would report if still registered
+            await a_later_dispatch(p)
+            assert len(events) == 3
+        finally:
+            a.close()
+            b.close()
+            p.close()
+
+    run(main())
+
+
+def test_want_adds_room_to_write_and_reports_what_is_there_already():
+    async def main():
+        p = Poller(asyncio.get_running_loop())
+        a, b = socket.socketpair()
+        events: list[int] = []
+        try:
+            p.watch(a.fileno(), IN, events.append)
+            await a_later_dispatch(p)
+            assert events == []  # writable, but not asked for
+            p.want(a.fileno(), OUT)
+            await until(lambda: bool(events))
+            assert events[0] & OUT
+            p.want(a.fileno(), OUT)  # asked already: no change, no new event
+            await a_later_dispatch(p)
+            assert len(events) == 1
+            p.forget(a.fileno())
         finally:
             a.close()
             b.close()
@@ -62,8 +95,8 @@ def test_readers_and_writers_fire_while_registered_and_leave_nothing_behind():
 
 
 def test_event_of_a_descriptor_replaced_within_the_batch_is_not_delivered():
-    """One callback closes another socket, whose number a fresh socket takes at once: the
-    readiness epoll reported for the old socket must not reach the new one's callback."""
+    """One handler closes another socket, whose number a fresh socket takes at once: the
+    readiness epoll reported for the old socket must not reach the new one's handler."""
 
     async def main():
         p = Poller(asyncio.get_running_loop())
@@ -72,33 +105,26 @@ def test_event_of_a_descriptor_replaced_within_the_batch_is_not_delivered():
         stale: list[int] = []
         first: list[int] = []
 
-        def on_readable(me: int) -> None:
+        def on_event(me: int) -> None:
             if first:
                 return
             first.append(me)
             other = pairs[1 - me][0]
             fd = other.fileno()
-            p.remove_reader(fd)
+            p.forget(fd)
             new, _peer = socket.socketpair()
             fresh.extend([new, _peer])
             os.dup2(new.fileno(), fd)  # the number now names a socket with nothing to read
-            p.add_reader(fd, lambda: stale.append(fd))
+            p.watch(fd, IN, stale.append)
 
         try:
             for i, (s, _) in enumerate(pairs):
-                p.add_reader(s.fileno(), lambda i=i: on_readable(i))
+                p.watch(s.fileno(), IN, lambda ev, i=i: on_event(i))
             for _, peer in pairs:
                 peer.send(b"x")  # both readable: one batch holds both events
             await until(lambda: bool(first))
-            marker_a, marker_b = socket.socketpair()
-            seen: list[int] = []
-            p.add_reader(marker_a.fileno(), lambda: seen.append(1))
-            marker_b.send(b"x")
-            await until(lambda: bool(seen))
+            await a_later_dispatch(p)
             assert stale == []
-            p.remove_reader(marker_a.fileno())
-            marker_a.close()
-            marker_b.close()
         finally:
             for s in [x for pr in pairs for x in pr] + fresh:
                 s.close()
