@@ -12,10 +12,12 @@ never flushed because something failed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ipaddress
 import logging
 import time
+from collections.abc import AsyncGenerator, Sequence
 
 from proxy import metrics
 from proxy.config import Config, UsageError
@@ -325,27 +327,12 @@ class IptablesDataPlane(LoopbackLifecycle):
                         len(added),
                         ", ".join(added),
                     )
-            pre = results[fam].pre  # nft: big writes in Service-sized chunks
-            # A large render's chunks are written when read (ms each), off the loop; the
-            # next one is written while iptables-restore loads this one (two cores), so
-            # at most two are in memory.
-            ahead = loop.run_in_executor(None, pre.__getitem__, 0) if pre else None
-            try:
-                for i in range(len(pre)):
-                    assert ahead is not None
-                    t0 = time.perf_counter()
-                    part = await ahead
-                    render_s += time.perf_counter() - t0  # the part not hidden
-                    ahead = (
-                        loop.run_in_executor(None, pre.__getitem__, i + 1)
-                        if i + 1 < len(pre)
-                        else None
-                    )
+            # nft: big writes in Service-sized chunks, each loaded while the next is written
+            async with contextlib.aclosing(_written_ahead(results[fam].pre)) as parts:
+                async for part, waited in parts:
+                    render_s += waited  # the writing not hidden behind a restore
                     restore_s += await ap.restore(part)
-                    del part
-            finally:
-                if ahead is not None:  # a restore failed: that chunk is not needed
-                    ahead.cancel()
+                    del part  # at most two chunks in memory
             restore_s += await self._restore(fam, results[fam].text)
             self._state[fam] = results[fam].state
             if self._held.get(fam) and (full or not snap.changed):  # full and periodic
@@ -461,3 +448,24 @@ def _timed_render(
     t0 = time.perf_counter()
     res = render(model, rcfg, changed=changed, previous=previous, chunk_chains=chunk_chains)
     return res, time.perf_counter() - t0
+
+
+async def _written_ahead(pre: Sequence[str]) -> AsyncGenerator[tuple[str, float], None]:
+    """Each chunk of a render's `pre` with the seconds waited for it. A chunk's text is
+    written when read (ms each), off the loop; the next one is written while the caller
+    loads this one with iptables-restore (two cores)."""
+    if not pre:
+        return
+    loop = asyncio.get_running_loop()
+    ahead = loop.run_in_executor(None, pre.__getitem__, 0)
+    try:
+        for i in range(1, len(pre) + 1):
+            t0 = time.perf_counter()
+            part = await ahead
+            waited = time.perf_counter() - t0
+            if i < len(pre):
+                ahead = loop.run_in_executor(None, pre.__getitem__, i)
+            yield part, waited
+            del part
+    finally:
+        ahead.cancel()  # the caller stopped (a restore failed): no chunk needed (no-op if done)
