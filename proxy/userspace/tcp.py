@@ -78,14 +78,15 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK
 _AGAIN = (BlockingIOError, InterruptedError)
 # Event masks (edge-triggered, poller.py). An error or hang-up wakes both directions (the
 # recv or send then reports it). RDHUP without ERR or PRI: the peer's FIN had come with
-# the event, so a short read has read everything; PRI: urgent data stops a read short of
-# the end (at the mark), so such a read proves nothing.
+# the event, so a short read has read everything. A short read proves nothing with PRI
+# (urgent data stops a read at the mark) nor with ERR or HUP (a reset behind the bytes
+# is reported by the next recv only, and edge-triggered, no later event would ask).
 _READ = IN | select.EPOLLERR | select.EPOLLHUP
 _WRITE = OUT | select.EPOLLERR | select.EPOLLHUP
 _TROUBLE = select.EPOLLERR | select.EPOLLHUP
 _FIN = select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLPRI
 _RDHUP = select.EPOLLRDHUP
-_PRI = select.EPOLLPRI
+_UNSURE = select.EPOLLPRI | select.EPOLLERR | select.EPOLLHUP
 # Reads per event before yielding to the other connections (a bulk flow on the copy
 # engine); the rest is read in a later loop iteration.
 READS_PER_EVENT = 4
@@ -694,10 +695,10 @@ class Pump:
             except OSError:
                 self.conn.close(reset=True)
                 return
-            # A short read emptied the socket (unless urgent data stopped it at the
-            # mark); when the FIN had come with the event, that was the last read: no
-            # recv just to see the EOF, one syscall and one wake-up less per connection.
-            last = n < size and ev and not ev & _PRI
+            # A short read emptied the socket (unless the event was _UNSURE); when the
+            # FIN had come with the event, that was the last read: no recv just to see
+            # the EOF, one syscall and one wake-up less per connection.
+            last = n < size and ev and not ev & _UNSURE
             if sent < n:
                 self.pending = buf[sent:n].tobytes()
                 self.off = 0

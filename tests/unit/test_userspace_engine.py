@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import os
 import socket
+import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
@@ -458,6 +459,59 @@ def test_endpoint_reset_is_passed_to_the_client():
             assert metric("kubeproxy_userspace_active_connections", service="default/web:p") == 0
 
     run(main())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_endpoint_bytes_then_reset_in_one_event_reach_the_client_as_a_reset(engine):
+    """Edge-triggered: the event that brings the endpoint's last bytes also brings its
+    reset; a short read must not end the reading there (no later event would report the
+    reset). The endpoint is a thread that sends and resets while the loop is held, so the
+    proxy sees both in one event."""
+    lst = socket.create_server(("127.0.0.1", 0))
+    port = lst.getsockname()[1]
+    got_ping, go, done = threading.Event(), threading.Event(), threading.Event()
+
+    def endpoint_thread() -> None:
+        for _ in range(3):
+            c, _ = lst.accept()
+            c.recv(4)
+            got_ping.set()
+            go.wait(10)
+            go.clear()
+            c.send(b"last words")
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+            c.close()
+            done.set()
+
+    async def read_all(r: asyncio.StreamReader) -> bytes:
+        got = b""
+        while data := await r.read(100):
+            got += data
+        return got
+
+    async def main():
+        async with Harness(userspace_engine=engine) as h:
+            await h.serve(port)
+            for _ in range(3):
+                got_ping.clear()
+                done.clear()
+                r, w = await asyncio.open_connection(h.addr("web"), 8080)
+                w.write(b"ping")
+                while not got_ping.is_set():
+                    await asyncio.sleep(0.005)
+                go.set()
+                assert done.wait(10)  # holds the loop: bytes and reset arrive together
+                with pytest.raises(ConnectionResetError):
+                    await asyncio.wait_for(read_all(r), 10)  # a hang fails, as EOF does
+                w.close()
+
+    t = threading.Thread(target=endpoint_thread, daemon=True)
+    t.start()
+    try:
+        run(main())
+    finally:
+        lst.close()
+        t.join(10)
 
 
 def test_endpoint_removal_drains_established_connections():
