@@ -361,6 +361,7 @@ class TcpConn:
         "client",
         "client_ip",
         "closed",
+        "connect_pending",
         "csock",
         "down",
         "engine",
@@ -369,7 +370,6 @@ class TcpConn:
         "tried",
         "tunnel",
         "up",
-        "watching",
     )
 
     def __init__(self, engine: TcpEngine, backend: Backend, csock: Any, client: tuple):
@@ -382,7 +382,7 @@ class TcpConn:
         self.ep = None
         self.tried: list = []
         self.attempt = 0
-        self.watching = False
+        self.connect_pending = False
         self.up: Pump | None = None
         self.down: Pump | None = None
         self.closed = False
@@ -436,31 +436,31 @@ class TcpConn:
         eng.nfds += 1
         bs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         err = bs.connect_ex((ep.ip, ep.port))
-        if err == errno.EINPROGRESS:
-            # Registered once for the connection's whole life: the connect's completion,
-            # then the endpoint's bytes and its room for ours.
-            eng.poller.watch(bs.fileno(), IN | OUT, self._on_backend)
-            self.watching = True
+        if err and err != errno.EINPROGRESS:
+            self._failed(err)
+            return
+        # Registered once for the connection's whole life: the connect's completion, then
+        # the endpoint's bytes and its room for ours.
+        eng.poller.watch(bs.fileno(), IN | OUT, self._on_backend)
+        if err:
+            self.connect_pending = True
             timeouts = eng.connect_timeouts
             eng.connect_deadline(self, now + timeouts[min(self.attempt, len(timeouts) - 1)])
-        elif err == 0:
-            eng.poller.watch(bs.fileno(), IN | OUT, self._on_backend)
-            self._connected()
         else:
-            self._failed(err)
+            self._connected()
 
-    def _stop_watching(self) -> None:
+    def _connect_over(self) -> None:
         """The connect is over (done, failed or timed out): no deadline any more."""
-        if self.watching:
-            self.watching = False
+        if self.connect_pending:
+            self.connect_pending = False
             self.engine.connecting.pop(self, None)
 
     def _on_backend(self, ev: int) -> None:
         """Events of the endpoint's socket."""
-        if self.watching:
+        if self.connect_pending:
             if not ev & _WRITE:
                 return
-            self._stop_watching()
+            self._connect_over()
             # Writable with no error or hang-up reported: connected, no syscall to ask.
             if ev & _TROUBLE:
                 err = self.bsock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -487,7 +487,7 @@ class TcpConn:
                 down.on_writable()
 
     def on_timeout(self) -> None:
-        self._stop_watching()
+        self._connect_over()
         self._failed(errno.ETIMEDOUT)
 
     # -- connect phase through the API server (port-forward) -----------------------------
@@ -580,7 +580,7 @@ class TcpConn:
             return
         self.closed = True
         if self.bsock is not None:
-            self._stop_watching()
+            self._connect_over()
         if self.tunnel is not None:
             if isinstance(self.tunnel, asyncio.Task):
                 self.tunnel.cancel()
